@@ -1,0 +1,161 @@
+"""etcdserverpb.Maintenance and etcdserverpb.Cluster: status, health, backups, members."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from k8s_sql import errors
+from k8s_sql.api.common import Context, unary
+from k8s_sql.backend.base import CompactedError, FutureRevisionError
+from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
+
+
+class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+
+    @unary
+    async def Alarm(self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext) -> pb.AlarmResponse:
+        # No alarms exist: space is the database's business, corruption its checksums'.
+        return pb.AlarmResponse(header=self.ctx.header())
+
+    @unary
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        rev, _ = await self.store.backend.current()
+        self.store.observe_revision(rev)
+        size, in_use = await self.store.backend.size()
+        ident = self.ctx.identity
+        return pb.StatusResponse(
+            header=self.ctx.header(),
+            version=self.ctx.version,
+            dbSize=size,
+            dbSizeInUse=in_use,
+            leader=ident.member_id,
+            raftIndex=rev,
+            raftTerm=ident.raft_term,
+            raftAppliedIndex=rev,
+            storageVersion=self.ctx.version.rsplit(".", 1)[0] + ".0",
+        )
+
+    @unary
+    async def Defragment(
+        self, request: pb.DefragmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DefragmentResponse:
+        await self.store.backend.defragment()
+        return pb.DefragmentResponse(header=self.ctx.header())
+
+    @unary
+    async def Hash(self, request: pb.HashRequest, context: grpc.aio.ServicerContext) -> pb.HashResponse:
+        h, _, _ = await self.store.backend.hash_kv(0)
+        return pb.HashResponse(header=self.ctx.header(), hash=h)
+
+    @unary
+    async def HashKV(self, request: pb.HashKVRequest, context: grpc.aio.ServicerContext) -> pb.HashKVResponse:
+        try:
+            h, compact, at = await self.store.backend.hash_kv(request.revision)
+        except CompactedError:
+            raise errors.COMPACTED from None
+        except FutureRevisionError:
+            raise errors.FUTURE_REV from None
+        return pb.HashKVResponse(header=self.ctx.header(), hash=h, compact_revision=compact, hash_revision=at)
+
+    async def Snapshot(
+        self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SnapshotResponse]:
+        """Stream a consistent copy of the store: an SQLite database file followed, as
+        etcd does, by the SHA-256 of its bytes (etcdctl checks it is there).
+        ``k8s-sql restore`` verifies the digest and turns the file into a data directory."""
+        async with self.store.backend.snapshot() as (size, chunks):
+            digest = hashlib.sha256()
+            remaining = size + digest.digest_size
+            first = True
+            async for chunk in chunks:
+                digest.update(chunk)
+                remaining -= len(chunk)
+                resp = pb.SnapshotResponse(header=self.ctx.header(), remaining_bytes=remaining, blob=chunk)
+                if first:
+                    resp.version = self.ctx.version
+                    first = False
+                yield resp
+            last = pb.SnapshotResponse(header=self.ctx.header(), remaining_bytes=0, blob=digest.digest())
+            if first:
+                last.version = self.ctx.version
+            yield last
+
+    @unary
+    async def MoveLeader(
+        self, request: pb.MoveLeaderRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MoveLeaderResponse:
+        raise errors.NOT_CAPABLE
+
+    @unary
+    async def Downgrade(self, request: pb.DowngradeRequest, context: grpc.aio.ServicerContext) -> pb.DowngradeResponse:
+        raise errors.NOT_CAPABLE
+
+
+class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
+    """Members are k8s-sql frontends; they join and leave by starting and stopping,
+    so the membership-changing calls answer etcd's "not capable"."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _members(self) -> list[pb.Member]:
+        ident = self.ctx.identity
+        return [pb.Member(ID=ident.member_id, name=ident.name, clientURLs=ident.client_urls)]
+
+    @unary
+    async def MemberList(
+        self, request: pb.MemberListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MemberListResponse:
+        return pb.MemberListResponse(header=self.ctx.header(), members=self._members())
+
+    @unary
+    async def MemberAdd(self, request: pb.MemberAddRequest, context: grpc.aio.ServicerContext) -> pb.MemberAddResponse:
+        raise errors.NOT_CAPABLE
+
+    @unary
+    async def MemberRemove(
+        self, request: pb.MemberRemoveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MemberRemoveResponse:
+        raise errors.NOT_CAPABLE
+
+    @unary
+    async def MemberUpdate(
+        self, request: pb.MemberUpdateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MemberUpdateResponse:
+        raise errors.NOT_CAPABLE
+
+    @unary
+    async def MemberPromote(
+        self, request: pb.MemberPromoteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MemberPromoteResponse:
+        raise errors.NOT_CAPABLE
+
+
+class AuthServicer(rpc_pb2_grpc.AuthServicer):
+    """Authentication is not enabled (k8s-sql has no users yet): AuthStatus says so,
+    and every other Auth call answers etcd's "authentication is not enabled"."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @unary
+    async def AuthStatus(self, request: pb.AuthStatusRequest, context: grpc.aio.ServicerContext) -> pb.AuthStatusResponse:
+        return pb.AuthStatusResponse(header=self.ctx.header(), enabled=False)
+
+
+async def _auth_not_enabled(self: AuthServicer, request: object, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(errors.AUTH_NOT_ENABLED.code, errors.AUTH_NOT_ENABLED.message)
+
+
+for _method in (
+    "AuthEnable", "AuthDisable", "Authenticate", "UserAdd", "UserGet", "UserList", "UserDelete",
+    "UserChangePassword", "UserGrantRole", "UserRevokeRole", "RoleAdd", "RoleGet", "RoleList",
+    "RoleDelete", "RoleGrantPermission", "RoleRevokePermission",
+):  # fmt: skip
+    setattr(AuthServicer, _method, _auth_not_enabled)

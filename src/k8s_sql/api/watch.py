@@ -1,0 +1,55 @@
+"""etcdserverpb.Watch: one bidirectional stream carrying many watches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from k8s_sql.api.common import Context
+from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
+from k8s_sql.watch.hub import Hub
+from k8s_sql.watch.stream import WatchStream
+
+
+class WatchServicer(rpc_pb2_grpc.WatchServicer):
+    def __init__(self, ctx: Context, hub: Hub, progress_interval: float) -> None:
+        self.ctx = ctx
+        self.hub = hub
+        self.progress_interval = progress_interval
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick(), name="watch-progress")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.progress_interval)
+            for s in list(self.hub.streams):
+                if isinstance(s, WatchStream):
+                    s.tick_progress()
+
+    async def Watch(
+        self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchResponse]:
+        header = pb.ResponseHeader()
+        self.ctx.fill(header)
+        stream = WatchStream(self.hub, header, self.ctx.max_request_bytes)
+        self.hub.streams.add(stream)
+        reader = asyncio.create_task(stream.read_requests(request_iterator))
+        try:
+            async for resp in stream.responses():
+                yield resp
+        finally:
+            self.hub.streams.discard(stream)
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader

@@ -1,0 +1,238 @@
+"""The one small interface every database dialect implements.
+
+The store above speaks in rows of plain Python values (bytes and ints); a backend
+knows SQL and its driver, never protobuf. Reads are coarse-grained (one call = one
+consistent snapshot) because a snapshot costs a thread hop or a network round trip;
+writes happen inside a :class:`WriteTx` that holds the revision lock until commit.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+SCHEMA_VERSION = 1
+
+
+class Row(NamedTuple):
+    """A key's state: the columns of ``kv`` (and the ``prev_*`` columns of ``log``)."""
+
+    key: bytes
+    create_rev: int
+    mod_rev: int
+    version: int
+    lease: int
+    value: bytes
+
+
+class LogRow(NamedTuple):
+    """One change: ``kind`` is 0 for a put, 1 for a delete; ``prev`` is the state before."""
+
+    rev: int
+    sub: int
+    kind: int
+    row: Row  # for a delete: the key with ``mod_rev == rev`` and zero metadata
+    prev: Row | None
+
+
+PUT = 0
+DELETE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """``[key, end)`` with etcd's conventions already resolved.
+
+    ``end is None`` means the single key ``key``; ``end == b""`` means "no upper
+    bound" (etcd's ``range_end == "\\0"``).
+    """
+
+    key: bytes
+    end: bytes | None
+
+    @classmethod
+    def from_etcd(cls, key: bytes, range_end: bytes) -> KeyRange:
+        if not range_end:
+            return cls(key, None)
+        if range_end == b"\0":
+            return cls(key, b"")
+        return cls(key, range_end)
+
+    def contains(self, k: bytes) -> bool:
+        if self.end is None:
+            return k == self.key
+        if k < self.key:
+            return False
+        return self.end == b"" or k < self.end
+
+    @property
+    def is_empty(self) -> bool:
+        return self.end is not None and self.end != b"" and self.end <= self.key
+
+
+class RangeResult(NamedTuple):
+    rows: list[Row]
+    count: int
+    revision: int  # the store's current revision in the snapshot
+    compact_revision: int
+
+
+class LeaseRow(NamedTuple):
+    id: int
+    ttl: int
+    expires_at: float  # unix seconds
+
+
+class CompactedError(Exception):
+    """The requested revision is below the compaction point."""
+
+
+class FutureRevisionError(Exception):
+    """The requested revision is above the current revision."""
+
+
+class BackendUnavailable(Exception):
+    """The database cannot be reached right now; the request may be retried."""
+
+
+class WriteTx(abc.ABC):
+    """A write transaction holding the revision lock until :meth:`commit`.
+
+    Changes to ``kv`` are visible to later reads in the same transaction; log rows
+    may be buffered and written at commit.
+    """
+
+    revision: int
+    compact_revision: int
+
+    @abc.abstractmethod
+    async def get(self, key: bytes) -> Row | None: ...
+
+    @abc.abstractmethod
+    async def range(self, kr: KeyRange, limit: int = 0) -> list[Row]:
+        """Head rows in the range, ordered by key (``limit`` 0 = all)."""
+
+    @abc.abstractmethod
+    async def count(self, kr: KeyRange) -> int: ...
+
+    @abc.abstractmethod
+    async def range_at(self, kr: KeyRange, rev: int, limit: int = 0) -> tuple[list[Row], int]:
+        """Rows and count of the range as of an older revision ``rev``."""
+
+    @abc.abstractmethod
+    async def put(self, row: Row) -> None:
+        """Insert or replace the ``kv`` row of ``row.key``."""
+
+    @abc.abstractmethod
+    async def delete(self, key: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def log(self, change: LogRow) -> None:
+        """Record a change in ``log`` (may be buffered until commit)."""
+
+    @abc.abstractmethod
+    async def lease_get(self, lease_id: int) -> LeaseRow | None: ...
+
+    @abc.abstractmethod
+    async def lease_put(self, lease: LeaseRow) -> None: ...
+
+    @abc.abstractmethod
+    async def lease_delete(self, lease_id: int) -> None: ...
+
+    @abc.abstractmethod
+    async def lease_keys(self, lease_id: int) -> list[bytes]: ...
+
+    @abc.abstractmethod
+    async def set_compact_revision(self, rev: int) -> None: ...
+
+    @abc.abstractmethod
+    async def savepoint(self) -> None:
+        """Mark the start of one request's changes (see :meth:`rollback_to_savepoint`)."""
+
+    @abc.abstractmethod
+    async def release_savepoint(self) -> None: ...
+
+    @abc.abstractmethod
+    async def rollback_to_savepoint(self) -> None: ...
+
+
+class Backend(abc.ABC):
+    """A database holding one k8s-sql store."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create the schema if absent, migrate it forward."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def write(self) -> AbstractAsyncContextManager[WriteTx]:
+        """A write transaction; it commits durably on a clean exit and rolls back otherwise.
+
+        The revision stored in ``meta`` is set to ``tx.revision`` at commit.
+        """
+
+    @abc.abstractmethod
+    async def current(self) -> tuple[int, int]:
+        """``(revision, compact_revision)``."""
+
+    @abc.abstractmethod
+    async def range(
+        self, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool
+    ) -> RangeResult:
+        """Rows (at most ``limit``, 0 = all) and total count of the range at ``rev``
+        (0 = current), from one consistent snapshot.
+
+        Raises :class:`CompactedError` / :class:`FutureRevisionError`.
+        """
+
+    @abc.abstractmethod
+    async def changes(
+        self, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None, limit: int
+    ) -> tuple[list[LogRow], int]:
+        """Log rows with ``start_rev <= rev <= end_rev`` (in ranges, if given), in order,
+        about ``limit`` of them, and the highest revision the answer fully covers.
+        Whole revisions only: a revision with more than ``limit`` rows comes whole.
+
+        Raises :class:`CompactedError` when ``start_rev`` is below the compaction point.
+        """
+
+    @abc.abstractmethod
+    async def leases(self) -> list[LeaseRow]: ...
+
+    @abc.abstractmethod
+    async def lease(self, lease_id: int) -> tuple[LeaseRow | None, list[bytes]]:
+        """A lease and the keys attached to it."""
+
+    @abc.abstractmethod
+    async def expired_leases(self, now: float, limit: int) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def compact_log(self, below_rev: int, batch_revs: int) -> int:
+        """Delete log rows with ``rev < below_rev`` in batches; return rows deleted."""
+
+    @abc.abstractmethod
+    async def size(self) -> tuple[int, int]:
+        """``(bytes on disk, bytes in use)``."""
+
+    @abc.abstractmethod
+    async def defragment(self) -> None: ...
+
+    @abc.abstractmethod
+    def snapshot(self) -> AbstractAsyncContextManager[tuple[int, AsyncIterator[bytes]]]:
+        """A consistent backup: its total size and its bytes, streamed."""
+
+    @abc.abstractmethod
+    async def hash_kv(self, rev: int) -> tuple[int, int, int]:
+        """``(crc32 of the store's history up to rev, compact_revision, hash revision)``."""
+
+    @abc.abstractmethod
+    async def meta_get(self, name: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def meta_set_default(self, name: str, value: str) -> str:
+        """Set ``name`` unless it is set; return the stored value."""

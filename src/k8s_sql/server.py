@@ -1,0 +1,140 @@
+"""Assembling a k8s-sql frontend: backend, store, watch hub, leases, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import signal
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import grpc
+
+from k8s_sql.api.common import Context, Identity
+from k8s_sql.api.kv import KVServicer
+from k8s_sql.api.lease import LeaseServicer
+from k8s_sql.api.maintenance import AuthServicer, ClusterServicer, MaintenanceServicer
+from k8s_sql.api.watch import WatchServicer
+from k8s_sql.backend import open_backend
+from k8s_sql.backend.base import Backend
+from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, Config
+from k8s_sql.lease.manager import LeaseExpirer
+from k8s_sql.pb import rpc_pb2_grpc
+from k8s_sql.store.store import Store
+from k8s_sql.watch.hub import Hub
+
+log = logging.getLogger("k8s_sql")
+
+
+def grpc_options(config: Config) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_request_bytes + GRPC_OVERHEAD_BYTES),
+        ("grpc.max_send_message_length", 2**31 - 1),
+        # Kubernetes' client pings every 30 s, even when idle: never answer that with
+        # GOAWAY too_many_pings (etcd's --grpc-keepalive-min-time is 5 s).
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
+        ("grpc.keepalive_timeout_ms", 20 * 1000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def member_id(cluster_id: int, name: str, urls: list[str]) -> int:
+    """A stable member id, derived like etcd's from what identifies the member."""
+    digest = hashlib.sha256(f"{cluster_id}/{name}/{','.join(sorted(urls))}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") or 1
+
+
+@dataclass
+class Server:
+    config: Config
+    backend: Backend
+    store: Store
+    hub: Hub
+    grpc_server: grpc.aio.Server
+    watch: WatchServicer
+    expirer: LeaseExpirer
+    ports: list[int]
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.grpc_server.stop(grace)
+        await self.watch.stop()
+        await self.expirer.stop()
+        await self.store.stop()
+        await self.backend.close()
+
+
+async def start(config: Config) -> Server:
+    """Open the database and start serving; returns once the ports are listening."""
+    config.validate()
+    backend = open_backend(config.endpoint, sqlite_synchronous=config.sqlite_synchronous)
+    await backend.open()
+    cluster_id = int(await backend.meta_set_default("cluster_id", str(random.getrandbits(63) or 1)))
+    identity = Identity(
+        cluster_id=cluster_id,
+        member_id=member_id(cluster_id, config.name, config.advertise_client_urls),
+        name=config.name,
+        client_urls=config.advertise_client_urls,
+    )
+    store = Store(backend, max_txn_ops=config.max_txn_ops)
+    await store.start()
+    hub = Hub(backend)
+    hub.start(store.revision)
+    hub.compact_revision = lambda: store.compact_revision
+    store.on_commit(hub.publish)
+    ctx = Context(store=store, identity=identity, max_request_bytes=config.max_request_bytes, version=ETCD_VERSION)
+
+    server = grpc.aio.server(options=grpc_options(config))
+    watch = WatchServicer(ctx, hub, config.watch_progress_notify_interval)
+    rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(ctx), server)
+    rpc_pb2_grpc.add_WatchServicer_to_server(watch, server)
+    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(ctx), server)
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(ctx), server)
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(ctx), server)
+    rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(ctx), server)
+
+    ports = []
+    for url in config.listen_client_urls:
+        u = urlparse(url)
+        address = f"[{u.hostname}]:{u.port}" if ":" in (u.hostname or "") else f"{u.hostname}:{u.port}"
+        if u.scheme == "https":
+            creds = grpc.ssl_server_credentials(
+                [(_read(config.key_file), _read(config.cert_file))],
+                root_certificates=_read(config.trusted_ca_file) if config.trusted_ca_file else None,
+                require_client_auth=config.client_cert_auth,
+            )
+            ports.append(server.add_secure_port(address, creds))
+        else:
+            ports.append(server.add_insecure_port(address))
+    await server.start()
+    watch.start()
+    expirer = LeaseExpirer(store, interval=config.lease_check_interval)
+    expirer.start()
+    log.info(
+        "ready to serve client requests on %s (store %s, revision %d)",
+        ", ".join(config.listen_client_urls),
+        config.endpoint,
+        store.revision,
+    )
+    return Server(config, backend, store, hub, server, watch, expirer, ports)
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully."""
+    server = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()

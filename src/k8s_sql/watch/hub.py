@@ -1,0 +1,96 @@
+"""One ordered feed of committed changes per frontend, shared by every watch stream.
+
+The store hands each commit's changes to :meth:`Hub.publish`; the hub keeps recent
+revisions in memory (the ring) and wakes the streams. A watcher that is behind the
+ring -- a replay from an older revision, or a client too slow to keep up -- reads
+the change log from the database instead, so nothing is ever dropped and memory
+stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from k8s_sql.backend.base import Backend, LogRow
+
+
+class Wakeable(Protocol):
+    def wake(self) -> None: ...
+
+
+class Hub:
+    def __init__(self, backend: Backend, *, ring_events: int = 20_000) -> None:
+        self.backend = backend
+        self.ring_events = ring_events
+        self.revision = 0  # every change with rev <= revision has been published
+        self.ring_start = 1  # the ring holds revisions ring_start..revision, in order
+        self.ring: list[tuple[int, list[LogRow]]] = []
+        self._ring_size = 0
+        self.streams: set[Wakeable] = set()
+        self.compact_revision: Callable[[], int] = lambda: 0
+
+    def start(self, revision: int) -> None:
+        self.revision = revision
+        self.ring_start = revision + 1
+        self.ring.clear()
+        self._ring_size = 0
+
+    def publish(self, revision: int, changes: list[LogRow]) -> None:
+        """Take the changes of one commit (revisions in order, ending at ``revision``)."""
+        if not changes:
+            return
+        first = changes[0].rev
+        if first != self.revision + 1:
+            # Revisions we did not see (another frontend wrote them): the ring restarts
+            # here and watchers behind it read the gap from the database.
+            self.ring.clear()
+            self._ring_size = 0
+            self.ring_start = first
+        current: list[LogRow] = []
+        rev = first
+        for ch in changes:
+            if ch.rev != rev:
+                self.ring.append((rev, current))
+                current, rev = [], ch.rev
+            current.append(ch)
+        self.ring.append((rev, current))
+        self._ring_size += len(changes)
+        self.revision = revision
+        self._trim()
+        for s in self.streams:
+            s.wake()
+
+    def advance(self, revision: int) -> None:
+        """Note revisions known to exist without their changes (read later from the log)."""
+        if revision > self.revision:
+            self.ring.clear()
+            self._ring_size = 0
+            self.ring_start = revision + 1
+            self.revision = revision
+            for s in self.streams:
+                s.wake()
+
+    def _trim(self) -> None:
+        if self._ring_size <= self.ring_events:
+            return
+        drop = 0
+        while self._ring_size > self.ring_events * 3 // 4 and drop < len(self.ring) - 1:
+            self._ring_size -= len(self.ring[drop][1])
+            drop += 1
+        del self.ring[:drop]
+        self.ring_start += drop
+
+    def from_ring(self, start_rev: int) -> list[tuple[int, list[LogRow]]]:
+        """Ring entries with rev >= start_rev (start_rev must be >= ring_start)."""
+        return self.ring[start_rev - self.ring_start :]
+
+
+async def wait_any(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

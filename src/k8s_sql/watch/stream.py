@@ -1,0 +1,236 @@
+"""One client Watch stream: many watchers, server-assigned ids, ordered delivery.
+
+Responses are produced on demand by the gRPC response generator, so a slow client
+slows only its own stream: its watchers fall behind the hub's ring and then catch
+up from the database log, never losing or duplicating an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from k8s_sql.backend.base import DELETE, CompactedError, KeyRange, LogRow
+from k8s_sql.pb import kv_pb2, rpc_pb2 as pb
+from k8s_sql.store.ranges import to_kv
+from k8s_sql.watch.hub import Hub
+
+log = logging.getLogger(__name__)
+
+NOPUT = pb.WatchCreateRequest.NOPUT
+NODELETE = pb.WatchCreateRequest.NODELETE
+PROGRESS_ALL = -1  # etcd's InvalidWatchID: the id of a stream-wide progress reply
+MAX_EVENTS_PER_RESPONSE = 1000
+DB_READ_LIMIT = 2000
+
+
+@dataclass(eq=False)
+class Watcher:
+    id: int
+    kr: KeyRange
+    next_rev: int  # the first revision not yet delivered
+    start_rev: int
+    prev_kv: bool
+    no_put: bool
+    no_delete: bool
+    fragment: bool
+    progress_notify: bool
+    sent_since_tick: bool = False
+
+    def wants(self, ch: LogRow) -> bool:
+        if ch.kind == DELETE:
+            if self.no_delete:
+                return False
+        elif self.no_put:
+            return False
+        return self.kr.contains(ch.row.key)
+
+
+def to_event(ch: LogRow, with_prev: bool) -> kv_pb2.Event:
+    if ch.kind == DELETE:
+        ev = kv_pb2.Event(type=kv_pb2.Event.DELETE, kv=kv_pb2.KeyValue(key=ch.row.key, mod_revision=ch.rev))
+    else:
+        ev = kv_pb2.Event(type=kv_pb2.Event.PUT, kv=to_kv(ch.row))
+    if with_prev and ch.prev is not None:
+        ev.prev_kv.CopyFrom(to_kv(ch.prev))
+    return ev
+
+
+@dataclass(eq=False)
+class WatchStream:
+    hub: Hub
+    header: pb.ResponseHeader  # cluster/member/term; revision is set per response
+    max_request_bytes: int
+    watchers: dict[int, Watcher] = field(default_factory=dict)
+    control: deque[pb.WatchResponse] = field(default_factory=deque)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _next_id: int = 0
+    _progress_requested: bool = False
+    _closed: bool = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _response(self, revision: int, **kw: object) -> pb.WatchResponse:
+        resp = pb.WatchResponse(**kw)  # type: ignore[arg-type]
+        resp.header.CopyFrom(self.header)
+        resp.header.revision = revision
+        return resp
+
+    # -- requests -----------------------------------------------------------------
+
+    async def read_requests(self, requests: AsyncIterator[pb.WatchRequest]) -> None:
+        try:
+            async for req in requests:
+                kind = req.WhichOneof("request_union")
+                if kind == "create_request":
+                    self.create(req.create_request)
+                elif kind == "cancel_request":
+                    self.cancel(req.cancel_request.watch_id)
+                elif kind == "progress_request":
+                    self._progress_requested = True
+                self.wake()
+        finally:
+            self._closed = True
+            self.wake()
+
+    def create(self, c: pb.WatchCreateRequest) -> None:
+        key = c.key or b"\0"
+        kr = KeyRange.from_etcd(key, c.range_end)
+        current = self.hub.revision
+        wid = c.watch_id
+        error = ""
+        if kr.is_empty:
+            error = "mvcc: watcher range is empty"
+        elif wid != 0 and wid in self.watchers:
+            error = "mvcc: duplicate watch ID provided on the WatchStream"
+        if error:
+            self.control.append(self._response(current, watch_id=wid, created=True, canceled=True, cancel_reason=error))
+            return
+        if wid == 0:
+            while self._next_id in self.watchers:
+                self._next_id += 1
+            wid = self._next_id
+            self._next_id += 1
+        start = c.start_revision if c.start_revision > 0 else current + 1
+        self.watchers[wid] = Watcher(
+            id=wid,
+            kr=kr,
+            next_rev=start,
+            start_rev=start,
+            prev_kv=c.prev_kv,
+            no_put=NOPUT in c.filters,
+            no_delete=NODELETE in c.filters,
+            fragment=c.fragment,
+            progress_notify=c.progress_notify,
+        )
+        self.control.append(self._response(current, watch_id=wid, created=True))
+
+    def cancel(self, wid: int) -> None:
+        if self.watchers.pop(wid, None) is not None:
+            self.control.append(self._response(self.hub.revision, watch_id=wid, canceled=True))
+
+    def tick_progress(self) -> None:
+        """The periodic progress notification for idle, synced watchers that asked for it."""
+        for w in self.watchers.values():
+            if w.progress_notify:
+                if not w.sent_since_tick and self._synced(w):
+                    self.control.append(self._response(self.hub.revision, watch_id=w.id))
+                w.sent_since_tick = False
+        self.wake()
+
+    def _synced(self, w: Watcher) -> bool:
+        return w.next_rev > self.hub.revision and w.start_rev <= self.hub.revision + 1
+
+    # -- responses ------------------------------------------------------------------
+
+    async def responses(self) -> AsyncIterator[pb.WatchResponse]:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                while self.control:
+                    yield self.control.popleft()
+                progressed = False
+                for w in list(self.watchers.values()):
+                    if self.watchers.get(w.id) is not w:
+                        continue
+                    async for resp in self._pump(w):
+                        progressed = True
+                        yield resp
+                        while self.control:
+                            yield self.control.popleft()
+                if not progressed and not self.control:
+                    break
+            if self._progress_requested and all(self._synced(w) for w in self.watchers.values()):
+                self._progress_requested = False
+                if self.watchers:
+                    yield self._response(self.hub.revision, watch_id=PROGRESS_ALL)
+            if self._closed and not self.control:
+                return
+
+    async def _pump(self, w: Watcher) -> AsyncIterator[pb.WatchResponse]:
+        """Responses carrying this watcher's events from ``w.next_rev`` up to the hub's
+        current revision, a batch at a time; each revision's events stay together."""
+        hub = self.hub
+        while w.next_rev <= hub.revision and self.watchers.get(w.id) is w:
+            if w.next_rev < hub.ring_start:
+                end = hub.ring_start - 1
+                try:
+                    rows, covered = await hub.backend.changes(w.next_rev, end, [w.kr], DB_READ_LIMIT)
+                except CompactedError:
+                    self.watchers.pop(w.id, None)
+                    resp = self._response(0, watch_id=w.id, canceled=True)
+                    resp.compact_revision = hub.compact_revision()
+                    yield resp
+                    return
+                changes = [ch for ch in rows if w.wants(ch)]
+            else:
+                changes = []
+                covered = w.next_rev - 1
+                for rev, chs in hub.from_ring(w.next_rev):
+                    if len(changes) >= MAX_EVENTS_PER_RESPONSE:
+                        break
+                    changes.extend(ch for ch in chs if w.wants(ch))
+                    covered = rev
+            w.next_rev = covered + 1
+            if not changes:
+                continue
+            i = 0
+            while i < len(changes):
+                j = min(i + MAX_EVENTS_PER_RESPONSE, len(changes))
+                while j < len(changes) and changes[j].rev == changes[j - 1].rev:
+                    j += 1  # keep a revision's events together
+                resp = self._response(covered, watch_id=w.id)
+                resp.events.extend(to_event(ch, w.prev_kv) for ch in changes[i:j])
+                i = j
+                w.sent_since_tick = True
+                for r in self._fragments(resp) if w.fragment else (resp,):
+                    yield r
+
+    def _fragments(self, resp: pb.WatchResponse) -> list[pb.WatchResponse]:
+        """etcd's sendFragments: split a response over max-request-bytes into parts."""
+        limit = self.max_request_bytes
+        if resp.ByteSize() < limit or len(resp.events) < 2:
+            return [resp]
+        parts: list[pb.WatchResponse] = []
+        events = list(resp.events)
+        idx = 0
+        while idx < len(events):
+            cur = pb.WatchResponse()
+            cur.CopyFrom(resp)
+            del cur.events[:]
+            cur.fragment = True
+            while idx < len(events):
+                cur.events.append(events[idx])
+                if len(cur.events) > 1 and cur.ByteSize() >= limit:
+                    del cur.events[-1]
+                    break
+                idx += 1
+            if idx == len(events):
+                cur.fragment = False
+            parts.append(cur)
+        return parts
