@@ -230,3 +230,13 @@ def etcd_factory(peers_bin: Path, tmp_path: Path) -> Iterator[Callable[..., Serv
 def etcd(etcd_factory: Callable[..., ServerProcess]) -> ServerProcess:
     """A fresh real etcd (single node, no fsync: it is the oracle, not the subject)."""
     return etcd_factory("--watch-progress-notify-interval", "1s")
+
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In strict mode a skipped test is a failure: CI must not pass by skipping."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if STRICT and skipped and exitstatus == 0:
+        reporter.write_line(f"strict mode: {len(skipped)} test(s) skipped; failing the run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

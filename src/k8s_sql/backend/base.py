@@ -73,7 +73,8 @@ class KeyRange:
         return self.end is not None and self.end != b"" and self.end <= self.key
 
 
-class RangeResult(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class RangeResult:
     rows: list[Row]
     count: int
     revision: int  # the store's current revision in the snapshot

@@ -362,7 +362,8 @@ class SQLiteBackend(Backend):
             _, compact = _meta(conn)
             if start_rev < compact:
                 raise CompactedError
-            where, params = "rev >= ? AND rev <= ?", [start_rev, end_rev]
+            where = "rev >= ? AND rev <= ?"
+            params: list[int | bytes] = [start_rev, end_rev]
             if ranges is not None:
                 parts = [range_where(kr) for kr in ranges if not kr.is_empty]
                 if not parts:
