@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from databases import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 STRICT = os.environ.get("K8S_SQL_STRICT", "") not in ("", "0", "false")
@@ -240,3 +241,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if STRICT and skipped and exitstatus == 0:
         reporter.write_line(f"strict mode: {len(skipped)} test(s) skipped; failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session; each store gets its own database."""
+    reason = PostgresServer.available()
+    if reason:
+        missing(reason)
+    server = PostgresServer(free_port())
+    server.start()
+    yield server
+    server.stop()

@@ -78,7 +78,7 @@ async def start(config: Config) -> Server:
     config.validate()
     backend = open_backend(config.endpoint, sqlite_synchronous=config.sqlite_synchronous)
     await backend.open()
-    cluster_id = int(await backend.meta_set_default("cluster_id", str(random.getrandbits(63) or 1)))
+    cluster_id = await backend.meta_set_default("cluster_id", random.getrandbits(63) or 1)
     identity = Identity(
         cluster_id=cluster_id,
         member_id=member_id(cluster_id, config.name, config.advertise_client_urls),

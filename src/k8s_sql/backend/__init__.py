@@ -19,4 +19,8 @@ def open_backend(endpoint: str, *, sqlite_synchronous: str = "FULL") -> Backend:
         if not path:
             raise ValueError(f"no database file in {endpoint!r}")
         return SQLiteBackend(path, synchronous=sync)
-    raise ValueError(f"unsupported --endpoint {endpoint!r}: use sqlite:///PATH")
+    if u.scheme in ("postgres", "postgresql"):
+        from k8s_sql.backend.postgres import PostgresBackend
+
+        return PostgresBackend(endpoint)
+    raise ValueError(f"unsupported --endpoint {endpoint!r}: use sqlite:///PATH or postgres://USER:PASS@HOST:PORT/DB")

@@ -232,8 +232,8 @@ class Backend(abc.ABC):
         """``(crc32 of the store's history up to rev, compact_revision, hash revision)``."""
 
     @abc.abstractmethod
-    async def meta_get(self, name: str) -> str | None: ...
+    async def meta_get(self, name: str) -> int | None: ...
 
     @abc.abstractmethod
-    async def meta_set_default(self, name: str, value: str) -> str:
+    async def meta_set_default(self, name: str, value: int) -> int:
         """Set ``name`` unless it is set; return the stored value."""

@@ -411,15 +411,15 @@ class SQLiteBackend(Backend):
             ]
         )
 
-    async def meta_get(self, name: str) -> str | None:
+    async def meta_get(self, name: str) -> int | None:
         r = await self._read(lambda c: c.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone())
-        return None if r is None else str(r[0])
+        return None if r is None else int(r[0])
 
-    async def meta_set_default(self, name: str, value: str) -> str:
+    async def meta_set_default(self, name: str, value: int) -> int:
         conn = self._writer
         assert conn is not None
 
-        def run() -> str:
+        def run() -> int:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (name, value))
@@ -428,7 +428,7 @@ class SQLiteBackend(Backend):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            return str(stored)
+            return int(stored)
 
         async with self._write_lock:
             return await self._on_writer(run)

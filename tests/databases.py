@@ -1,0 +1,105 @@
+"""Throwaway database servers started from the installed binaries, for the tests.
+
+PostgreSQL refuses to run as root, so when the tests run as root (as CI does) the
+server runs as the ``postgres`` system user in a temporary directory it owns.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _find(binary: str) -> str | None:
+    found = shutil.which(binary)
+    if found:
+        return found
+    lib = Path("/usr/lib/postgresql")
+    if lib.is_dir():
+        for version in sorted(lib.iterdir(), reverse=True):
+            candidate = version / "bin" / binary
+            if candidate.exists():
+                return str(candidate)
+    return None
+
+
+@dataclass
+class PostgresServer:
+    port: int
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-pg-")))
+    proc: subprocess.Popen[bytes] | None = None
+    _databases: int = 0
+
+    @staticmethod
+    def available() -> str | None:
+        """Why PostgreSQL cannot be started here, or None."""
+        if _find("initdb") is None or _find("postgres") is None:
+            return "PostgreSQL server binaries (initdb, postgres) are not installed (apt-get install postgresql)"
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                return "running as root but there is no 'postgres' user to run the server as"
+        return None
+
+    def _as_owner(self) -> list[str]:
+        return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def start(self) -> None:
+        data = self.root / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        subprocess.run(
+            [*self._as_owner(), _find("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        self.proc = subprocess.Popen(
+            [
+                *self._as_owner(),
+                _find("postgres"),
+                "-D", str(data),
+                "-p", str(self.port),
+                "-h", "127.0.0.1",
+                "-k", str(self.root),
+                "-c", "fsync=off",  # the database is a throwaway; k8s-sql's own durability is what is tested
+                "-c", "max_connections=300",
+            ],  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ok = subprocess.run(
+                ["pg_isready", "-h", "127.0.0.1", "-p", str(self.port)] if shutil.which("pg_isready") else ["true"],
+                capture_output=True,
+            )
+            if ok.returncode == 0 and (self.root / f".s.PGSQL.{self.port}").exists():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"PostgreSQL did not start:\n{(self.root / 'server.log').read_text()}")
+
+    def new_dsn(self) -> str:
+        """A DSN naming a database that does not exist yet (k8s-sql creates it)."""
+        self._databases += 1
+        return f"postgres://postgres@127.0.0.1:{self.port}/k8s_sql_{os.getpid()}_{self._databases}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
