@@ -23,6 +23,7 @@ from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, Config
 from k8s_sql.lease.manager import LeaseExpirer
 from k8s_sql.pb import rpc_pb2_grpc
 from k8s_sql.store.store import Store
+from k8s_sql.watch.follower import Follower
 from k8s_sql.watch.hub import Hub
 
 log = logging.getLogger("k8s_sql")
@@ -63,10 +64,12 @@ class Server:
     grpc_server: grpc.aio.Server
     watch: WatchServicer
     expirer: LeaseExpirer
+    follower: Follower
     ports: list[int]
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.grpc_server.stop(grace)
+        await self.follower.stop()
         await self.watch.stop()
         await self.expirer.stop()
         await self.store.stop()
@@ -119,13 +122,15 @@ async def start(config: Config) -> Server:
     watch.start()
     expirer = LeaseExpirer(store, interval=config.lease_check_interval)
     expirer.start()
+    follower = Follower(hub, store)
+    follower.start()
     log.info(
         "ready to serve client requests on %s (store %s, revision %d)",
         ", ".join(config.listen_client_urls),
         config.endpoint,
         store.revision,
     )
-    return Server(config, backend, store, hub, server, watch, expirer, ports)
+    return Server(config, backend, store, hub, server, watch, expirer, follower, ports)
 
 
 async def serve(config: Config) -> None:

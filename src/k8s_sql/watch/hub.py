@@ -39,6 +39,8 @@ class Hub:
 
     def publish(self, revision: int, changes: list[LogRow]) -> None:
         """Take the changes of one commit (revisions in order, ending at ``revision``)."""
+        if changes and changes[0].rev <= self.revision:
+            changes = [ch for ch in changes if ch.rev > self.revision]  # already published
         if not changes:
             return
         first = changes[0].rev

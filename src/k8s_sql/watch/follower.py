@@ -1,0 +1,66 @@
+"""Bringing other frontends' commits into this frontend's hub.
+
+Several k8s-sql processes may serve one database. Each publishes its own commits to
+its hub at once; this follower tails the ``log`` table for revisions written by the
+others. Because every writer holds the revision lock until it commits, committed
+revisions form a contiguous prefix: reading ``rev > last`` can never skip one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from k8s_sql.backend.base import CompactedError
+from k8s_sql.store.store import Store
+from k8s_sql.watch.hub import Hub
+
+log = logging.getLogger(__name__)
+
+
+class Follower:
+    def __init__(self, hub: Hub, store: Store, interval: float = 0.025, batch: int = 5000) -> None:
+        self.hub = hub
+        self.store = store
+        self.interval = interval
+        self.batch = batch
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="watch-follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def poll_once(self) -> None:
+        revision, compact = await self.store.backend.current()
+        self.store.observe_revision(revision)
+        self.store.compact_revision = max(self.store.compact_revision, compact)
+        while self.hub.revision < revision:
+            start = self.hub.revision + 1
+            try:
+                rows, covered = await self.store.backend.changes(start, revision, None, self.batch)
+            except CompactedError:
+                # History this frontend never saw is gone; watchers still behind it
+                # get etcd's compacted cancel when they try to read it.
+                self.hub.advance(revision)
+                break
+            if rows:
+                self.hub.publish(covered, rows)
+            else:
+                self.hub.advance(covered)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the database is away: keep trying
+                log.debug("following the log failed: %s", e)
+            await asyncio.sleep(self.interval)

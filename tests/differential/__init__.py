@@ -1,0 +1,1 @@
+"""Differential tests: the same random operations against k8s-sql and a real etcd."""
