@@ -30,18 +30,19 @@ wait_ready() { # endpoint
   echo "server at $1 did not become ready" >&2; return 1
 }
 
+# Each start_* sets ENDPOINT (not echoed: a $(...) subshell would lose the PID to clean up).
 start_k8s_sql() {
   local port; port=$(free_port)
   python3 -m k8s_sql --data-dir "$WORK/k8s-sql" --listen-client-urls "http://127.0.0.1:$port" \
     --log-level warn >"$OUT/k8s-sql.log" 2>&1 &
-  PIDS+=($!); echo "127.0.0.1:$port"
+  PIDS+=($!); ENDPOINT="127.0.0.1:$port"
 }
 
 start_etcd() {
   local port peer; port=$(free_port); peer=$(free_port)
   "$PEERS/etcd" --name bench --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$port" \
     --listen-peer-urls "http://127.0.0.1:$peer" >"$OUT/etcd.log" 2>&1 &
-  PIDS+=($!); echo "127.0.0.1:$port"
+  PIDS+=($!); ENDPOINT="127.0.0.1:$port"
 }
 
 # Requests/sec from the tool's summary ("Requests/sec:\t1234.5678").
@@ -67,7 +68,7 @@ run() { # server endpoint
 
 echo "| server | workload | clients | requests/s | p99 ms |"
 echo "|---|---|---|---|---|"
-run k8s-sql "$(start_k8s_sql)"
-run etcd "$(start_etcd)"
+start_k8s_sql; run k8s-sql "$ENDPOINT"
+start_etcd; run etcd "$ENDPOINT"
 echo
 echo "total=$TOTAL value=${VAL_SIZE}B; raw output in $OUT"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from databases import PostgresServer
+from databases import MariaDBServer, PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 STRICT = os.environ.get("K8S_SQL_STRICT", "") not in ("", "0", "false")
@@ -250,6 +250,18 @@ def postgres_server() -> Iterator[PostgresServer]:
     if reason:
         missing(reason)
     server = PostgresServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariaDBServer]:
+    """One throwaway MariaDB server for the session; each store gets its own database."""
+    reason = MariaDBServer.available()
+    if reason:
+        missing(reason)
+    server = MariaDBServer(free_port())
     server.start()
     yield server
     server.stop()

@@ -103,3 +103,77 @@ class PostgresServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class MariaDBServer:
+    """A throwaway MariaDB server (no grant tables: the tests connect as root without a password)."""
+
+    port: int
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-mariadb-")))
+    proc: subprocess.Popen[bytes] | None = None
+    _databases: int = 0
+
+    @staticmethod
+    def _server() -> str | None:
+        return shutil.which("mariadbd") or shutil.which("mysqld") or (
+            "/usr/sbin/mariadbd" if Path("/usr/sbin/mariadbd").exists() else None
+        )
+
+    @classmethod
+    def available(cls) -> str | None:
+        if cls._server() is None or shutil.which("mariadb-install-db") is None:
+            return "MariaDB server binaries are not installed (apt-get install mariadb-server)"
+        return None
+
+    def start(self) -> None:
+        data = self.root / "data"
+        user = ["--user=root"] if os.geteuid() == 0 else []
+        subprocess.run(
+            ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--skip-test-db", "--auth-root-authentication-method=normal", *user],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        self.proc = subprocess.Popen(
+            [
+                str(self._server()),
+                "--no-defaults",
+                f"--datadir={data}",
+                f"--socket={self.root / 'mysqld.sock'}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                "--skip-grant-tables",
+                "--innodb-flush-log-at-trx-commit=2",  # a throwaway database: speed over its own durability
+                "--max-connections=500",
+                *user,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        import socket
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"MariaDB did not start:\n{(self.root / 'server.log').read_text()}")
+
+    def new_dsn(self) -> str:
+        self._databases += 1
+        return f"mysql://root@tcp(127.0.0.1:{self.port})/k8s_sql_{os.getpid()}_{self._databases}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -15,14 +15,14 @@ from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 WRITES = 200
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "mariadb"])
 def two_frontends(request, k8s_sql_factory, tmp_path):
     if request.param == "sqlite":
         shared = tmp_path / "shared"
         a = k8s_sql_factory(data_dir=shared)
         b = k8s_sql_factory(data_dir=shared)
     else:
-        dsn = request.getfixturevalue("postgres_server").new_dsn()
+        dsn = request.getfixturevalue(f"{request.param}_server").new_dsn()
         a = k8s_sql_factory("--endpoint", dsn)
         b = k8s_sql_factory("--endpoint", dsn)
     return request.param, a, b

@@ -91,6 +91,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
     async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
         validate.check_put(request)
         self.ctx.check_size(request)
+        validate.check_key_length(request, self.store.backend.max_key_bytes)
         resp = await self.store.put(request)
         self.ctx.fill(resp.header)
         return resp
@@ -109,6 +110,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
     async def Txn(self, request: pb.TxnRequest, context: grpc.aio.ServicerContext) -> pb.TxnResponse:
         validate.check_txn(request, self.store.max_txn_ops)
         self.ctx.check_size(request)
+        validate.check_key_length(request, self.store.backend.max_key_bytes)
         resp = await self.store.txn(request)
         self.ctx.fill(resp.header)
         return resp

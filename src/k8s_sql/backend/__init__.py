@@ -23,4 +23,11 @@ def open_backend(endpoint: str, *, sqlite_synchronous: str = "FULL") -> Backend:
         from k8s_sql.backend.postgres import PostgresBackend
 
         return PostgresBackend(endpoint)
-    raise ValueError(f"unsupported --endpoint {endpoint!r}: use sqlite:///PATH or postgres://USER:PASS@HOST:PORT/DB")
+    if u.scheme == "mysql":
+        from k8s_sql.backend.mysql import MySQLBackend
+
+        return MySQLBackend(endpoint)
+    raise ValueError(
+        f"unsupported --endpoint {endpoint!r}: use sqlite:///PATH, postgres://USER:PASS@HOST:PORT/DB "
+        "or mysql://USER:PASS@tcp(HOST:PORT)/DB"
+    )

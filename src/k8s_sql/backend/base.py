@@ -163,6 +163,8 @@ class WriteTx(abc.ABC):
 class Backend(abc.ABC):
     """A database holding one k8s-sql store."""
 
+    max_key_bytes: int | None = None  # the longest key the database can index, if limited
+
     @abc.abstractmethod
     async def open(self) -> None:
         """Connect, create the schema if absent, migrate it forward."""

@@ -19,6 +19,7 @@ LOG_COLUMNS = (
     "rev, sub, key, kind, create_rev, version, lease, value, "
     "prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value"
 )
+# MySQL reserves KEY as a word: its dialect writes the column as `key`.
 
 Params = list[Any]
 
@@ -26,10 +27,20 @@ Params = list[Any]
 @dataclass(frozen=True)
 class Dialect:
     empty_blob: str  # an empty byte string literal
+    key: str = "key"  # the key column, quoted if the dialect needs it
+
+    @property
+    def kv_columns(self) -> str:
+        return KV_COLUMNS.replace("key", self.key, 1)
+
+    @property
+    def log_columns(self) -> str:
+        return LOG_COLUMNS.replace("key", self.key, 1)
 
 
 SQLITE = Dialect(empty_blob="x''")
 POSTGRES = Dialect(empty_blob="''::bytea")
+MYSQL = Dialect(empty_blob="x''", key="`key`")
 
 
 def numbered(sql: str) -> str:
@@ -49,9 +60,10 @@ def range_where(kr: KeyRange, column: str = "key") -> tuple[str, Params]:
 
 def head_queries(d: Dialect, kr: KeyRange, limit: int, keys_only: bool) -> tuple[str, str, Params]:
     """(count SQL, rows SQL, params) for the current state of a range."""
-    where, params = range_where(kr)
+    k = d.key
+    where, params = range_where(kr, k)
     value = d.empty_blob if keys_only else "value"
-    rows = f"SELECT key, create_rev, mod_rev, version, lease, {value} FROM kv WHERE {where} ORDER BY key"
+    rows = f"SELECT {k}, create_rev, mod_rev, version, lease, {value} FROM kv WHERE {where} ORDER BY {k}"
     if limit > 0:
         rows += f" LIMIT {int(limit)}"
     return f"SELECT COUNT(*) FROM kv WHERE {where}", rows, params
@@ -64,32 +76,35 @@ def historical_queries(d: Dialect, kr: KeyRange, rev: int, limit: int, keys_only
     changed after it, the ``prev_*`` state recorded in its first log row after ``rev``
     (when the key existed then).
     """
-    where, params = range_where(kr)
+    k = d.key
+    where, params = range_where(kr, k)
     value = d.empty_blob if keys_only else "value"
     prev_value = d.empty_blob if keys_only else "prev_value"
     union = f"""
-        SELECT key, create_rev, mod_rev, version, lease, {value} AS value FROM kv
+        SELECT {k}, create_rev, mod_rev, version, lease, {value} AS value FROM kv
          WHERE {where} AND mod_rev <= ?
         UNION ALL
-        SELECT key, prev_create_rev, prev_mod_rev, prev_version, prev_lease, {prev_value} FROM (
-            SELECT key, prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value,
-                   ROW_NUMBER() OVER (PARTITION BY key ORDER BY rev) AS n
+        SELECT {k}, prev_create_rev, prev_mod_rev, prev_version, prev_lease, {prev_value} FROM (
+            SELECT {k}, prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value,
+                   ROW_NUMBER() OVER (PARTITION BY {k} ORDER BY rev) AS n
               FROM log WHERE {where} AND rev > ?) AS first_change
          WHERE n = 1 AND prev_mod_rev IS NOT NULL
     """
-    rows = f"SELECT * FROM ({union}) AS state ORDER BY key"
+    rows = f"SELECT * FROM ({union}) AS state ORDER BY {k}"
     if limit > 0:
         rows += f" LIMIT {int(limit)}"
     return f"SELECT COUNT(*) FROM ({union}) AS state", rows, [*params, rev, *params, rev]
 
 
-def changes_query(start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None) -> tuple[str, Params] | None:
+def changes_query(
+    d: Dialect, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None
+) -> tuple[str, Params] | None:
     """(WHERE clause, params) for log rows in ``[start_rev, end_rev]`` touching ``ranges``;
     None when the ranges select nothing."""
     where = "rev >= ? AND rev <= ?"
     params: Params = [start_rev, end_rev]
     if ranges is not None:
-        parts = [range_where(kr) for kr in ranges if not kr.is_empty]
+        parts = [range_where(kr, d.key) for kr in ranges if not kr.is_empty]
         if not parts:
             return None
         where += " AND (" + " OR ".join(f"({p[0]})" for p in parts) + ")"

@@ -15,13 +15,12 @@ import os
 import sqlite3
 import tempfile
 import threading
-import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from k8s_sql.backend import sql
 from k8s_sql.backend.base import (
-    DELETE,
     SCHEMA_VERSION,
     Backend,
     CompactedError,
@@ -33,6 +32,7 @@ from k8s_sql.backend.base import (
     Row,
     WriteTx,
 )
+from k8s_sql.backend.hashing import StateHash
 
 T = TypeVar("T")
 
@@ -75,30 +75,7 @@ CREATE TABLE IF NOT EXISTS lease (
 CREATE INDEX IF NOT EXISTS lease_expiry ON lease (expires_at);
 """
 
-KV_COLUMNS = "key, create_rev, mod_rev, version, lease, value"
-LOG_COLUMNS = (
-    "rev, sub, key, kind, create_rev, version, lease, value, "
-    "prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value"
-)
-
-
-def range_where(kr: KeyRange, column: str = "key") -> tuple[str, list[bytes]]:
-    """SQL condition and parameters selecting the keys of ``kr``."""
-    if kr.end is None:
-        return f"{column} = ?", [kr.key]
-    if kr.end == b"":
-        return f"{column} >= ?", [kr.key]
-    return f"{column} >= ? AND {column} < ?", [kr.key, kr.end]
-
-
-def log_row(r: Sequence[Any]) -> LogRow:
-    rev, sub, key, kind = r[0], r[1], r[2], r[3]
-    if kind == DELETE:
-        row = Row(key, 0, rev, 0, 0, b"")
-    else:
-        row = Row(key, r[4], rev, r[5], r[6], r[7])
-    prev = None if r[9] is None else Row(key, r[8], r[9], r[10], r[11], r[12])
-    return LogRow(rev, sub, kind, row, prev)
+D = sql.SQLITE
 
 
 def _meta(conn: sqlite3.Connection) -> tuple[int, int]:
@@ -106,46 +83,24 @@ def _meta(conn: sqlite3.Connection) -> tuple[int, int]:
     return int(rows["revision"]), int(rows["compact_revision"])
 
 
-def _historical(
-    conn: sqlite3.Connection, kr: KeyRange, rev: int, limit: int, keys_only: bool, count_only: bool
-) -> tuple[list[Row], int]:
-    """The range as of ``rev``: unchanged ``kv`` rows plus the state recorded as
-    ``prev_*`` in the first log row after ``rev`` of every key changed since."""
-    where, params = range_where(kr)
-    value = "x''" if keys_only else "value"
-    prev_value = "x''" if keys_only else "prev_value"
-    union = f"""
-        SELECT key, create_rev, mod_rev, version, lease, {value} FROM kv
-         WHERE {where} AND mod_rev <= ?
-        UNION ALL
-        SELECT key, prev_create_rev, prev_mod_rev, prev_version, prev_lease, {prev_value} FROM (
-            SELECT key, prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value,
-                   ROW_NUMBER() OVER (PARTITION BY key ORDER BY rev) AS n
-              FROM log WHERE {where} AND rev > ?)
-         WHERE n = 1 AND prev_mod_rev IS NOT NULL
-    """
-    args = [*params, rev, *params, rev]
-    count = conn.execute(f"SELECT COUNT(*) FROM ({union})", args).fetchone()[0]
-    if count_only:
-        return [], count
-    sql = f"SELECT * FROM ({union}) ORDER BY key"
-    if limit > 0:
-        sql += f" LIMIT {int(limit)}"
-    return [Row(*r) for r in conn.execute(sql, args)], count
-
-
 def _head(
     conn: sqlite3.Connection, kr: KeyRange, limit: int, keys_only: bool, count_only: bool
 ) -> tuple[list[Row], int]:
-    where, params = range_where(kr)
-    count = conn.execute(f"SELECT COUNT(*) FROM kv WHERE {where}", params).fetchone()[0]
+    count_sql, rows_sql, params = sql.head_queries(D, kr, limit, keys_only)
+    count = conn.execute(count_sql, params).fetchone()[0]
     if count_only or count == 0:
         return [], count
-    value = "x''" if keys_only else "value"
-    sql = f"SELECT key, create_rev, mod_rev, version, lease, {value} FROM kv WHERE {where} ORDER BY key"
-    if limit > 0:
-        sql += f" LIMIT {int(limit)}"
-    return [Row(*r) for r in conn.execute(sql, params)], count
+    return [Row(*r) for r in conn.execute(rows_sql, params)], count
+
+
+def _historical(
+    conn: sqlite3.Connection, kr: KeyRange, rev: int, limit: int, keys_only: bool, count_only: bool
+) -> tuple[list[Row], int]:
+    count_sql, rows_sql, params = sql.historical_queries(D, kr, rev, limit, keys_only)
+    count = conn.execute(count_sql, params).fetchone()[0]
+    if count_only or count == 0:
+        return [], count
+    return [Row(*r) for r in conn.execute(rows_sql, params)], count
 
 
 class SQLiteWriteTx(WriteTx):
@@ -157,7 +112,7 @@ class SQLiteWriteTx(WriteTx):
         self._savepoint_log_len = 0
 
     async def get(self, key: bytes) -> Row | None:
-        r = self.conn.execute(f"SELECT {KV_COLUMNS} FROM kv WHERE key = ?", (key,)).fetchone()
+        r = self.conn.execute(f"SELECT {sql.KV_COLUMNS} FROM kv WHERE key = ?", (key,)).fetchone()
         return None if r is None else Row(*r)
 
     async def range(self, kr: KeyRange, limit: int = 0) -> list[Row]:
@@ -171,23 +126,13 @@ class SQLiteWriteTx(WriteTx):
         return _historical(self.conn, kr, rev, limit, False, False)
 
     async def put(self, row: Row) -> None:
-        self.conn.execute(f"INSERT OR REPLACE INTO kv ({KV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row)
+        self.conn.execute(f"INSERT OR REPLACE INTO kv ({sql.KV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row)
 
     async def delete(self, key: bytes) -> None:
         self.conn.execute("DELETE FROM kv WHERE key = ?", (key,))
 
     def log(self, change: LogRow) -> None:
-        row, prev = change.row, change.prev
-        if change.kind == DELETE:
-            new: tuple[Any, ...] = (None, None, None, None)
-        else:
-            new = (row.create_rev, row.version, row.lease, row.value)
-        old: tuple[Any, ...] = (
-            (None, None, None, None, None)
-            if prev is None
-            else (prev.create_rev, prev.mod_rev, prev.version, prev.lease, prev.value)
-        )
-        self.pending_log.append((change.rev, change.sub, row.key, change.kind, *new, *old))
+        self.pending_log.append(sql.log_params(change))
 
     async def lease_get(self, lease_id: int) -> LeaseRow | None:
         r = self.conn.execute("SELECT id, ttl, expires_at FROM lease WHERE id = ?", (lease_id,)).fetchone()
@@ -220,7 +165,7 @@ class SQLiteWriteTx(WriteTx):
 
     def _flush_log(self) -> None:
         if self.pending_log:
-            self.conn.executemany(f"INSERT INTO log ({LOG_COLUMNS}) VALUES ({', '.join('?' * 13)})", self.pending_log)
+            self.conn.executemany(f"INSERT INTO log ({sql.LOG_COLUMNS}) VALUES ({', '.join('?' * 13)})", self.pending_log)
             self.pending_log.clear()
             self._savepoint_log_len = 0
 
@@ -362,27 +307,21 @@ class SQLiteBackend(Backend):
             _, compact = _meta(conn)
             if start_rev < compact:
                 raise CompactedError
-            where = "rev >= ? AND rev <= ?"
-            params: list[int | bytes] = [start_rev, end_rev]
-            if ranges is not None:
-                parts = [range_where(kr) for kr in ranges if not kr.is_empty]
-                if not parts:
-                    return [], end_rev
-                where += " AND (" + " OR ".join(f"({p[0]})" for p in parts) + ")"
-                params += [x for p in parts for x in p[1]]
-            sql = f"SELECT {LOG_COLUMNS} FROM log WHERE {where} ORDER BY rev, sub LIMIT {int(limit) + 1}"
-            rows = conn.execute(sql, params).fetchall()
+            q = sql.changes_query(D, start_rev, end_rev, ranges)
+            if q is None:
+                return [], end_rev
+            where, params = q
+            base = f"SELECT {sql.LOG_COLUMNS} FROM log WHERE {where} ORDER BY rev, sub"
+            rows = conn.execute(base + f" LIMIT {int(limit) + 1}", params).fetchall()
             if len(rows) <= limit:
-                return [log_row(r) for r in rows], end_rev
+                return [sql.log_row(r) for r in rows], end_rev
             last = rows[-1][0]
-            rows = [r for r in rows if r[0] != last]
-            if rows:
-                return [log_row(r) for r in rows], rows[-1][0]
+            kept = [r for r in rows if r[0] != last]
+            if kept:
+                return [sql.log_row(r) for r in kept], kept[-1][0]
             # one revision with more than `limit` matching rows: take all of it
-            rows = conn.execute(
-                f"SELECT {LOG_COLUMNS} FROM log WHERE {where} ORDER BY rev, sub", [last, last, *params[2:]]
-            ).fetchall()
-            return [log_row(r) for r in rows], last
+            rows = conn.execute(base, [last, last, *params[2:]]).fetchall()
+            return [sql.log_row(r) for r in rows], last
 
         return await self._read(run)
 
@@ -521,15 +460,12 @@ class SQLiteBackend(Backend):
                 raise FutureRevisionError
             if at < compact:
                 raise CompactedError
-            h = 0
-            sql = f"SELECT {LOG_COLUMNS} FROM log WHERE rev >= ? AND rev <= ? ORDER BY rev, sub"
-            for r in c.execute(sql, (compact, at)):
-                h = zlib.crc32(repr(r).encode(), h)
-            rows, _ = _historical(c, KeyRange(b"\0", b""), at, 0, False, False) if at != current else _head(
-                c, KeyRange(b"\0", b""), 0, False, False
-            )
-            for row in rows:
-                h = zlib.crc32(repr(tuple(row)).encode(), h)
-            return h & 0xFFFFFFFF, compact, at
+            h = StateHash()
+            query = f"SELECT {sql.LOG_COLUMNS} FROM log WHERE rev >= ? AND rev <= ? ORDER BY rev, sub"
+            for r in c.execute(query, (compact, at)):
+                h.add_change(sql.log_row(r))
+            for row in _historical(c, KeyRange(b"\0", b""), at, 0, False, False)[0]:
+                h.add_row(row)
+            return h.value, compact, at
 
         return await self._read(run)

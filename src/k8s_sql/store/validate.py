@@ -124,3 +124,25 @@ def _intervals(ops: Iterable[pb.RequestOp]) -> tuple[set[bytes], _Deletes]:
             raise errors.DUPLICATE_KEY
         puts.add(k)
     return puts, dels
+
+
+def check_key_length(r: pb.PutRequest | pb.TxnRequest, max_key_bytes: int | None) -> None:
+    """Refuse keys the backend cannot index (MySQL's index limit) before they reach it."""
+    if max_key_bytes is None:
+        return
+    if isinstance(r, pb.PutRequest):
+        if len(r.key) > max_key_bytes:
+            raise _key_too_long(max_key_bytes)
+        return
+    for op in (*r.success, *r.failure):
+        kind = op.WhichOneof("request")
+        if kind == "request_put":
+            check_key_length(op.request_put, max_key_bytes)
+        elif kind == "request_txn":
+            check_key_length(op.request_txn, max_key_bytes)
+
+
+def _key_too_long(max_key_bytes: int) -> errors.EtcdError:
+    return errors.EtcdError(
+        errors.REQUEST_TOO_LARGE.code, f"etcdserver: key is too long for this database (at most {max_key_bytes} bytes)"
+    )

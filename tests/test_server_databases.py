@@ -1,12 +1,16 @@
-"""The PostgreSQL backend serves etcd clients like the SQLite one."""
+"""The server-database backends serve etcd clients like the SQLite one."""
 
 from __future__ import annotations
 
 import json
 
 
-def test_postgres_store_with_etcdctl(k8s_sql_factory, postgres_server, etcdctl) -> None:
-    dsn = postgres_server.new_dsn()
+import pytest
+
+
+@pytest.mark.parametrize("database", ["postgres_server", "mariadb_server"])
+def test_server_database_store_with_etcdctl(request, database, k8s_sql_factory, etcdctl) -> None:
+    dsn = request.getfixturevalue(database).new_dsn()
     server = k8s_sql_factory("--endpoint", dsn)
     etcdctl(server.url, "put", "a", "1")
     etcdctl(server.url, "put", "a", "2")

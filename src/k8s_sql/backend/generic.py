@@ -1,0 +1,345 @@
+"""The shared implementation of network database backends (PostgreSQL, MySQL).
+
+Everything but connecting, placeholders, types and a few statements is the same
+for every server database, so it lives here once, written against :class:`Conn`, a
+minimal async driver adapter. A dialect module (postgres.py, mysql.py) supplies the
+adapter, the schema and the handful of statements whose syntax differs.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import os
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from k8s_sql.backend import sql
+from k8s_sql.backend.base import (
+    Backend,
+    CompactedError,
+    FutureRevisionError,
+    KeyRange,
+    LeaseRow,
+    LogRow,
+    RangeResult,
+    Row,
+    WriteTx,
+)
+from k8s_sql.backend.hashing import StateHash
+
+Record = Sequence[Any]
+
+
+class Conn(abc.ABC):
+    """One database connection, with ``?`` placeholders whatever the driver uses."""
+
+    @abc.abstractmethod
+    async def fetch(self, query: str, *params: Any) -> list[Record]: ...
+
+    @abc.abstractmethod
+    async def execute(self, query: str, *params: Any) -> int:
+        """Run a statement; return the number of rows it changed."""
+
+    @abc.abstractmethod
+    async def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    async def fetchrow(self, query: str, *params: Any) -> Record | None:
+        rows = await self.fetch(query, *params)
+        return rows[0] if rows else None
+
+    async def fetchval(self, query: str, *params: Any) -> Any:
+        row = await self.fetchrow(query, *params)
+        return None if row is None else row[0]
+
+
+def _row(r: Record) -> Row:
+    return Row(bytes(r[0]), r[1], r[2], r[3], r[4], bytes(r[5]))
+
+
+class Queries:
+    """The statements of one dialect, built once."""
+
+    def __init__(self, d: sql.Dialect, upsert_kv: str, upsert_lease: str) -> None:
+        self.d = d
+        self.get = f"SELECT {d.kv_columns} FROM kv WHERE {d.key} = ?"
+        self.upsert_kv = upsert_kv
+        self.delete_kv = f"DELETE FROM kv WHERE {d.key} = ?"
+        self.insert_log = f"INSERT INTO log ({d.log_columns}) VALUES ({', '.join('?' * 13)})"
+        self.lease_keys = f"SELECT {d.key} FROM kv WHERE lease = ? ORDER BY {d.key}"
+        self.upsert_lease = upsert_lease
+
+
+async def read_meta(conn: Conn) -> tuple[int, int]:
+    rows = {r[0]: r[1] for r in await conn.fetch("SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')")}
+    return int(rows["revision"]), int(rows["compact_revision"])
+
+
+async def head(conn: Conn, d: sql.Dialect, kr: KeyRange, limit: int, keys_only: bool, count_only: bool) -> tuple[list[Row], int]:
+    count_sql, rows_sql, params = sql.head_queries(d, kr, limit, keys_only)
+    count = int(await conn.fetchval(count_sql, *params))
+    if count_only or count == 0:
+        return [], count
+    return [_row(r) for r in await conn.fetch(rows_sql, *params)], count
+
+
+async def historical(
+    conn: Conn, d: sql.Dialect, kr: KeyRange, rev: int, limit: int, keys_only: bool, count_only: bool
+) -> tuple[list[Row], int]:
+    count_sql, rows_sql, params = sql.historical_queries(d, kr, rev, limit, keys_only)
+    count = int(await conn.fetchval(count_sql, *params))
+    if count_only or count == 0:
+        return [], count
+    return [_row(r) for r in await conn.fetch(rows_sql, *params)], count
+
+
+class GenericWriteTx(WriteTx):
+    def __init__(self, conn: Conn, q: Queries, revision: int, compact_revision: int) -> None:
+        self.conn = conn
+        self.q = q
+        self.revision = revision
+        self.compact_revision = compact_revision
+        self.pending_log: list[tuple[Any, ...]] = []
+        self._savepoint_log_len = 0
+
+    async def get(self, key: bytes) -> Row | None:
+        r = await self.conn.fetchrow(self.q.get, key)
+        return None if r is None else _row(r)
+
+    async def range(self, kr: KeyRange, limit: int = 0) -> list[Row]:
+        return (await head(self.conn, self.q.d, kr, limit, False, False))[0]
+
+    async def count(self, kr: KeyRange) -> int:
+        return (await head(self.conn, self.q.d, kr, 0, False, True))[1]
+
+    async def range_at(self, kr: KeyRange, rev: int, limit: int = 0) -> tuple[list[Row], int]:
+        await self.flush_log()  # the historical query reads this transaction's log rows too
+        return await historical(self.conn, self.q.d, kr, rev, limit, False, False)
+
+    async def put(self, row: Row) -> None:
+        await self.conn.execute(self.q.upsert_kv, *row)
+
+    async def delete(self, key: bytes) -> None:
+        await self.conn.execute(self.q.delete_kv, key)
+
+    def log(self, change: LogRow) -> None:
+        self.pending_log.append(sql.log_params(change))
+
+    async def lease_get(self, lease_id: int) -> LeaseRow | None:
+        r = await self.conn.fetchrow("SELECT id, ttl, expires_at FROM lease WHERE id = ?", lease_id)
+        return None if r is None else LeaseRow(int(r[0]), int(r[1]), float(r[2]))
+
+    async def lease_put(self, lease: LeaseRow) -> None:
+        await self.conn.execute(self.q.upsert_lease, *lease)
+
+    async def lease_delete(self, lease_id: int) -> None:
+        await self.conn.execute("DELETE FROM lease WHERE id = ?", lease_id)
+
+    async def lease_keys(self, lease_id: int) -> list[bytes]:
+        return [bytes(r[0]) for r in await self.conn.fetch(self.q.lease_keys, lease_id)]
+
+    async def set_compact_revision(self, rev: int) -> None:
+        await self.conn.execute("UPDATE meta SET value = ? WHERE name = 'compact_revision'", rev)
+        self.compact_revision = rev
+
+    async def savepoint(self) -> None:
+        await self.conn.execute("SAVEPOINT request")
+        self._savepoint_log_len = len(self.pending_log)
+
+    async def release_savepoint(self) -> None:
+        await self.conn.execute("RELEASE SAVEPOINT request")
+
+    async def rollback_to_savepoint(self) -> None:
+        await self.conn.execute("ROLLBACK TO SAVEPOINT request")
+        await self.conn.execute("RELEASE SAVEPOINT request")
+        del self.pending_log[self._savepoint_log_len :]
+
+    async def flush_log(self) -> None:
+        if self.pending_log:
+            await self.conn.executemany(self.q.insert_log, self.pending_log)
+            self.pending_log.clear()
+            self._savepoint_log_len = 0
+
+    async def finish(self) -> None:
+        await self.flush_log()
+        await self.conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", self.revision)
+
+
+class GenericBackend(Backend):
+    """A backend on a server database, given a dialect's connections and statements."""
+
+    q: Queries
+
+    # -- what a dialect provides -------------------------------------------------
+
+    @abc.abstractmethod
+    def snapshot_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        """A connection inside a read-only transaction that reads one consistent snapshot."""
+
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        """A connection inside a read-write transaction, committed on a clean exit."""
+
+    @abc.abstractmethod
+    def autocommit_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]: ...
+
+    # -- writes ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[WriteTx]:
+        async with self.transaction() as conn:
+            # The revision lock: held until commit, so commits happen in revision order.
+            rev = int(await conn.fetchval("SELECT value FROM meta WHERE name = 'revision' FOR UPDATE"))
+            compact = int(await conn.fetchval("SELECT value FROM meta WHERE name = 'compact_revision'"))
+            tx = GenericWriteTx(conn, self.q, rev, compact)
+            yield tx
+            await tx.finish()
+
+    async def meta_set_default(self, name: str, value: int) -> int:
+        async with self.transaction() as conn:
+            if await conn.fetchrow("SELECT value FROM meta WHERE name = ? FOR UPDATE", name) is None:
+                await conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)", name, value)
+            return int(await conn.fetchval("SELECT value FROM meta WHERE name = ?", name))
+
+    async def compact_log(self, below_rev: int, batch_revs: int) -> int:
+        total = 0
+        while True:
+            async with self.autocommit_conn() as conn:
+                lowest = await conn.fetchval("SELECT MIN(rev) FROM log")
+                if lowest is None or lowest >= below_rev:
+                    return total
+                total += await conn.execute("DELETE FROM log WHERE rev < ?", min(below_rev, int(lowest) + batch_revs))
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def current(self) -> tuple[int, int]:
+        async with self.snapshot_conn() as conn:
+            return await read_meta(conn)
+
+    async def range(self, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool) -> RangeResult:
+        async with self.snapshot_conn() as conn:
+            current, compact = await read_meta(conn)
+            if rev > current:
+                raise FutureRevisionError
+            if 0 < rev < compact:
+                raise CompactedError
+            if kr.is_empty:
+                return RangeResult([], 0, current, compact)
+            if rev <= 0 or rev == current:
+                rows, count = await head(conn, self.q.d, kr, limit, keys_only, count_only)
+            else:
+                rows, count = await historical(conn, self.q.d, kr, rev, limit, keys_only, count_only)
+            return RangeResult(rows, count, current, compact)
+
+    async def changes(
+        self, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None, limit: int
+    ) -> tuple[list[LogRow], int]:
+        async with self.snapshot_conn() as conn:
+            _, compact = await read_meta(conn)
+            if start_rev < compact:
+                raise CompactedError
+            query = sql.changes_query(self.q.d, start_rev, end_rev, ranges)
+            if query is None:
+                return [], end_rev
+            where, params = query
+            base = f"SELECT {self.q.d.log_columns} FROM log WHERE {where} ORDER BY rev, sub"
+            rows = await conn.fetch(base + f" LIMIT {int(limit) + 1}", *params)
+            if len(rows) <= limit:
+                return [sql.log_row(r) for r in rows], end_rev
+            last = rows[-1][0]
+            kept = [r for r in rows if r[0] != last]
+            if kept:
+                return [sql.log_row(r) for r in kept], kept[-1][0]
+            # one revision with more than `limit` matching rows: take all of it
+            rows = await conn.fetch(base, last, last, *params[2:])
+            return [sql.log_row(r) for r in rows], last
+
+    async def leases(self) -> list[LeaseRow]:
+        async with self.snapshot_conn() as conn:
+            rows = await conn.fetch("SELECT id, ttl, expires_at FROM lease ORDER BY id")
+            return [LeaseRow(int(r[0]), int(r[1]), float(r[2])) for r in rows]
+
+    async def lease(self, lease_id: int) -> tuple[LeaseRow | None, list[bytes]]:
+        async with self.snapshot_conn() as conn:
+            r = await conn.fetchrow("SELECT id, ttl, expires_at FROM lease WHERE id = ?", lease_id)
+            if r is None:
+                return None, []
+            keys = [bytes(k[0]) for k in await conn.fetch(self.q.lease_keys, lease_id)]
+            return LeaseRow(int(r[0]), int(r[1]), float(r[2])), keys
+
+    async def expired_leases(self, now: float, limit: int) -> list[int]:
+        async with self.snapshot_conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT id FROM lease WHERE expires_at <= ? ORDER BY expires_at LIMIT {int(limit)}", now
+            )
+            return [int(r[0]) for r in rows]
+
+    async def meta_get(self, name: str) -> int | None:
+        async with self.snapshot_conn() as conn:
+            v = await conn.fetchval("SELECT value FROM meta WHERE name = ?", name)
+            return None if v is None else int(v)
+
+    # -- maintenance -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+        """A consistent copy in k8s-sql's portable snapshot format: an SQLite database."""
+        from k8s_sql.backend.sqlite import SCHEMA as SQLITE_SCHEMA
+
+        fd, tmp = tempfile.mkstemp(prefix="k8s-sql-snapshot-", suffix=".db")
+        os.close(fd)
+        try:
+            out = sqlite3.connect(tmp)
+            try:
+                for stmt in SQLITE_SCHEMA.split(";"):
+                    if stmt.strip():
+                        out.execute(stmt)
+                async with self.snapshot_conn() as conn:
+                    for table, columns, src in (
+                        ("meta", "name, value", "name, value"),
+                        ("kv", sql.KV_COLUMNS, self.q.d.kv_columns),
+                        ("log", sql.LOG_COLUMNS, self.q.d.log_columns),
+                        ("lease", "id, ttl, expires_at", "id, ttl, expires_at"),
+                    ):
+                        marks = ", ".join("?" * (columns.count(",") + 1))
+                        rows = await conn.fetch(f"SELECT {src} FROM {table}")
+                        out.executemany(
+                            f"INSERT INTO {table} ({columns}) VALUES ({marks})",
+                            [tuple(bytes(v) if isinstance(v, (bytearray, memoryview)) else v for v in r) for r in rows],
+                        )
+                out.commit()
+            finally:
+                out.close()
+            size = os.path.getsize(tmp)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                loop = asyncio.get_running_loop()
+                with open(tmp, "rb") as f:
+                    while chunk := await loop.run_in_executor(None, f.read, 32 * 1024):
+                        yield chunk
+
+            yield size, chunks()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    async def hash_kv(self, rev: int) -> tuple[int, int, int]:
+        async with self.snapshot_conn() as conn:
+            current, compact = await read_meta(conn)
+            at = current if rev <= 0 else rev
+            if at > current:
+                raise FutureRevisionError
+            if at < compact:
+                raise CompactedError
+            h = StateHash()
+            changes = await conn.fetch(
+                f"SELECT {self.q.d.log_columns} FROM log WHERE rev >= ? AND rev <= ? ORDER BY rev, sub", compact, at
+            )
+            for r in changes:
+                h.add_change(sql.log_row(r))
+            for row in (await historical(conn, self.q.d, KeyRange(b"\0", b""), at, 0, False, False))[0]:
+                h.add_row(row)
+            return h.value, compact, at
