@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -48,22 +49,26 @@ class PostgresServer:
                 return "running as root but there is no 'postgres' user to run the server as"
         return None
 
-    def _as_owner(self) -> list[str]:
-        return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    def _as_owner(self) -> dict[str, object]:
+        """Popen arguments that run the child as ``postgres`` when we are root (the child
+        is then the server itself, so signals reach it)."""
+        return {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
 
     def start(self) -> None:
         data = self.root / "data"
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
-        subprocess.run(
-            [*self._as_owner(), _find("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"],
-            check=True,
-            capture_output=True,
-        )
+        if not data.exists():
+            if os.geteuid() == 0:
+                shutil.chown(self.root, "postgres", "postgres")
+            subprocess.run(
+                [_find("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+                check=True,
+                capture_output=True,
+                cwd=self.root,
+                **self._as_owner(),  # type: ignore[call-overload]
+            )
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # type: ignore[call-overload]
             [
-                *self._as_owner(),
                 _find("postgres"),
                 "-D", str(data),
                 "-p", str(self.port),
@@ -75,6 +80,8 @@ class PostgresServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=self.root,
+            **self._as_owner(),
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -95,13 +102,18 @@ class PostgresServer:
         self._databases += 1
         return f"postgres://postgres@127.0.0.1:{self.port}/k8s_sql_{os.getpid()}_{self._databases}"
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server (fast shutdown: open connections are cut), keeping its data."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

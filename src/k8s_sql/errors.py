@@ -47,4 +47,6 @@ NOT_CAPABLE = _e(_FP, "etcdserver: not capable")
 AUTH_NOT_ENABLED = _e(_FP, "etcdserver: authentication is not enabled")
 STOPPED = _e(grpc.StatusCode.UNAVAILABLE, "etcdserver: server stopped")
 TIMEOUT = _e(grpc.StatusCode.UNAVAILABLE, "etcdserver: request timed out")
+# The database is away (restarting, failing over, unreachable): clients retry on UNAVAILABLE.
+DATABASE_UNAVAILABLE = _e(grpc.StatusCode.UNAVAILABLE, "etcdserver: request timed out, database unavailable")
 WATCH_CANCELED = _e(grpc.StatusCode.CANCELLED, "etcdserver: watch canceled")

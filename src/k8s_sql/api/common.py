@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from k8s_sql import errors
+from k8s_sql.backend.base import BackendUnavailable
 from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.store.store import Store
 
@@ -58,7 +59,8 @@ class Context:
 
 
 def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn :class:`EtcdError` into the gRPC status etcd would send."""
+    """Turn :class:`EtcdError` into the gRPC status etcd would send, and a database
+    outage into UNAVAILABLE, which etcd clients retry."""
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
@@ -67,4 +69,10 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except errors.EtcdError as e:
             await context.abort(e.code, e.message)
             raise  # unreachable: abort raises
+        except BackendUnavailable as e:
+            log.warning("%s: database unavailable: %s", fn.__name__, e)
+            err = errors.DATABASE_UNAVAILABLE
+            await context.abort(err.code, err.message)
+            raise  # unreachable: abort raises
+
     return wrapper

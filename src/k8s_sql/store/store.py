@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from k8s_sql import errors
 from k8s_sql.backend.base import (
     DELETE,
@@ -39,7 +37,6 @@ from k8s_sql.store.ranges import to_kv
 log = logging.getLogger(__name__)
 
 MAX_LEASE_TTL = 9_000_000_000
-UNAVAILABLE = errors.EtcdError(grpc.StatusCode.UNAVAILABLE, "etcdserver: request timed out")
 
 CommitListener = Callable[[int, list[LogRow]], None]
 
@@ -382,7 +379,7 @@ class Store:
                 raise
             except Exception as e:  # the database failed: nothing in the batch is acknowledged
                 log.warning("write batch of %d failed: %s", len(batch), e)
-                err = UNAVAILABLE if not isinstance(e, errors.EtcdError) else e
+                err = e if isinstance(e, errors.EtcdError) else errors.DATABASE_UNAVAILABLE
                 for q in batch:
                     if not q.future.done():
                         q.future.set_exception(err)
