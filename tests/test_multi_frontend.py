@@ -81,3 +81,68 @@ def test_writes_on_one_frontend_reach_reads_and_watches_on_another(two_frontends
     p99 = latencies[int(len(latencies) * 0.99) - 1]
     print(f"\ncross-frontend watch latency on {backend}: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} events)")
     assert p99 < 1000
+
+
+def test_leader_failover_expires_leases_once(two_frontends) -> None:
+    """Kill the leader: another frontend takes over lease expiry within seconds, and
+    a lease that expires meanwhile is revoked exactly once (one DELETE event)."""
+    backend, a, b = two_frontends
+    ch_a, ch_b = grpc.insecure_channel(a.endpoint), grpc.insecure_channel(b.endpoint)
+    try:
+        members = rpc_pb2_grpc.ClusterStub(ch_a).MemberList(pb.MemberListRequest()).members
+        assert sorted(u for m in members for u in m.clientURLs) == sorted([a.url, b.url])
+        leader_id = rpc_pb2_grpc.MaintenanceStub(ch_a).Status(pb.StatusRequest()).leader
+        assert leader_id == rpc_pb2_grpc.MaintenanceStub(ch_b).Status(pb.StatusRequest()).leader
+        leader, survivor, ch = (
+            (a, b, ch_b) if {m.ID: m for m in members}[leader_id].clientURLs == [a.url] else (b, a, ch_a)
+        )
+
+        kv, lease = rpc_pb2_grpc.KVStub(ch), rpc_pb2_grpc.LeaseStub(ch)
+        lid = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2)).ID
+        put_rev = kv.Put(pb.PutRequest(key=b"lf/key", value=b"v", lease=lid)).header.revision
+
+        events: queue.Queue[pb.WatchResponse] = queue.Queue()
+        stop = threading.Event()
+
+        def requests():
+            yield pb.WatchRequest(
+                create_request=pb.WatchCreateRequest(key=b"lf/", range_end=b"lf0", start_revision=put_rev + 1)
+            )
+            stop.wait(60)
+
+        stream = rpc_pb2_grpc.WatchStub(ch).Watch(requests(), timeout=60)
+
+        def read() -> None:
+            try:
+                for resp in stream:
+                    events.put(resp)
+            except grpc.RpcError:
+                pass  # cancelled at the end of the test
+
+        threading.Thread(target=read, daemon=True).start()
+
+        killed = time.monotonic()
+        leader.kill9()
+        deletes = []
+        deadline = time.monotonic() + 20
+        while not deletes and time.monotonic() < deadline:
+            try:
+                resp = events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            deletes += [e for e in resp.events if e.type == e.DELETE]
+        failover = time.monotonic() - killed
+        assert deletes and deletes[0].kv.key == b"lf/key", "the lease was not expired after the leader died"
+        # exactly once: nothing more arrives, and the key and lease are gone
+        with pytest.raises(queue.Empty):
+            events.get(timeout=1.5)
+        assert kv.Range(pb.RangeRequest(key=b"lf/key")).count == 0
+        assert lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lid)).TTL == -1
+        new_leader = rpc_pb2_grpc.MaintenanceStub(ch).Status(pb.StatusRequest()).leader
+        assert new_leader != leader_id
+        print(f"\nleader failover on {backend}: lease expired {failover:.1f} s after the leader was killed")
+        stop.set()
+        stream.cancel()
+    finally:
+        ch_a.close()
+        ch_b.close()

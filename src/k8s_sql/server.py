@@ -19,6 +19,7 @@ from k8s_sql.api.maintenance import AuthServicer, ClusterServicer, MaintenanceSe
 from k8s_sql.api.watch import WatchServicer
 from k8s_sql.backend import open_backend
 from k8s_sql.backend.base import Backend
+from k8s_sql.cluster import Membership
 from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, Config
 from k8s_sql.lease.manager import LeaseExpirer
 from k8s_sql.pb import rpc_pb2_grpc
@@ -50,9 +51,10 @@ def _read(path: str) -> bytes:
 
 
 def member_id(cluster_id: int, name: str, urls: list[str]) -> int:
-    """A stable member id, derived like etcd's from what identifies the member."""
+    """A stable member id (63 bits, so every database stores it), derived like etcd's
+    from what identifies the member."""
     digest = hashlib.sha256(f"{cluster_id}/{name}/{','.join(sorted(urls))}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") or 1
+    return (int.from_bytes(digest[:8], "big") >> 1) or 1
 
 
 @dataclass
@@ -65,10 +67,12 @@ class Server:
     watch: WatchServicer
     expirer: LeaseExpirer
     follower: Follower
+    membership: Membership
     ports: list[int]
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.grpc_server.stop(grace)
+        await self.membership.stop()
         await self.follower.stop()
         await self.watch.stop()
         await self.expirer.stop()
@@ -88,13 +92,21 @@ async def start(config: Config) -> Server:
         name=config.name,
         client_urls=config.advertise_client_urls,
     )
+    membership = Membership(backend, identity.member_id, identity.name, identity.client_urls)
+    await membership.start()
     store = Store(backend, max_txn_ops=config.max_txn_ops)
     await store.start()
     hub = Hub(backend)
     hub.start(store.revision)
     hub.compact_revision = lambda: store.compact_revision
     store.on_commit(hub.publish)
-    ctx = Context(store=store, identity=identity, max_request_bytes=config.max_request_bytes, version=ETCD_VERSION)
+    ctx = Context(
+        store=store,
+        identity=identity,
+        membership=membership,
+        max_request_bytes=config.max_request_bytes,
+        version=ETCD_VERSION,
+    )
 
     server = grpc.aio.server(options=grpc_options(config))
     watch = WatchServicer(ctx, hub, config.watch_progress_notify_interval)
@@ -120,7 +132,7 @@ async def start(config: Config) -> Server:
             ports.append(server.add_insecure_port(address))
     await server.start()
     watch.start()
-    expirer = LeaseExpirer(store, interval=config.lease_check_interval)
+    expirer = LeaseExpirer(store, interval=config.lease_check_interval, active=lambda: membership.is_leader)
     expirer.start()
     follower = Follower(hub, store)
     follower.start()
@@ -130,7 +142,7 @@ async def start(config: Config) -> Server:
         config.endpoint,
         store.revision,
     )
-    return Server(config, backend, store, hub, server, watch, expirer, follower, ports)
+    return Server(config, backend, store, hub, server, watch, expirer, follower, membership, ports)
 
 
 async def serve(config: Config) -> None:

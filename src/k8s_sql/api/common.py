@@ -12,6 +12,7 @@ import grpc
 
 from k8s_sql import errors
 from k8s_sql.backend.base import BackendUnavailable
+from k8s_sql.cluster import Membership
 from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.store.store import Store
 
@@ -37,6 +38,7 @@ class Context:
 
     store: Store
     identity: Identity
+    membership: Membership
     max_request_bytes: int
     version: str
 

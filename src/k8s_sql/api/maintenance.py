@@ -34,7 +34,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
             version=self.ctx.version,
             dbSize=size,
             dbSizeInUse=in_use,
-            leader=ident.member_id,
+            leader=self.ctx.membership.leader_id or ident.member_id,
             raftIndex=rev,
             raftTerm=ident.raft_term,
             raftAppliedIndex=rev,
@@ -104,15 +104,21 @@ class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def _members(self) -> list[pb.Member]:
-        ident = self.ctx.identity
-        return [pb.Member(ID=ident.member_id, name=ident.name, clientURLs=ident.client_urls)]
-
     @unary
     async def MemberList(
         self, request: pb.MemberListRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemberListResponse:
-        return pb.MemberListResponse(header=self.ctx.header(), members=self._members())
+        """The live frontends on this database (those that heartbeat recently)."""
+        ident = self.ctx.identity
+        live = {m.id: m for m in await self.ctx.membership.live_members()}
+        members = [pb.Member(ID=ident.member_id, name=ident.name, clientURLs=ident.client_urls)]
+        members += [
+            pb.Member(ID=m.id, name=m.name, clientURLs=[u for u in m.client_urls.split(",") if u])
+            for m in live.values()
+            if m.id != ident.member_id
+        ]
+        members.sort(key=lambda m: m.ID)
+        return pb.MemberListResponse(header=self.ctx.header(), members=members)
 
     @unary
     async def MemberAdd(self, request: pb.MemberAddRequest, context: grpc.aio.ServicerContext) -> pb.MemberAddResponse:

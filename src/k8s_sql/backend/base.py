@@ -87,6 +87,15 @@ class LeaseRow(NamedTuple):
     expires_at: float  # unix seconds
 
 
+class MemberRow(NamedTuple):
+    """A frontend serving this database, as it last reported itself."""
+
+    id: int
+    name: str
+    client_urls: str  # comma-separated
+    heartbeat: float  # unix seconds
+
+
 class CompactedError(Exception):
     """The requested revision is below the compaction point."""
 
@@ -232,6 +241,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def hash_kv(self, rev: int) -> tuple[int, int, int]:
         """``(crc32 of the store's history up to rev, compact_revision, hash revision)``."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, member: MemberRow) -> None:
+        """Record that this frontend is alive (insert or refresh its ``member`` row)."""
+
+    @abc.abstractmethod
+    async def members(self, alive_since: float) -> list[MemberRow]:
+        """Frontends whose last heartbeat is at or after ``alive_since``."""
+
+    @abc.abstractmethod
+    async def remove_member(self, member_id: int) -> None: ...
+
+    @abc.abstractmethod
+    async def try_lead(self, member_id: int, now: float, until: float) -> int:
+        """Become (or stay) leader until ``until`` if nobody else holds an unexpired
+        leadership; return the leader's member id either way."""
 
     @abc.abstractmethod
     async def meta_get(self, name: str) -> int | None: ...

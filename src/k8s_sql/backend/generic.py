@@ -25,6 +25,7 @@ from k8s_sql.backend.base import (
     KeyRange,
     LeaseRow,
     LogRow,
+    MemberRow,
     RangeResult,
     Row,
     WriteTx,
@@ -203,6 +204,34 @@ class GenericBackend(Backend):
             if await conn.fetchrow("SELECT value FROM meta WHERE name = ? FOR UPDATE", name) is None:
                 await conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)", name, value)
             return int(await conn.fetchval("SELECT value FROM meta WHERE name = ?", name))
+
+    async def heartbeat(self, member: MemberRow) -> None:
+        async with self.transaction() as conn:
+            if await conn.execute("UPDATE member SET name = ?, urls = ?, heartbeat = ? WHERE id = ?", member.name, member.client_urls, member.heartbeat, member.id) == 0:
+                await conn.execute("INSERT INTO member (id, name, urls, heartbeat) VALUES (?, ?, ?, ?)", *member)
+
+    async def members(self, alive_since: float) -> list[MemberRow]:
+        async with self.snapshot_conn() as conn:
+            rows = await conn.fetch("SELECT id, name, urls, heartbeat FROM member WHERE heartbeat >= ? ORDER BY id", alive_since)
+            return [MemberRow(int(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
+
+    async def remove_member(self, member_id: int) -> None:
+        async with self.autocommit_conn() as conn:
+            await conn.execute("DELETE FROM member WHERE id = ?", member_id)
+
+    async def try_lead(self, member_id: int, now: float, until: float) -> int:
+        async with self.transaction() as conn:
+            rows = await conn.fetch("SELECT name, value FROM meta WHERE name IN ('leader', 'leader_until') FOR UPDATE")
+            held = {str(r[0]): int(r[1]) for r in rows}
+            leader, leader_until = held.get("leader", 0), held.get("leader_until", 0) / 1000
+            if leader not in (0, member_id) and leader_until > now:
+                return leader
+            for name, value in (("leader", member_id), ("leader_until", int(until * 1000))):
+                if name in held:
+                    await conn.execute("UPDATE meta SET value = ? WHERE name = ?", value, name)
+                else:
+                    await conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)", name, value)
+            return member_id
 
     async def compact_log(self, below_rev: int, batch_revs: int) -> int:
         total = 0

@@ -57,6 +57,11 @@ SCHEMA = [
         ttl BIGINT NOT NULL,
         expires_at DOUBLE NOT NULL,
         INDEX lease_expiry (expires_at)) ENGINE=InnoDB""",
+    """CREATE TABLE IF NOT EXISTS member (
+        id BIGINT NOT NULL PRIMARY KEY,
+        name VARCHAR(255) NOT NULL,
+        urls TEXT NOT NULL,
+        heartbeat DOUBLE NOT NULL) ENGINE=InnoDB""",
 ]
 
 QUERIES = Queries(

@@ -49,6 +49,11 @@ SCHEMA = [
         ttl BIGINT NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS lease_expiry ON lease (expires_at)",
+    """CREATE TABLE IF NOT EXISTS member (
+        id BIGINT PRIMARY KEY,
+        name TEXT NOT NULL,
+        urls TEXT NOT NULL,
+        heartbeat DOUBLE PRECISION NOT NULL)""",
 ]
 
 QUERIES = Queries(

@@ -28,6 +28,7 @@ from k8s_sql.backend.base import (
     KeyRange,
     LeaseRow,
     LogRow,
+    MemberRow,
     RangeResult,
     Row,
     WriteTx,
@@ -73,6 +74,12 @@ CREATE TABLE IF NOT EXISTS lease (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS lease_expiry ON lease (expires_at);
+CREATE TABLE IF NOT EXISTS member (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    urls TEXT NOT NULL,
+    heartbeat REAL NOT NULL
+);
 """
 
 D = sql.SQLITE
@@ -350,27 +357,64 @@ class SQLiteBackend(Backend):
             ]
         )
 
+    async def _write_small(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A short write transaction of its own (membership, leadership, metadata)."""
+        conn = self._writer
+        assert conn is not None, "backend is not open"
+
+        def run() -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        async with self._write_lock:
+            return await self._on_writer(run)
+
+    async def heartbeat(self, member: MemberRow) -> None:
+        await self._write_small(
+            lambda c: c.execute("INSERT OR REPLACE INTO member (id, name, urls, heartbeat) VALUES (?, ?, ?, ?)", member)
+        )
+
+    async def members(self, alive_since: float) -> list[MemberRow]:
+        return await self._read(
+            lambda c: [
+                MemberRow(*r)
+                for r in c.execute(
+                    "SELECT id, name, urls, heartbeat FROM member WHERE heartbeat >= ? ORDER BY id", (alive_since,)
+                )
+            ]
+        )
+
+    async def remove_member(self, member_id: int) -> None:
+        await self._write_small(lambda c: c.execute("DELETE FROM member WHERE id = ?", (member_id,)))
+
+    async def try_lead(self, member_id: int, now: float, until: float) -> int:
+        def run(c: sqlite3.Connection) -> int:
+            held = dict(c.execute("SELECT name, value FROM meta WHERE name IN ('leader', 'leader_until')"))
+            leader, leader_until = int(held.get("leader", 0)), int(held.get("leader_until", 0)) / 1000
+            if leader not in (0, member_id) and leader_until > now:
+                return leader
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('leader', ?)", (member_id,))
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('leader_until', ?)", (int(until * 1000),))
+            return member_id
+
+        return await self._write_small(run)
+
     async def meta_get(self, name: str) -> int | None:
         r = await self._read(lambda c: c.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone())
         return None if r is None else int(r[0])
 
     async def meta_set_default(self, name: str, value: int) -> int:
-        conn = self._writer
-        assert conn is not None
+        def run(c: sqlite3.Connection) -> int:
+            c.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (name, value))
+            return int(c.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0])
 
-        def run() -> int:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (name, value))
-                stored = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0]
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return int(stored)
-
-        async with self._write_lock:
-            return await self._on_writer(run)
+        return await self._write_small(run)
 
     # -- maintenance -----------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from k8s_sql import errors
 from k8s_sql.store.store import Store
@@ -17,10 +18,13 @@ log = logging.getLogger(__name__)
 
 
 class LeaseExpirer:
-    def __init__(self, store: Store, interval: float = 0.5, batch: int = 500) -> None:
+    def __init__(
+        self, store: Store, interval: float = 0.5, batch: int = 500, active: Callable[[], bool] = lambda: True
+    ) -> None:
         self.store = store
         self.interval = interval
         self.batch = batch
+        self.active = active  # only the leader frontend expires leases
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -53,9 +57,10 @@ class LeaseExpirer:
     async def _run(self) -> None:
         while True:
             try:
-                n = await self.expire_once()
-                if n >= self.batch:
-                    continue
+                if self.active():
+                    n = await self.expire_once()
+                    if n >= self.batch:
+                        continue
             except asyncio.CancelledError:
                 raise
             except Exception as e:

@@ -334,7 +334,11 @@ class Store:
                 rr = op.request_range
                 if rr.revision > req.tx.revision:
                     raise errors.FUTURE_REV
-                if 0 < rr.revision < req.tx.compact_revision:
+                # etcd's checkRange compares any non-zero revision with the compaction
+                # point, which is -1 until the first compaction: a negative revision in
+                # a txn is "compacted" (a plain Range reads it as "current").
+                first = req.tx.compact_revision if req.tx.compact_revision > 0 else -1
+                if rr.revision != 0 and rr.revision < first:
                     raise errors.COMPACTED
             elif kind == "request_put":
                 p = op.request_put
@@ -454,7 +458,9 @@ def _compare_row(c: pb.Compare, row: Row | None) -> bool:
     elif target == pb.Compare.LEASE:
         a, b = (row.lease if row else 0), c.lease
     else:
-        return True
+        # etcd's compareKV: an unknown target compares as equal, so the result
+        # decides (EQUAL holds; NOT_EQUAL, GREATER and LESS do not).
+        a = b = 0
     result = c.result
     if result == pb.Compare.EQUAL:
         return bool(a == b)

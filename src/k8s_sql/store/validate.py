@@ -44,6 +44,11 @@ def check_txn(r: pb.TxnRequest, max_ops: int) -> None:
     _intervals(r.failure)
 
 
+def is_read_only(r: pb.TxnRequest) -> bool:
+    """etcd's IsTxnReadonly: both branches hold ranges only (a nested txn counts as a write)."""
+    return all(op.WhichOneof("request") == "request_range" for op in (*r.success, *r.failure))
+
+
 def _check_txn_ops(r: pb.TxnRequest, max_ops: int) -> None:
     opc = max(len(r.compare), len(r.success), len(r.failure))
     if opc > max_ops:

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from k8s_sql import errors
 from k8s_sql.backend.base import DELETE, CompactedError, KeyRange, LogRow
 from k8s_sql.pb import kv_pb2, rpc_pb2 as pb
 from k8s_sql.store.ranges import to_kv
@@ -32,7 +33,7 @@ class Watcher:
     id: int
     kr: KeyRange
     next_rev: int  # the first revision not yet delivered
-    start_rev: int
+    start_rev: int  # the start revision the client asked for; 0 = from now
     prev_kv: bool
     no_put: bool
     no_delete: bool
@@ -103,12 +104,18 @@ class WatchStream:
         current = self.hub.revision
         wid = c.watch_id
         error = ""
-        if kr.is_empty:
+        if c.start_revision < 0:
+            error = errors.COMPACTED.message  # etcd's v3rpc refuses a negative start as compacted
+        elif kr.is_empty:
             error = "mvcc: watcher range is empty"
         elif wid != 0 and wid in self.watchers:
             error = "mvcc: duplicate watch ID provided on the WatchStream"
         if error:
-            self.control.append(self._response(current, watch_id=wid, created=True, canceled=True, cancel_reason=error))
+            # etcd answers a create it refuses with its InvalidWatchID (-1), whatever id
+            # the client asked for.
+            self.control.append(
+                self._response(current, watch_id=PROGRESS_ALL, created=True, canceled=True, cancel_reason=error)
+            )
             return
         if wid == 0:
             while self._next_id in self.watchers:
@@ -120,7 +127,7 @@ class WatchStream:
             id=wid,
             kr=kr,
             next_rev=start,
-            start_rev=start,
+            start_rev=max(c.start_revision, 0),
             prev_kv=c.prev_kv,
             no_put=NOPUT in c.filters,
             no_delete=NODELETE in c.filters,
@@ -143,7 +150,10 @@ class WatchStream:
         self.wake()
 
     def _synced(self, w: Watcher) -> bool:
-        return w.next_rev > self.hub.revision and w.start_rev <= self.hub.revision + 1
+        """Every event up to the current revision sent. Like etcd's progressIfSync, a
+        watcher whose requested start revision is still in the future does not count as
+        synced: no progress below a watch's start revision is ever reported."""
+        return w.next_rev > self.hub.revision and self.hub.revision >= w.start_rev
 
     # -- responses ------------------------------------------------------------------
 
@@ -177,6 +187,14 @@ class WatchStream:
         current revision, a batch at a time; each revision's events stay together."""
         hub = self.hub
         while w.next_rev <= hub.revision and self.watchers.get(w.id) is w:
+            if w.next_rev < hub.compact_revision():
+                # etcd cancels a watcher whose next revision was compacted away, whether
+                # or not the events are still at hand (here: in the ring).
+                self.watchers.pop(w.id, None)
+                resp = self._response(0, watch_id=w.id, canceled=True)
+                resp.compact_revision = hub.compact_revision()
+                yield resp
+                return
             if w.next_rev < hub.ring_start:
                 end = hub.ring_start - 1
                 try:
@@ -205,7 +223,10 @@ class WatchStream:
                 while j < len(changes) and changes[j].rev == changes[j - 1].rev:
                     j += 1  # keep a revision's events together
                 resp = self._response(covered, watch_id=w.id)
-                resp.events.extend(to_event(ch, w.prev_kv) for ch in changes[i:j])
+                # etcd reads prev_kv at the event's revision - 1 when it sends the event:
+                # at or below the compaction point that read fails and prev_kv is left out.
+                compacted = hub.compact_revision()
+                resp.events.extend(to_event(ch, w.prev_kv and ch.rev > compacted) for ch in changes[i:j])
                 i = j
                 w.sent_since_tick = True
                 for r in self._fragments(resp) if w.fragment else (resp,):
