@@ -146,3 +146,20 @@ def test_leader_failover_expires_leases_once(two_frontends) -> None:
     finally:
         ch_a.close()
         ch_b.close()
+
+
+def test_workers_share_one_port(k8s_sql_factory) -> None:
+    """--workers 2: two processes accept connections on one port and serve one store."""
+    server = k8s_sql_factory("--workers", "2")
+    seen: set[int] = set()
+    revisions = []
+    for i in range(24):
+        with grpc.insecure_channel(server.endpoint, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            resp = rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"w/%d" % i, value=b"v"))
+            seen.add(resp.header.member_id)
+            revisions.append(resp.header.revision)
+    assert len(seen) == 2, "connections were not spread over both workers"
+    assert revisions == list(range(2, 26))  # one store, one revision sequence
+    with grpc.insecure_channel(server.endpoint) as ch:
+        members = rpc_pb2_grpc.ClusterStub(ch).MemberList(pb.MemberListRequest()).members
+    assert sorted(m.name for m in members) == ["default-0", "default-1"]

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import sys
 
 import click
 
@@ -78,6 +79,12 @@ def _duration(value: str) -> float:
     "NORMAL (kine's default) can lose the last writes on power loss.",
 )
 @click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    help="Frontend processes serving the same port (SO_REUSEPORT) and database, to use every core.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -100,6 +107,7 @@ def main(
     max_txn_ops: int,
     progress_interval: str,
     sqlite_synchronous: str,
+    workers: int,
     log_level: str,
 ) -> None:
     """An etcd v3 API server that keeps its data in SQL.
@@ -129,13 +137,16 @@ def main(
         max_txn_ops=max_txn_ops,
         watch_progress_notify_interval=_duration(progress_interval),
         sqlite_synchronous=sqlite_synchronous.upper(),
+        workers=workers,
     )
     try:
         config.validate()
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    from k8s_sql.server import serve
+    from k8s_sql.server import serve, serve_workers
 
+    if config.workers > 1:
+        sys.exit(serve_workers(config))
     asyncio.run(serve(config))
 
 

@@ -27,6 +27,8 @@ class Config:
     max_txn_ops: int = 128
     watch_progress_notify_interval: float = 600.0
     sqlite_synchronous: str = "FULL"
+    workers: int = 1
+    reuse_port: bool = False  # set for --workers: several processes listen on one port
     lease_check_interval: float = 0.5
 
     def __post_init__(self) -> None:
@@ -46,5 +48,7 @@ class Config:
                 raise ValueError(f"{url} is https: --cert-file and --key-file are required")
         if self.client_cert_auth and not self.trusted_ca_file:
             raise ValueError("--client-cert-auth needs --trusted-ca-file")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
         if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError("--sqlite-synchronous must be OFF, NORMAL, FULL or EXTRA")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
+import multiprocessing
+import os
 import random
 import signal
 from dataclasses import dataclass
@@ -41,7 +44,7 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
         ("grpc.keepalive_timeout_ms", 20 * 1000),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
     ]
 
 
@@ -143,6 +146,39 @@ async def start(config: Config) -> Server:
         store.revision,
     )
     return Server(config, backend, store, hub, server, watch, expirer, follower, membership, ports)
+
+
+def serve_workers(config: Config) -> int:
+    """Run ``config.workers`` frontend processes on the same port (SO_REUSEPORT): the
+    kernel spreads connections over them and the shared database keeps them one
+    store, exactly as separate frontends. Returns when they have all stopped."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for i in range(config.workers):
+        worker = dataclasses.replace(config, name=f"{config.name}-{i}", workers=1, reuse_port=True)
+        p = ctx.Process(target=_run_worker, args=(worker,), name=worker.name)
+        p.start()
+        procs.append(p)
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    while any(p.is_alive() for p in procs):
+        for p in procs:
+            p.join(0.5)
+            if p.exitcode not in (None, 0):  # one worker failed: stop them all
+                log.error("worker %s exited with %s; stopping", p.name, p.exitcode)
+                forward(signal.SIGTERM, None)
+    return max((p.exitcode or 0) for p in procs)
+
+
+def _run_worker(config: Config) -> None:
+    logging.basicConfig(level=logging.getLogger().level or logging.INFO)
+    asyncio.run(serve(config))
 
 
 async def serve(config: Config) -> None:
