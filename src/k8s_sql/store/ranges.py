@@ -35,6 +35,12 @@ def fetch_limit(r: pb.RangeRequest) -> int:
     return r.limit + 1 if r.limit > 0 else 0
 
 
+def sorts_by_value(r: pb.RangeRequest) -> bool:
+    """The range is sorted by value (a non-KEY target is always sorted): etcd sorts
+    before it drops values for ``keys_only``, so the values must be read."""
+    return r.sort_target == RR.VALUE
+
+
 def to_kv(row: Row) -> kv_pb2.KeyValue:
     return kv_pb2.KeyValue(
         key=row.key,

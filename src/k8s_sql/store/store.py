@@ -48,6 +48,7 @@ class _Request:
     tx: WriteTx
     begin_rev: int
     changes: list[LogRow] = field(default_factory=list)
+    before: dict[bytes, Row | None] = field(default_factory=dict)  # each changed key's state before
 
     @property
     def new_rev(self) -> int:
@@ -59,6 +60,11 @@ class _Request:
         return self.begin_rev + 1 if self.changes else self.begin_rev
 
     def record(self, kind: int, row: Row, prev: Row | None) -> None:
+        # A txn can change a key twice (its DeleteRange with range_end "\0" escapes
+        # etcd's duplicate-key check): every change of a key then records the key's
+        # state before this revision, which is what etcd's watch prev_kv (read at
+        # revision - 1) and historical reads return, not the state in between.
+        prev = self.before.setdefault(row.key, prev)
         change = LogRow(self.new_rev, len(self.changes), kind, row, prev)
         self.changes.append(change)
         self.tx.log(change)
@@ -136,7 +142,7 @@ class Store:
         kr = KeyRange.from_etcd(r.key, r.range_end)
         try:
             res = await self.backend.range(
-                kr, r.revision, ranges.fetch_limit(r), r.count_only, r.keys_only
+                kr, r.revision, ranges.fetch_limit(r), r.count_only, r.keys_only and not ranges.sorts_by_value(r)
             )
         except CompactedError:
             raise errors.COMPACTED from None

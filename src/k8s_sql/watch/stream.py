@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from k8s_sql import errors
-from k8s_sql.backend.base import DELETE, CompactedError, KeyRange, LogRow
+from k8s_sql.backend.base import DELETE, BackendUnavailable, CompactedError, KeyRange, LogRow
 from k8s_sql.pb import kv_pb2, rpc_pb2 as pb
 from k8s_sql.store.ranges import to_kv
 from k8s_sql.watch.hub import Hub
@@ -26,6 +26,7 @@ NODELETE = pb.WatchCreateRequest.NODELETE
 PROGRESS_ALL = -1  # etcd's InvalidWatchID: the id of a stream-wide progress reply
 MAX_EVENTS_PER_RESPONSE = 1000
 DB_READ_LIMIT = 2000
+DB_RETRY_SECONDS = 0.5
 
 
 @dataclass(eq=False)
@@ -55,7 +56,9 @@ def to_event(ch: LogRow, with_prev: bool) -> kv_pb2.Event:
         ev = kv_pb2.Event(type=kv_pb2.Event.DELETE, kv=kv_pb2.KeyValue(key=ch.row.key, mod_revision=ch.rev))
     else:
         ev = kv_pb2.Event(type=kv_pb2.Event.PUT, kv=to_kv(ch.row))
-    if with_prev and ch.prev is not None:
+    # etcd sends no prev_kv with a create event (create_revision == mod_revision), even
+    # when the key existed before the revision (deleted and re-created by one txn).
+    if with_prev and ch.prev is not None and not (ch.kind != DELETE and ch.row.create_rev == ch.rev):
         ev.prev_kv.CopyFrom(to_kv(ch.prev))
     return ev
 
@@ -205,6 +208,11 @@ class WatchStream:
                     resp.compact_revision = hub.compact_revision()
                     yield resp
                     return
+                except BackendUnavailable:
+                    # The database is away: the watcher waits (its stream stays open)
+                    # and catches up from the log once the database is back.
+                    await asyncio.sleep(DB_RETRY_SECONDS)
+                    continue
                 changes = [ch for ch in rows if w.wants(ch)]
             else:
                 changes = []
