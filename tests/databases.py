@@ -35,6 +35,7 @@ class PostgresServer:
     port: int
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-pg-")))
     proc: subprocess.Popen[bytes] | None = None
+    settings: dict[str, str] = field(default_factory=dict)  # extra postgres -c settings
     _databases: int = 0
 
     @staticmethod
@@ -76,6 +77,7 @@ class PostgresServer:
                 "-k", str(self.root),
                 "-c", "fsync=off",  # the database is a throwaway; k8s-sql's own durability is what is tested
                 "-c", "max_connections=300",
+                *[x for k, v in self.settings.items() for x in ("-c", f"{k}={v}")],
             ],  # fmt: skip
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -124,6 +126,7 @@ class MariaDBServer:
     port: int
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-mariadb-")))
     proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
     _databases: int = 0
 
     @staticmethod
@@ -158,6 +161,7 @@ class MariaDBServer:
                 "--skip-grant-tables",
                 "--innodb-flush-log-at-trx-commit=2",  # a throwaway database: speed over its own durability
                 "--max-connections=500",
+                *self.extra_args,
                 *user,
             ],
             stdout=log,
