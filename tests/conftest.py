@@ -144,10 +144,24 @@ def k8s_sql_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         s.stop()
 
 
+BACKENDS = [b for b in os.environ.get("K8S_SQL_BACKENDS", "sqlite,postgres,mariadb").split(",") if b]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_args(request: pytest.FixtureRequest) -> list[str]:
+    """k8s-sql arguments selecting a fresh store on each backend in turn (sqlite:
+    the default data directory; postgres, mariadb: a new database on the session's
+    throwaway server). ``K8S_SQL_BACKENDS=sqlite`` narrows the run."""
+    if request.param == "sqlite":
+        return []
+    server = request.getfixturevalue(f"{request.param}_server")
+    return ["--endpoint", server.new_dsn()]
+
+
 @pytest.fixture
-def k8s_sql(k8s_sql_factory: Callable[..., ServerProcess]) -> ServerProcess:
-    """A fresh k8s-sql on SQLite."""
-    return k8s_sql_factory("--watch-progress-notify-interval", "1s")
+def k8s_sql(k8s_sql_factory: Callable[..., ServerProcess], backend_args: list[str]) -> ServerProcess:
+    """A fresh k8s-sql, once per backend."""
+    return k8s_sql_factory("--watch-progress-notify-interval", "1s", *backend_args)
 
 
 @pytest.fixture(scope="session")
@@ -217,7 +231,9 @@ def etcd_factory(peers_bin: Path, tmp_path: Path) -> Iterator[Callable[..., Serv
     def make(*extra: str) -> ServerProcess:
         port, peer = free_port(), free_port()
         d = tmp_path / f"etcd-{len(servers)}"
-        s = ServerProcess(f"127.0.0.1:{port}", d, etcd_argv(peers_bin, port, peer, d, *extra), tmp_path / f"etcd-{port}.log")
+        s = ServerProcess(
+            f"127.0.0.1:{port}", d, etcd_argv(peers_bin, port, peer, d, *extra), tmp_path / f"etcd-{port}.log"
+        )
         servers.append(s)
         s.start()
         return s
@@ -231,7 +247,6 @@ def etcd_factory(peers_bin: Path, tmp_path: Path) -> Iterator[Callable[..., Serv
 def etcd(etcd_factory: Callable[..., ServerProcess]) -> ServerProcess:
     """A fresh real etcd (single node, no fsync: it is the oracle, not the subject)."""
     return etcd_factory("--watch-progress-notify-interval", "1s")
-
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

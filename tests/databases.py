@@ -71,14 +71,11 @@ class PostgresServer:
         self.proc = subprocess.Popen(  # type: ignore[call-overload]
             [
                 _find("postgres"),
-                "-D", str(data),
-                "-p", str(self.port),
-                "-h", "127.0.0.1",
-                "-k", str(self.root),
-                "-c", "fsync=off",  # the database is a throwaway; k8s-sql's own durability is what is tested
-                "-c", "max_connections=300",
+                *("-D", str(data), "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root)),
+                # a throwaway database: k8s-sql's own durability is what the tests check
+                *("-c", "fsync=off", "-c", "max_connections=300"),
                 *[x for k, v in self.settings.items() for x in ("-c", f"{k}={v}")],
-            ],  # fmt: skip
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -131,8 +128,10 @@ class MariaDBServer:
 
     @staticmethod
     def _server() -> str | None:
-        return shutil.which("mariadbd") or shutil.which("mysqld") or (
-            "/usr/sbin/mariadbd" if Path("/usr/sbin/mariadbd").exists() else None
+        return (
+            shutil.which("mariadbd")
+            or shutil.which("mysqld")
+            or ("/usr/sbin/mariadbd" if Path("/usr/sbin/mariadbd").exists() else None)
         )
 
     @classmethod
@@ -145,10 +144,10 @@ class MariaDBServer:
         data = self.root / "data"
         user = ["--user=root"] if os.geteuid() == 0 else []
         subprocess.run(
-            ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--skip-test-db", "--auth-root-authentication-method=normal", *user],
+            ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--skip-test-db", *user],
             check=True,
             capture_output=True,
-        )  # fmt: skip
+        )
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(
             [

@@ -93,9 +93,8 @@ def test_leader_failover_expires_leases_once(two_frontends) -> None:
         assert sorted(u for m in members for u in m.clientURLs) == sorted([a.url, b.url])
         leader_id = rpc_pb2_grpc.MaintenanceStub(ch_a).Status(pb.StatusRequest()).leader
         assert leader_id == rpc_pb2_grpc.MaintenanceStub(ch_b).Status(pb.StatusRequest()).leader
-        leader, survivor, ch = (
-            (a, b, ch_b) if {m.ID: m for m in members}[leader_id].clientURLs == [a.url] else (b, a, ch_a)
-        )
+        a_leads = {m.ID: m for m in members}[leader_id].clientURLs == [a.url]
+        leader, ch = (a, ch_b) if a_leads else (b, ch_a)
 
         kv, lease = rpc_pb2_grpc.KVStub(ch), rpc_pb2_grpc.LeaseStub(ch)
         lid = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2)).ID

@@ -21,8 +21,8 @@ def _stubs(endpoint: str) -> tuple[grpc.Channel, rpc_pb2_grpc.KVStub, rpc_pb2_gr
 
 
 @pytest.mark.slow
-def test_kill9_during_writes_keeps_every_acknowledged_write(k8s_sql_factory) -> None:
-    server = k8s_sql_factory()
+def test_kill9_during_writes_keeps_every_acknowledged_write(k8s_sql_factory, backend_args) -> None:
+    server = k8s_sql_factory(*backend_args)
     ch, kv, lease = _stubs(server.endpoint)
 
     # State that must survive: a long lease with a key, a short lease that will be due

@@ -118,9 +118,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         return resp
 
     @unary
-    async def Compact(
-        self, request: pb.CompactionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CompactionResponse:
+    async def Compact(self, request: pb.CompactionRequest, context: grpc.aio.ServicerContext) -> pb.CompactionResponse:
         resp = await self.store.compact(request)
         self.ctx.fill(resp.header)
         return resp

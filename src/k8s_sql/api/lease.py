@@ -18,7 +18,9 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
         self.store = ctx.store
 
     @unary
-    async def LeaseGrant(self, request: pb.LeaseGrantRequest, context: grpc.aio.ServicerContext) -> pb.LeaseGrantResponse:
+    async def LeaseGrant(
+        self, request: pb.LeaseGrantRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LeaseGrantResponse:
         lease_id, ttl = await self.store.lease_grant(request.ID, request.TTL)
         return pb.LeaseGrantResponse(header=self.ctx.header(), ID=lease_id, TTL=ttl)
 

@@ -151,7 +151,9 @@ class AuthServicer(rpc_pb2_grpc.AuthServicer):
         self.ctx = ctx
 
     @unary
-    async def AuthStatus(self, request: pb.AuthStatusRequest, context: grpc.aio.ServicerContext) -> pb.AuthStatusResponse:
+    async def AuthStatus(
+        self, request: pb.AuthStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AuthStatusResponse:
         return pb.AuthStatusResponse(header=self.ctx.header(), enabled=False)
 
 

@@ -193,9 +193,7 @@ class Backend(abc.ABC):
         """``(revision, compact_revision)``."""
 
     @abc.abstractmethod
-    async def range(
-        self, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool
-    ) -> RangeResult:
+    async def range(self, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool) -> RangeResult:
         """Rows (at most ``limit``, 0 = all) and total count of the range at ``rev``
         (0 = current), from one consistent snapshot.
 

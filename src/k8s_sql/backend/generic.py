@@ -75,11 +75,16 @@ class Queries:
 
 
 async def read_meta(conn: Conn) -> tuple[int, int]:
-    rows = {r[0]: r[1] for r in await conn.fetch("SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')")}
+    rows = {
+        r[0]: r[1]
+        for r in await conn.fetch("SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')")
+    }
     return int(rows["revision"]), int(rows["compact_revision"])
 
 
-async def head(conn: Conn, d: sql.Dialect, kr: KeyRange, limit: int, keys_only: bool, count_only: bool) -> tuple[list[Row], int]:
+async def head(
+    conn: Conn, d: sql.Dialect, kr: KeyRange, limit: int, keys_only: bool, count_only: bool
+) -> tuple[list[Row], int]:
     count_sql, rows_sql, params = sql.head_queries(d, kr, limit, keys_only)
     count = int(await conn.fetchval(count_sql, *params))
     if count_only or count == 0:
@@ -207,12 +212,23 @@ class GenericBackend(Backend):
 
     async def heartbeat(self, member: MemberRow) -> None:
         async with self.transaction() as conn:
-            if await conn.execute("UPDATE member SET name = ?, urls = ?, heartbeat = ? WHERE id = ?", member.name, member.client_urls, member.heartbeat, member.id) == 0:
+            if (
+                await conn.execute(
+                    "UPDATE member SET name = ?, urls = ?, heartbeat = ? WHERE id = ?",
+                    member.name,
+                    member.client_urls,
+                    member.heartbeat,
+                    member.id,
+                )
+                == 0
+            ):
                 await conn.execute("INSERT INTO member (id, name, urls, heartbeat) VALUES (?, ?, ?, ?)", *member)
 
     async def members(self, alive_since: float) -> list[MemberRow]:
         async with self.snapshot_conn() as conn:
-            rows = await conn.fetch("SELECT id, name, urls, heartbeat FROM member WHERE heartbeat >= ? ORDER BY id", alive_since)
+            rows = await conn.fetch(
+                "SELECT id, name, urls, heartbeat FROM member WHERE heartbeat >= ? ORDER BY id", alive_since
+            )
             return [MemberRow(int(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
 
     async def remove_member(self, member_id: int) -> None:

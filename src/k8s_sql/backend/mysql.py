@@ -87,7 +87,9 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
     ``mysql://user:pass@host:port/db``; TLS from ``?ssl-ca=…&ssl-cert=…&ssl-key=…``."""
     m = DSN.match(dsn)
     if not m or not m["db"]:
-        raise ValueError(f"invalid MySQL DSN {dsn!r}: want mysql://USER:PASS@tcp(HOST:PORT)/DB or mysql://USER:PASS@HOST:PORT/DB")
+        raise ValueError(
+            f"invalid MySQL DSN {dsn!r}: want mysql://USER:PASS@tcp(HOST:PORT)/DB or mysql://USER:PASS@HOST:PORT/DB"
+        )
     host, _, port = (m["tcp"] or m["hostport"] or "127.0.0.1:3306").rpartition(":")
     if not host:
         host, port = port, "3306"

@@ -115,10 +115,7 @@ def changes_query(
 def log_row(r: Sequence[Any]) -> LogRow:
     """A ``log`` row (in LOG_COLUMNS order) as a LogRow."""
     rev, sub, key, kind = r[0], r[1], bytes(r[2]), r[3]
-    if kind == DELETE:
-        row = Row(key, 0, rev, 0, 0, b"")
-    else:
-        row = Row(key, r[4], rev, r[5], r[6], bytes(r[7]))
+    row = Row(key, 0, rev, 0, 0, b"") if kind == DELETE else Row(key, r[4], rev, r[5], r[6], bytes(r[7]))
     prev = None if r[9] is None else Row(key, r[8], r[9], r[10], r[11], bytes(r[12]))
     return LogRow(rev, sub, kind, row, prev)
 

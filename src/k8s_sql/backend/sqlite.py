@@ -172,7 +172,9 @@ class SQLiteWriteTx(WriteTx):
 
     def _flush_log(self) -> None:
         if self.pending_log:
-            self.conn.executemany(f"INSERT INTO log ({sql.LOG_COLUMNS}) VALUES ({', '.join('?' * 13)})", self.pending_log)
+            self.conn.executemany(
+                f"INSERT INTO log ({sql.LOG_COLUMNS}) VALUES ({', '.join('?' * 13)})", self.pending_log
+            )
             self.pending_log.clear()
             self._savepoint_log_len = 0
 

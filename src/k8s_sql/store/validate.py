@@ -92,10 +92,7 @@ class _Deletes:
         self.intervals.extend(other.intervals)
 
     def contains(self, k: bytes) -> bool:
-        for begin, end in self.intervals:
-            if begin <= k and (end == b"" or k < end):
-                return True
-        return False
+        return any(begin <= k and (end == b"" or k < end) for begin, end in self.intervals)
 
 
 def _intervals(ops: Iterable[pb.RequestOp]) -> tuple[set[bytes], _Deletes]:
