@@ -191,6 +191,8 @@ def test_get_at_revision(loaded, etcdctl) -> None:
     assert old["header"]["revision"] == 6  # the header is the current revision
     assert keys_of(jget(etcdctl, loaded, "k/", "--prefix", "--rev=3")) == ["k/a", "k/b"]
     assert keys_of(jget(etcdctl, loaded, "", "--prefix", "--rev=1")) == []
+    paged = jget(etcdctl, loaded, "k/", "--prefix", "--rev=3", "--limit=1")
+    assert (keys_of(paged), paged["count"], paged.get("more")) == (["k/a"], 2, True)
     res = etcdctl(loaded, "get", "k/a", "--rev=7", check=False)
     assert res.returncode != 0
     assert "etcdserver: mvcc: required revision is a future revision" in res.stderr
@@ -220,22 +222,36 @@ def test_get_limit_count_keys_only(loaded, etcdctl) -> None:
     assert out.splitlines() == ["11", "2", "3"]
 
 
-@pytest.mark.parametrize(
-    ("flags", "expected"),
-    [
-        (["--order=DESCEND"], ["k/c", "k/b", "k/a"]),
-        (["--order=ASCEND", "--sort-by=MODIFY"], ["k/b", "k/c", "k/a"]),
-        (["--order=DESCEND", "--sort-by=MODIFY"], ["k/a", "k/c", "k/b"]),
-        (["--order=DESCEND", "--sort-by=CREATE"], ["k/c", "k/b", "k/a"]),
-        (["--order=DESCEND", "--sort-by=VERSION"], ["k/a", "k/b", "k/c"]),
-        (["--order=DESCEND", "--sort-by=VALUE"], ["k/c", "k/b", "k/a"]),  # "3" > "2" > "11"
-        (["--order=DESCEND", "--sort-by=MODIFY", "--limit=1"], ["k/a"]),
-    ],
-)
-def test_get_sorted(loaded, etcdctl, flags: list[str], expected: list[str]) -> None:
-    r = jget(etcdctl, loaded, "k/", "--prefix", *flags)
-    assert keys_of(r) == expected
-    assert r["count"] == 3
+SORTED_CASES = [
+    (["--order=DESCEND"], ["k/c", "k/b", "k/a"]),
+    (["--order=ASCEND", "--sort-by=MODIFY"], ["k/b", "k/c", "k/a"]),
+    (["--order=DESCEND", "--sort-by=MODIFY"], ["k/a", "k/c", "k/b"]),
+    (["--order=DESCEND", "--sort-by=CREATE"], ["k/c", "k/b", "k/a"]),
+    (["--order=DESCEND", "--sort-by=VERSION"], ["k/a", "k/b", "k/c"]),
+    (["--order=DESCEND", "--sort-by=VALUE"], ["k/c", "k/b", "k/a"]),  # "3" > "2" > "11"
+    (["--order=DESCEND", "--sort-by=MODIFY", "--limit=1"], ["k/a"]),
+]
+
+
+def test_get_sorted(loaded, etcdctl) -> None:
+    for flags, expected in SORTED_CASES:
+        r = jget(etcdctl, loaded, "k/", "--prefix", *flags)
+        assert (flags, keys_of(r)) == (flags, expected)
+        assert r["count"] == 3
+
+
+def test_put_prev_kv_ignore_value_ignore_lease(loaded, etcdctl) -> None:
+    assert etcdctl(loaded, "put", "k/b", "22", "--prev-kv").stdout.splitlines() == ["OK", "k/b", "2"]  # 7
+    lid = lease_id(etcdctl(loaded, "lease", "grant", "600").stdout)
+    etcdctl(loaded, "put", "k/b", "--ignore-value", f"--lease={lid}")  # 8: new lease, same value
+    (kv,) = jget(etcdctl, loaded, "k/b")["kvs"]
+    assert (unb64(kv["value"]), kv["lease"], kv["version"], kv["mod_revision"]) == ("22", int(lid, 16), 3, 8)
+    etcdctl(loaded, "put", "k/b", "23", "--ignore-lease")  # 9: new value, same lease
+    (kv,) = jget(etcdctl, loaded, "k/b")["kvs"]
+    assert (unb64(kv["value"]), kv["lease"], kv["version"], kv["mod_revision"]) == ("23", int(lid, 16), 4, 9)
+    res = etcdctl(loaded, "put", "k/none", "--ignore-value", check=False)
+    assert res.returncode != 0 and "etcdserver: key not found" in res.stderr
+    assert revision(etcdctl, loaded) == 9
 
 
 # -- del -------------------------------------------------------------------------------
@@ -357,7 +373,7 @@ def test_watch_prefix_prev_kv_replay_then_live(k8s_sql, etcdctl, spawn) -> None:
     etcdctl(url, "put", "w/a", "1")  # 2
     etcdctl(url, "put", "w/a", "2")  # 3
     etcdctl(url, "put", "zzz", "not watched")  # 4
-    etcdctl(url, "txn", input='\nput w/b B\nput w/c C\n\n\n')  # 5: two events, one revision
+    etcdctl(url, "txn", input="\nput w/b B\nput w/c C\n\n\n")  # 5: two events, one revision
     etcdctl(url, "del", "w/", "--prefix")  # 6: three deletes, one revision
 
     w = spawn(url, "watch", "--prefix", "w/", "--prev-kv", "--rev=2", "-w", "json")
@@ -415,9 +431,16 @@ def test_watch_single_key_and_range(k8s_sql, etcdctl, spawn) -> None:
     ]
 
 
-@pytest.mark.parametrize("server", ["k8s_sql", "etcd"])
-def test_watch_from_compacted_revision_is_canceled(request, server, etcdctl, spawn) -> None:
-    url = request.getfixturevalue(server).url
+def test_watch_from_compacted_revision_is_canceled(k8s_sql, etcdctl, spawn) -> None:
+    check_watch_from_compacted_revision(k8s_sql.url, etcdctl, spawn)
+
+
+def test_watch_from_compacted_revision_is_canceled_on_real_etcd(etcd, etcdctl, spawn) -> None:
+    """The same check against etcd: the expected cancellation is etcd's."""
+    check_watch_from_compacted_revision(etcd.url, etcdctl, spawn)
+
+
+def check_watch_from_compacted_revision(url: str, etcdctl: Etcdctl, spawn) -> None:
     for i in range(5):
         etcdctl(url, "put", "c/key", f"v{i}")  # revisions 2..6
     assert etcdctl(url, "compact", "5").stdout.strip() == "compacted revision 5"
@@ -435,6 +458,55 @@ def test_watch_from_compacted_revision_is_canceled(request, server, etcdctl, spa
         ("PUT", "c/key", "v3", 5),
         ("PUT", "c/key", "v4", 6),
     ]
+
+
+def check_watch_progress_notify(url: str, etcdctl: Etcdctl, spawn) -> None:
+    etcdctl(url, "put", "p/x", "1")  # 2
+    w = spawn(url, "watch", "p/idle", "--progress-notify")
+    line = w.next_line(timeout=15)  # the servers under test notify every second
+    assert line == "progress notify: 2", line
+    etcdctl(url, "put", "p/y", "2")  # 3: another key, so still no event for the watch
+    deadline = time.monotonic() + 15
+    while (line := w.next_line(deadline - time.monotonic())) == "progress notify: 2":
+        pass
+    assert line == "progress notify: 3", line
+
+
+def test_watch_progress_notify(k8s_sql, etcdctl, spawn) -> None:
+    check_watch_progress_notify(k8s_sql.url, etcdctl, spawn)
+
+
+def test_watch_progress_notify_on_real_etcd(etcd, etcdctl, spawn) -> None:
+    check_watch_progress_notify(etcd.url, etcdctl, spawn)
+
+
+def test_lock_and_elect(k8s_sql, etcdctl, spawn) -> None:
+    """etcdctl's concurrency recipes: sessions (lease + keep-alive), txns on create
+    revisions, and watches for the predecessor's DELETE."""
+    url = k8s_sql.url
+    assert etcdctl(url, "lock", "mylock", "--", "echo", "held").stdout.strip() == "held"
+
+    holder = spawn(url, "lock", "mylock")
+    held_key = holder.next_line(timeout=15)
+    assert held_key and held_key.startswith("mylock/"), held_key
+    waiter = spawn(url, "lock", "mylock", "--", "echo", "second")
+    holder.stop()  # SIGTERM: etcdctl closes its session, revoking the lock's lease
+    assert waiter.next_line(timeout=15) == "second"
+    assert waiter.proc.wait(15) == 0
+    assert keys_of(jget(etcdctl, url, "mylock/", "--prefix")) == []
+
+    leader = spawn(url, "elect", "myelection", "p1")
+    key = leader.next_line(timeout=15)
+    assert key and key.startswith("myelection/")
+    assert leader.next_line(timeout=15) == "p1"
+    observer = spawn(url, "elect", "-l", "myelection")
+    assert (observer.next_line(timeout=15), observer.next_line(timeout=15)) == (key, "p1")
+    follower = spawn(url, "elect", "myelection", "p2")
+    leader.stop()  # resign: the follower becomes leader, the observer sees it
+    follower_key = follower.next_line(timeout=15)
+    assert follower_key and follower_key.startswith("myelection/") and follower_key != key
+    assert follower.next_line(timeout=15) == "p2"
+    assert (observer.next_line(timeout=15), observer.next_line(timeout=15)) == (follower_key, "p2")
 
 
 # -- leases ----------------------------------------------------------------------------
@@ -459,7 +531,9 @@ def test_lease_grant_keepalive_once_timetolive_list_revoke(k8s_sql, etcdctl, spa
     assert 55 <= ttl["ttl"] <= 60
     assert sorted(unb64(k) for k in ttl["keys"]) == ["l/one", "l/two"]
     simple = etcdctl(url, "lease", "timetolive", lid, "--keys").stdout.strip()
-    assert re.fullmatch(rf"lease {lid} granted with TTL\(60s\), remaining\(\d+s\), attached keys\(\[l/one l/two\]\)", simple)
+    assert re.fullmatch(
+        rf"lease {lid} granted with TTL\(60s\), remaining\(\d+s\), attached keys\(\[l/one l/two\]\)", simple
+    )
 
     listed = etcdctl(url, "lease", "list").stdout.splitlines()
     assert listed[0] == "found 2 leases"
@@ -487,7 +561,7 @@ def test_lease_grant_keepalive_once_timetolive_list_revoke(k8s_sql, etcdctl, spa
 
 def test_lease_keep_alive_process_outlives_ttl_then_expires(k8s_sql, etcdctl, spawn) -> None:
     url = k8s_sql.url
-    ttl = 3
+    ttl = 4  # etcdctl renews every ttl/3 s
     t0 = time.monotonic()
     lid = lease_id(etcdctl(url, "lease", "grant", str(ttl)).stdout)
     etcdctl(url, "put", "ka/key", "alive", f"--lease={lid}")  # 2
@@ -600,6 +674,14 @@ def test_endpoint_status_health_member_list(k8s_sql, etcdctl) -> None:
     assert m["name"] == "default"
     assert ml["header"]["cluster_id"] == s["header"]["cluster_id"]
     assert url in etcdctl(url, "member", "list").stdout
+
+    (hk,) = json.loads(etcdctl(url, "endpoint", "hashkv", "-w", "json").stdout)
+    assert hk["HashKV"]["hash_revision"] == 4 and hk["HashKV"]["hash"] != 0
+    (hk2,) = json.loads(etcdctl(url, "endpoint", "hashkv", "-w", "json").stdout)
+    assert hk2["HashKV"]["hash"] == hk["HashKV"]["hash"]
+    etcdctl(url, "put", "s/0", "changed")
+    (hk3,) = json.loads(etcdctl(url, "endpoint", "hashkv", "-w", "json").stdout)
+    assert hk3["HashKV"]["hash_revision"] == 5 and hk3["HashKV"]["hash"] != hk["HashKV"]["hash"]
 
     # the identity is stable across calls
     (st2,) = json.loads(etcdctl(url, "endpoint", "status", "-w", "json").stdout)

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import grpc
 
 from k8s_sql.api.common import Context, Identity
+from k8s_sql.api.decoding import DecodeErrorInterceptor
 from k8s_sql.api.kv import KVServicer
 from k8s_sql.api.lease import LeaseServicer
 from k8s_sql.api.maintenance import AuthServicer, ClusterServicer, MaintenanceServicer
@@ -111,7 +112,7 @@ async def start(config: Config) -> Server:
         version=ETCD_VERSION,
     )
 
-    server = grpc.aio.server(options=grpc_options(config))
+    server = grpc.aio.server(options=grpc_options(config), interceptors=[DecodeErrorInterceptor()])
     watch = WatchServicer(ctx, hub, config.watch_progress_notify_interval)
     rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(ctx), server)
     rpc_pb2_grpc.add_WatchServicer_to_server(watch, server)

@@ -63,11 +63,13 @@ def error(e: BaseException) -> dict[str, str]:
 
 
 async def capture(coro: Awaitable[Any]) -> dict[str, str] | None:
-    """The client error an awaitable raised, or None if it succeeded."""
+    """The error an awaitable raised (aetcd's, or gRPC's from a raw stub), or None."""
     try:
         await coro
     except exceptions.ClientError as e:
         return error(e)
+    except rpc.AioRpcError as e:
+        return {"type": f"grpc.{e.code().name}", "message": e.details() or ""}
     return None
 
 

@@ -48,6 +48,8 @@ class WatchServicer(rpc_pb2_grpc.WatchServicer):
         try:
             async for resp in stream.responses():
                 yield resp
+            if stream.error is not None:
+                raise stream.error
         finally:
             self.hub.streams.discard(stream)
             reader.cancel()

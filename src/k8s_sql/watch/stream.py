@@ -74,6 +74,7 @@ class WatchStream:
     _next_id: int = 0
     _progress_requested: bool = False
     _closed: bool = False
+    error: Exception | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -87,6 +88,8 @@ class WatchStream:
     # -- requests -----------------------------------------------------------------
 
     async def read_requests(self, requests: AsyncIterator[pb.WatchRequest]) -> None:
+        """Apply the client's requests; a failure to read them (an undecodable message)
+        is kept in ``error`` and ends the stream."""
         try:
             async for req in requests:
                 kind = req.WhichOneof("request_union")
@@ -97,6 +100,8 @@ class WatchStream:
                 elif kind == "progress_request":
                     self._progress_requested = True
                 self.wake()
+        except Exception as e:
+            self.error = e
         finally:
             self._closed = True
             self.wake()
