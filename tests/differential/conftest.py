@@ -8,6 +8,6 @@ import pytest
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from .test_differential import TOTALS
 
-    if TOTALS.seeds:
+    if TOTALS.runs:
         terminalreporter.write_sep("=", "differential against etcd")
         terminalreporter.write_line(TOTALS.line())

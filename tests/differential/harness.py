@@ -220,9 +220,7 @@ class WatchLog:
             self.last_event_rev[r.watch_id] = r.events[-1].kv.mod_revision
 
 
-def pump_until(
-    session: WatchSession, log: WatchLog, done: Any, timeout: float, poke: float | None = 0.25
-) -> bool:
+def pump_until(session: WatchSession, log: WatchLog, done: Any, timeout: float, poke: float | None = 0.25) -> bool:
     """Read responses into ``log`` until ``done(log)``; every ``poke`` seconds without an
     answer, ask for stream-wide progress (etcd 3.6 drops a progress request made while
     a watch is still catching up, so the request is repeated). False on timeout."""

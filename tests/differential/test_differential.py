@@ -6,11 +6,13 @@ by field (see ``compare.py`` for the little that is normalised). Watches run dur
 sequence, and afterwards watches replay the history from several revisions; their
 events are compared one by one.
 
-Reproduce a failure with the seed it prints::
+The k8s_sql fixture runs every seed on each backend (SQLite, PostgreSQL, MariaDB).
+Reproduce a failure with the seed and backend it prints::
 
-    K8S_SQL_DIFF_SEEDS=<seed> python -m pytest tests/differential -x -q -s
+    K8S_SQL_BACKENDS=<backend> K8S_SQL_DIFF_SEEDS=<seed> python -m pytest tests/differential -x -q -s
 
-``K8S_SQL_DIFF_OPS`` sets the number of operations per seed.
+``K8S_SQL_DIFF_OPS`` sets the number of operations per seed, ``K8S_SQL_DIFF_STATS=1``
+prints how etcd answered them (a coverage table).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,12 +30,13 @@ from google.protobuf.message import Message
 
 from k8s_sql.pb import rpc_pb2 as pb
 
-from .compare import diff, map_ids, normalize, to_tree
+from .compare import RpcError, diff, map_ids, normalize, to_tree
 from .harness import Pair, Side, WatchLog, WatchSession, pump_until
 from .ops import Generator, Op, prefix_end
 
 SEEDS = [int(s) for s in os.environ.get("K8S_SQL_DIFF_SEEDS", "1,2,3,4").split(",") if s.strip()]
-OPS_PER_SEED = int(os.environ.get("K8S_SQL_DIFF_OPS", "1500"))
+OPS_PER_SEED = int(os.environ.get("K8S_SQL_DIFF_OPS", "1200"))
+STATS = os.environ.get("K8S_SQL_DIFF_STATS", "") not in ("", "0")
 ETCD_VERSION = "3.6.16"
 MAX_MISMATCHES = 20
 WATCH_TIMEOUT = 30.0
@@ -48,14 +52,21 @@ class Totals:
     ops: int = 0
     events: int = 0
     mismatches: int = 0
-    seeds: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    runs: list[str] = field(default_factory=list)  # "seed@backend"
+
+    def add(self, backend: str, seed: int, run: Run, seconds: float) -> None:
+        self.ops += run.ops
+        self.events += run.events
+        self.mismatches += len(run.mismatches)
+        self.seconds += seconds
+        self.runs.append(f"{seed}@{backend}")
 
     def line(self) -> str:
         return (
             f"differential: compared {self.ops} operations and {self.events} watch events "
             f"against etcd {ETCD_VERSION}: {self.mismatches} mismatches "
-            f"(seeds {','.join(map(str, self.seeds))}; {self.seconds:.0f}s)"
+            f"({len(self.runs)} runs: {' '.join(self.runs)}; {self.seconds:.0f}s)"
         )
 
 
@@ -67,9 +78,8 @@ def describe(msg: Message, limit: int = 3000) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
-# The watches that run during the whole sequence, on one stream per server. Only the
-# first asks for prev_kv: a prev_kv is read when the event is sent, so before every
-# compaction the run waits until that watch has caught up (see ``catch_up``).
+# The watches that run during the whole sequence, on one stream per server. Before
+# every compaction the run waits until they have caught up (see ``catch_up``).
 LIVE_WATCHES: list[dict[str, Any]] = [
     {"key": b"\0", "range_end": b"\0", "prev_kv": True},
     {"key": b"a", "range_end": b"b", "filters": [NODELETE]},
@@ -91,6 +101,7 @@ class Run:
         self.ops = 0
         self.events = 0
         self.live: dict[str, tuple[WatchSession, WatchLog]] = {}
+        self.outcomes: Counter[str] = Counter()
         self.sessions: list[WatchSession] = []
 
     def close(self) -> None:
@@ -129,6 +140,7 @@ class Run:
         self.future_stream()
 
     def compare(self, where: str, op: Op, re: Any, rk: Any) -> None:
+        self.outcomes[outcome(op, re)] += 1
         ne = normalize(op.kind, op.request, re, self.pair.etcd_values)
         nk = normalize(op.kind, op.request, rk, self.pair.etcd_values)
         d = diff(ne, nk)
@@ -147,14 +159,16 @@ class Run:
             self.live[side.name] = (s, log)
 
     def catch_up(self) -> None:
-        """Wait until the all-keys watch has every event up to the current revision on
-        both servers, so that a compaction cannot remove the history its prev_kv reads."""
+        """Before a compaction, wait until every live watch has been sent every event up
+        to the current revision (a stream-wide progress answer says so). Otherwise the
+        compaction races the watches: etcd cancels a watch that fell behind (its shared
+        send buffer was full) once compaction passes it, and reads a prev_kv when it
+        sends the event, which fails if the history was compacted meanwhile."""
         target = self.gen.rev
-        if target <= 1:
-            return
         for name, (s, log) in self.live.items():
-            if not pump_until(s, log, lambda lg: lg.last_event_rev.get(0, 0) >= target, WATCH_TIMEOUT):
-                self.mismatch("live watch", [f"{name}: the all-keys watch never reached revision {target}"])
+            s.progress()
+            if not pump_until(s, log, lambda lg: lg.progress_rev >= target, WATCH_TIMEOUT):
+                self.mismatch("live watches", [f"{name}: no progress up to revision {target}: {log.errors}"])
 
     def finish_live_watches(self) -> None:
         target = self.gen.rev
@@ -246,8 +260,8 @@ class Run:
 
     def control_stream(self) -> None:
         """Watch creation edge cases on one stream: explicit and duplicate IDs, an empty
-        range, a negative start revision, cancels, a watch starting in the future, and a
-        progress request that must be answered with all of them in place."""
+        range, a negative start revision, cancels (of a watch and of an unknown ID), and
+        a progress request answered once the last watch has replayed its events."""
         rev = self.gen.rev
         logs: dict[str, WatchLog] = {}
         for side in self.sides():
@@ -314,6 +328,20 @@ def dedup(order: list[tuple[str, int]]) -> list[tuple[str, int]]:
     return out
 
 
+def outcome(op: Op, result: Any) -> str:
+    """A coarse class of etcd's answer, for the coverage table (K8S_SQL_DIFF_STATS=1)."""
+    if isinstance(result, RpcError):
+        return f"{op.kind} error: {result.details[:60]}"
+    if isinstance(result, pb.TxnResponse):
+        return f"Txn {'succeeded' if result.succeeded else 'failed'}"
+    if isinstance(result, pb.RangeResponse):
+        rev = getattr(op.request, "revision", 0)
+        return f"Range {'historical' if rev > 0 else 'current'} {'empty' if not result.count else 'found'}"
+    if isinstance(result, pb.DeleteRangeResponse):
+        return f"DeleteRange deleted {'some' if result.deleted else 'none'}"
+    return f"{op.kind} ok"
+
+
 def run_seed(seed: int, etcd_endpoint: str, k8s_endpoint: str, n_ops: int) -> Run:
     run = Run(seed, etcd_endpoint, k8s_endpoint)
     try:
@@ -325,23 +353,24 @@ def run_seed(seed: int, etcd_endpoint: str, k8s_endpoint: str, n_ops: int) -> Ru
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
-def test_differential(seed: int, etcd: Any, k8s_sql: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_differential(
+    seed: int, etcd: Any, k8s_sql: Any, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backend = request.node.callspec.params.get("backend_args", "sqlite")
     start = time.monotonic()
     run = run_seed(seed, etcd.endpoint, k8s_sql.endpoint, OPS_PER_SEED)
     elapsed = time.monotonic() - start
-    TOTALS.ops += run.ops
-    TOTALS.events += run.events
-    TOTALS.mismatches += len(run.mismatches)
-    TOTALS.seeds.append(seed)
-    TOTALS.seconds += elapsed
+    TOTALS.add(backend, seed, run, elapsed)
     with capsys.disabled():
         print(
-            f"\ndifferential seed {seed}: compared {run.ops} operations and {run.events} watch events "
-            f"against etcd {ETCD_VERSION}: {len(run.mismatches)} mismatches ({elapsed:.1f}s)"
+            f"\ndifferential seed {seed} on {backend}: compared {run.ops} operations and {run.events} watch "
+            f"events against etcd {ETCD_VERSION}: {len(run.mismatches)} mismatches ({elapsed:.1f}s)"
         )
+        if STATS:
+            for what, n in sorted(run.outcomes.items()):
+                print(f"  {n:6d}  {what}")
     assert not run.mismatches, (
-        f"seed {seed}: {len(run.mismatches)} mismatches with etcd "
-        f"(reproduce: K8S_SQL_DIFF_SEEDS={seed} python -m pytest tests/differential -x -q -s)\n"
+        f"seed {seed} on {backend}: {len(run.mismatches)} mismatches with etcd (reproduce: "
+        f"K8S_SQL_BACKENDS={backend} K8S_SQL_DIFF_SEEDS={seed} python -m pytest tests/differential -x -q -s)\n"
         + "\n".join(run.mismatches)
     )
-
