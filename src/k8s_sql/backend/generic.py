@@ -86,10 +86,12 @@ async def head(
     conn: Conn, d: sql.Dialect, kr: KeyRange, limit: int, keys_only: bool, count_only: bool
 ) -> tuple[list[Row], int]:
     count_sql, rows_sql, params = sql.head_queries(d, kr, limit, keys_only)
-    count = int(await conn.fetchval(count_sql, *params))
-    if count_only or count == 0:
-        return [], count
-    return [_row(r) for r in await conn.fetch(rows_sql, *params)], count
+    if count_only:
+        return [], int(await conn.fetchval(count_sql, *params))
+    rows = [_row(r) for r in await conn.fetch(rows_sql, *params)]
+    if limit <= 0 or len(rows) < limit:
+        return rows, len(rows)  # every row of the range is here: no need to count
+    return rows, int(await conn.fetchval(count_sql, *params))
 
 
 async def historical(

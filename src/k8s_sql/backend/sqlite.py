@@ -94,10 +94,12 @@ def _head(
     conn: sqlite3.Connection, kr: KeyRange, limit: int, keys_only: bool, count_only: bool
 ) -> tuple[list[Row], int]:
     count_sql, rows_sql, params = sql.head_queries(D, kr, limit, keys_only)
-    count = conn.execute(count_sql, params).fetchone()[0]
-    if count_only or count == 0:
-        return [], count
-    return [Row(*r) for r in conn.execute(rows_sql, params)], count
+    if count_only:
+        return [], conn.execute(count_sql, params).fetchone()[0]
+    rows = [Row(*r) for r in conn.execute(rows_sql, params)]
+    if limit <= 0 or len(rows) < limit:
+        return rows, len(rows)  # every row of the range is here: no need to count
+    return rows, conn.execute(count_sql, params).fetchone()[0]
 
 
 def _historical(
@@ -195,6 +197,7 @@ class SQLiteBackend(Backend):
         self._writer: sqlite3.Connection | None = None
         self._write_lock = asyncio.Lock()
         self._reader_conns: list[sqlite3.Connection] = []
+        self._inline: sqlite3.Connection | None = None
 
     # -- connections --------------------------------------------------------
 
@@ -227,6 +230,21 @@ class SQLiteBackend(Backend):
                 conn.execute("COMMIT")
 
         return await asyncio.get_running_loop().run_in_executor(self._reader_threads, run)
+
+    def _read_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read on the event loop's own connection, for single-key reads: a point
+        lookup in WAL mode takes microseconds and never waits for a lock, so the
+        thread hop would cost more than the read."""
+        conn = self._inline
+        if conn is None:
+            conn = self._inline = self._connect()
+            conn.execute("PRAGMA query_only = ON")
+            self._reader_conns.append(conn)
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
 
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -307,6 +325,8 @@ class SQLiteBackend(Backend):
                 rows, count = _historical(conn, kr, rev, limit, keys_only, count_only)
             return RangeResult(rows, count, current, compact)
 
+        if kr.end is None and rev <= 0:
+            return self._read_inline(run)
         return await self._read(run)
 
     async def changes(
