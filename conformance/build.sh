@@ -95,7 +95,7 @@ up_to_date() {
 # Stamp the version the way hack/lib/version.sh does, so /version and
 # `kubectl version` report the real release instead of v0.0.0-master.
 minor="${version#v1.}"; minor="${minor%%.*}"
-ldflags=""
+ldflags="-s -w"  # no symbol table/DWARF, as release builds (hack/lib/golang.sh)
 for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $p.gitVersion=$version -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=archive"
 done

@@ -10,6 +10,7 @@ run in file order; later tests rely on objects the earlier ones created.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -32,15 +33,26 @@ import pytest
 from conftest import ROOT, ServerProcess, free_port, k8s_sql_argv, missing
 
 KUBE_VERSION = os.environ.get("KUBE_VERSION", "v1.37.2")
+KUBE_MINOR = int(KUBE_VERSION.split(".")[1])
 KUBE_CACHE = Path(os.environ.get("K8S_SQL_KUBE_CACHE", Path.home() / ".cache/k8s-sql/kube"))
 KUBE_BIN = KUBE_CACHE / KUBE_VERSION / "bin"
 EVENT_TTL = 10  # seconds; --event-ttl
 TOKEN = "k8s-sql-e2e-admin-token"
+# extra kube-apiserver flags for experiments, e.g. "--etcd-compaction-interval=10s"
+EXTRA_APISERVER_ARGS = os.environ.get("K8S_SQL_E2E_APISERVER_ARGS", "").split()
+# and for k8s-sql, e.g. "--watch-progress-notify-interval 5s"
+EXTRA_SERVER_ARGS = os.environ.get("K8S_SQL_E2E_SERVER_ARGS", "").split()
 
 # A cold build of kube-apiserver takes many minutes and happens inside the first
 # test's setup; once the binaries exist every test is short.
 _BUILT = all((KUBE_BIN / b).exists() for b in ("kube-apiserver", "kubectl"))
 pytestmark = pytest.mark.timeout(600 if _BUILT else 3600)
+
+# kube-apiserver's serving certificate is self-signed (--cert-dir); made once, as loading
+# the default CA bundle per request costs more than the request itself
+INSECURE_TLS = ssl.create_default_context()
+INSECURE_TLS.check_hostname = False
+INSECURE_TLS.verify_mode = ssl.CERT_NONE
 
 # Lines that mean the storage layer misbehaved, whenever they appear.
 ALWAYS_BAD = re.compile(
@@ -54,6 +66,10 @@ BAD_WHEN_UP = re.compile(
     re.IGNORECASE,
 )
 
+# ... except these: a client that kube-apiserver closes while it is still dialling (1.34
+# replaces a CRD's storage, and its etcd client, when the CRD changes)
+BENIGN = re.compile(r"Error while dialing: dial tcp [0-9.:]+: operation was canceled")
+
 
 # -- the binaries ---------------------------------------------------------------------------------
 
@@ -63,9 +79,9 @@ def kube_bin() -> Path:
     """kube-apiserver and kubectl from conformance/build.sh (cached after the first build)."""
     if shutil.which("openssl") is None:
         missing("openssl is needed to make the service-account key")
-    if _BUILT and not (ROOT / "conformance/build.sh").stat().st_mtime > (KUBE_BIN / "kube-apiserver").stat().st_mtime:
-        return KUBE_BIN
     if shutil.which("go") is None:
+        if _BUILT:
+            return KUBE_BIN  # built earlier (e.g. a restored cache); nothing to check against
         missing("Go is not installed, so kube-apiserver cannot be built (see conformance/README.md)")
     t0 = time.monotonic()
     try:
@@ -97,7 +113,8 @@ class Cluster:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    # byte ranges of the apiserver log during which k8s-sql was deliberately down
+    # byte ranges of the apiserver log during which errors are expected: the startup
+    # and the times k8s-sql was deliberately down
     outage: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -137,6 +154,7 @@ class Cluster:
             # EndpointSlice (validation forbids loopback), so don't reconcile it
             "--endpoint-reconciler-type=none",
             "--v=1",
+            *EXTRA_APISERVER_ARGS,
         ]
 
     def start(self) -> None:
@@ -156,6 +174,9 @@ class Cluster:
         t0 = time.monotonic()
         self.wait_ready(timeout=180)
         self.timings["apiserver_start_s"] = time.monotonic() - t0
+        # startup logs transient noise (clients closed while dialling, controllers racing
+        # the bootstrap of kube-system): the log is checked from here on
+        self.outage.append((0, self.log_size()))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -192,9 +213,6 @@ class Cluster:
         self, method: str, path: str, body: Any = None, timeout: float = 30, content_type: str = "application/json"
     ) -> tuple[int, bytes]:
         """A request with the admin token; returns (status, body) for any status."""
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         req = urllib.request.Request(self.server + path, data=data, method=method)
         req.add_header("Authorization", f"Bearer {TOKEN}")
@@ -202,7 +220,7 @@ class Cluster:
         if data is not None:
             req.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=INSECURE_TLS) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -351,7 +369,10 @@ def cluster(
     d = tmp_path_factory.mktemp("kube-watch-cache" if watch_cache else "kube-no-watch-cache")
     port = free_port()
     store = ServerProcess(
-        f"127.0.0.1:{port}", d / "k8s-sql", k8s_sql_argv(port, d / "k8s-sql"), d / f"k8s-sql-{port}.log"
+        f"127.0.0.1:{port}",
+        d / "k8s-sql",
+        k8s_sql_argv(port, d / "k8s-sql", *EXTRA_SERVER_ARGS),
+        d / f"k8s-sql-{port}.log",
     )
     store.start()
     c = Cluster(bin=kube_bin, dir=d, store=store, watch_cache=watch_cache)
@@ -507,6 +528,97 @@ def test_chunked_list(cluster: Cluster) -> None:
     assert len(allcms) >= 45
 
 
+def test_selectors_and_exact_resource_versions(cluster: Cluster) -> None:
+    """Filtered pages (etcd pages, the apiserver filters) and historical lists at an exact revision."""
+    k = cluster
+    base = "/api/v1/namespaces/e2e-many/configmaps"
+    for i in range(0, 40, 4):
+        k.kubectl("label", "configmap", f"many-{i:03d}", "-n", "e2e-many", "pick=yes")
+    # a label selector with a small limit: pages may come back short, continue must carry on
+    names: list[str] = []
+    cont = ""
+    while True:
+        page = k.json("GET", f"{base}?labelSelector=pick%3Dyes&limit=3&continue={cont}")
+        names += [i["metadata"]["name"] for i in page["items"]]
+        cont = page["metadata"].get("continue", "")
+        if not cont:
+            break
+    assert names == [f"many-{i:03d}" for i in range(0, 40, 4)], names
+    fs = k.json("GET", f"{base}?fieldSelector=metadata.name%3Dmany-007")
+    assert [i["metadata"]["name"] for i in fs["items"]] == ["many-007"]
+
+    # list as of an exact earlier revision, then as of now
+    before = k.json("GET", f"{base}?limit=500")
+    rv = before["metadata"]["resourceVersion"]
+    k.kubectl("patch", "configmap", "many-001", "-n", "e2e-many", "--type=merge", "-p", '{"data":{"i":"changed"}}')
+    k.kubectl("delete", "configmap", "many-002", "-n", "e2e-many")
+    k.kubectl("create", "configmap", "many-zzz", "-n", "e2e-many")
+    old = k.json("GET", f"{base}?resourceVersion={rv}&resourceVersionMatch=Exact")
+    assert old["metadata"]["resourceVersion"] == rv
+    assert [i["metadata"]["name"] for i in old["items"]] == [i["metadata"]["name"] for i in before["items"]]
+    assert next(i for i in old["items"] if i["metadata"]["name"] == "many-001")["data"] == {"i": "1"}
+    # the same, a page at a time
+    paged: list[str] = []
+    cont = ""
+    while True:
+        q = f"&continue={cont}" if cont else f"&resourceVersion={rv}&resourceVersionMatch=Exact"
+        page = k.json("GET", f"{base}?limit=15{q}")
+        paged += [i["metadata"]["name"] for i in page["items"]]
+        cont = page["metadata"].get("continue", "")
+        if not cont:
+            break
+    assert paged == [i["metadata"]["name"] for i in before["items"]]
+    now = k.json("GET", base)
+    now_names = [i["metadata"]["name"] for i in now["items"]]
+    assert "many-002" not in now_names and "many-zzz" in now_names
+    # a get with resourceVersion=<old> means "not older than": it returns the current object
+    got = k.json("GET", f"{base}/many-001?resourceVersion={rv}")
+    assert got["data"] == {"i": "changed"}
+
+
+def test_big_objects_and_long_lists(cluster: Cluster) -> None:
+    """Lists that need several RangeStream chunks / pages: many keys and values near etcd's limit."""
+    k = cluster
+    k.kubectl("create", "namespace", "e2e-big")
+    small = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"s-{i:04d}"}, "data": {"i": str(i) * 50}}
+        for i in range(300)
+    ]
+    k.kubectl(
+        "create", "-n", "e2e-big", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": small})
+    )
+    big = {}
+    for i in range(4):
+        value = "".join(chr(ord("a") + (i * 7 + j) % 26) for j in range(900_000))
+        big[f"big-{i}"] = value
+        k.json(
+            "POST", "/api/v1/namespaces/e2e-big/configmaps", {"metadata": {"name": f"big-{i}"}, "data": {"v": value}}
+        )
+    assert k.etcd_count("/registry/configmaps/e2e-big/") == 304
+
+    # one unpaginated list (about 3.7 MB)
+    t0 = time.monotonic()
+    lst = k.json("GET", "/api/v1/namespaces/e2e-big/configmaps")
+    k.timings["list_304_objects_3_7MB_s"] = time.monotonic() - t0
+    names = [i["metadata"]["name"] for i in lst["items"]]
+    assert names == sorted(big) + [f"s-{i:04d}" for i in range(300)], names[:10]
+    for item in lst["items"]:
+        if item["metadata"]["name"] in big:
+            assert item["data"]["v"] == big[item["metadata"]["name"]]
+    # paged, with pages that hold several big objects, and across all namespaces
+    # (kubectl sends at most 5 requests a second: keep the page count low enough that
+    # the list finishes well inside one --etcd-compaction-interval)
+    res = k.kubectl("get", "configmaps", "-n", "e2e-big", "--chunk-size=20", "-o", "name")
+    out = res.stdout.split()
+    assert len(out) == 304
+    out = k.kubectl("get", "configmaps", "-A", "--chunk-size=100", "-o", "name").stdout.split()
+    assert len(out) >= 304 + 40
+    # a big object survives update and a delete answers for it
+    k.kubectl("patch", "configmap", "big-3", "-n", "e2e-big", "--type=merge", "-p", '{"data":{"w":"x"}}')
+    k.kubectl("delete", "configmap", "big-2", "-n", "e2e-big")
+    assert k.etcd_count("/registry/configmaps/e2e-big/") == 303
+
+
 CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",
     "kind": "CustomResourceDefinition",
@@ -658,6 +770,32 @@ def test_watch_sees_every_change_in_order(cluster: Cluster) -> None:
         proc.wait(10)
 
 
+def _metric_sum(k: Cluster, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in k.metrics().splitlines():
+        if line.startswith(name + "{") and all(f'{lk}="{lv}"' in line for lk, lv in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_storage_metrics_before_any_outage(cluster: Cluster) -> None:
+    """Until now k8s-sql never went away: no etcd request may have failed, and lists streamed."""
+    k = cluster
+    errors = [
+        line
+        for line in k.metrics().splitlines()
+        if line.startswith("etcd_request_errors_total{") and not line.endswith(" 0")
+    ]
+    assert not errors, "\n".join(errors)
+    # kube-apiserver 1.37 lists with etcd 3.7's KV/RangeStream; a server that answers
+    # UNIMPLEMENTED makes it fall back to paging (and it re-checks every 10 minutes)
+    if KUBE_MINOR >= 37:
+        streamed = _metric_sum(k, "etcd_requests_total", operation="listStream")
+        paged = _metric_sum(k, "etcd_requests_total", operation="list")
+        print(f"\n[e2e] etcd list requests: {streamed:.0f} streamed, {paged:.0f} paged")
+        assert streamed > 0, "kube-apiserver never used RangeStream"
+
+
 def _consistent_read_fallbacks(k: Cluster) -> float:
     total = 0.0
     for line in k.metrics().splitlines():
@@ -666,27 +804,61 @@ def _consistent_read_fallbacks(k: Cluster) -> float:
     return total
 
 
+def _list_latency_server_side(k: Cluster) -> tuple[float, float]:
+    """(sum, count) of kube-apiserver's own LIST latency for namespaced configmaps."""
+    total = count = 0.0
+    for line in k.metrics().splitlines():
+        if 'verb="LIST"' in line and 'resource="configmaps"' in line and 'scope="namespace"' in line:
+            if line.startswith("apiserver_request_duration_seconds_sum{"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("apiserver_request_duration_seconds_count{"):
+                count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def test_consistent_list_is_fast(cluster: Cluster) -> None:
+    """A LIST without resourceVersion must be consistent (see a write made just before)
+    and fast: with the watch cache the apiserver asks k8s-sql for watch progress
+    (RequestProgress) and waits for it; without it, the 3 s fallback kicks in."""
     k = cluster
     fallbacks_before = _consistent_read_fallbacks(k)
+    server_before = _list_latency_server_side(k)
+    conn = http.client.HTTPSConnection("127.0.0.1", k.port, context=INSECURE_TLS, timeout=30)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json", "Content-Type": "application/json"}
+
+    def call(method: str, path: str, body: Any = None) -> Any:
+        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+        r = conn.getresponse()
+        raw = r.read()
+        assert r.status in (200, 201), (method, path, r.status, raw[:300])
+        return json.loads(raw)
+
     times = []
-    for i in range(10):
-        # a write first, so the watch cache is behind etcd when the LIST arrives
-        k.json("POST", "/api/v1/namespaces/e2e/configmaps", {"metadata": {"name": f"fast-{i}"}})
-        t0 = time.monotonic()
-        lst = k.json("GET", "/api/v1/namespaces/e2e/configmaps")
-        times.append(time.monotonic() - t0)
-        assert f"fast-{i}" in {c["metadata"]["name"] for c in lst["items"]}
-    # and a cluster-wide list of a resource that did not change
-    t0 = time.monotonic()
-    k.json("GET", "/apis/apps/v1/deployments")
-    times.append(time.monotonic() - t0)
+    try:
+        for i in range(10):
+            # a write first, so the watch cache is behind etcd when the LIST arrives
+            call("POST", "/api/v1/namespaces/e2e/configmaps", {"metadata": {"name": f"fast-{i}"}})
+            t0 = time.monotonic()
+            lst = call("GET", "/api/v1/namespaces/e2e/configmaps")
+            times.append(time.monotonic() - t0)
+            assert f"fast-{i}" in {c["metadata"]["name"] for c in lst["items"]}
+    finally:
+        conn.close()
+    server_after = _list_latency_server_side(k)
+    server_mean = (server_after[0] - server_before[0]) / max(1.0, server_after[1] - server_before[1])
     k.timings["consistent_list_max_s"] = max(times)
     k.timings["consistent_list_median_s"] = statistics.median(times)
-    print(f"\n[e2e] consistent LIST latencies: {', '.join(f'{t * 1000:.0f}ms' for t in times)}")
+    k.timings["consistent_list_server_mean_s"] = server_mean
+    print(
+        f"\n[e2e] consistent LIST latencies: {', '.join(f'{t * 1000:.0f}ms' for t in times)}; "
+        f"kube-apiserver's own mean {server_mean * 1000:.1f}ms"
+    )
     assert max(times) < 1.0, f"a consistent LIST took {max(times):.2f}s (3 s means the progress-notify fallback)"
+    assert server_mean < 0.5, server_mean
     if k.watch_cache:
         assert _consistent_read_fallbacks(k) == fallbacks_before, "consistent reads fell back to etcd"
+        served = _metric_sum(k, "apiserver_watch_cache_consistent_read_total", resource="configmaps", fallback="false")
+        assert served >= 10, "consistent LISTs were not served from the watch cache"
 
 
 def test_events_expire_through_lease_ttl(cluster: Cluster) -> None:
@@ -725,7 +897,8 @@ def _snapshot(k: Cluster) -> dict[str, str]:
     for kind in ("namespaces", "configmaps", "secrets", "services", "deployments", "widgets.e2e.k8s-sql.io", "crd"):
         for item in k.kjson("get", kind, "-A")["items"]:
             md = item["metadata"]
-            if md.get("namespace", md["name"]).startswith("e2e") or md["name"].endswith(".k8s-sql.io"):
+            ns = md.get("namespace", md["name"])
+            if (ns.startswith("e2e") and ns != "e2e-writes") or md["name"].endswith(".k8s-sql.io"):
                 out[f"{kind}/{md.get('namespace', '')}/{md['name']}"] = md["resourceVersion"]
     return out
 
@@ -738,6 +911,28 @@ def test_kill9_restart_of_k8s_sql(cluster: Cluster) -> None:
     try:
         k.kubectl("create", "configmap", "pre-kill", "-n", "e2e")
         assert [(t, n) for t, n, _ in summary(w.wait_for(1, 15))] == [("ADDED", "pre-kill")], w.events
+
+        # a writer keeps creating configmaps while k8s-sql is killed: every create that
+        # kube-apiserver acknowledged must still be there afterwards
+        acked: list[str] = []
+        stop_writer = threading.Event()
+
+        def writer() -> None:
+            i = 0
+            while not stop_writer.is_set():
+                name = f"w-{i:05d}"
+                with contextlib.suppress(OSError):
+                    status, _ = k.http(
+                        "POST", "/api/v1/namespaces/e2e-writes/configmaps", {"metadata": {"name": name}}, timeout=5
+                    )
+                    if status == 201:
+                        acked.append(name)
+                i += 1
+
+        k.kubectl("create", "namespace", "e2e-writes")
+        writer_thread = threading.Thread(target=writer, daemon=True)
+        writer_thread.start()
+        time.sleep(1)
 
         k.outage.append((k.log_size(), -1))
         k.store.kill9()
@@ -766,6 +961,12 @@ def test_kill9_restart_of_k8s_sql(cluster: Cluster) -> None:
             assert time.monotonic() < deadline, f"writes still fail a minute after the restart: {status} {body[:300]!r}"
             time.sleep(0.2)
         k.timings["restart_first_write_s"] = time.monotonic() - t_up
+        stop_writer.set()
+        writer_thread.join(10)
+        stored = {i["metadata"]["name"] for i in k.json("GET", "/api/v1/namespaces/e2e-writes/configmaps")["items"]}
+        lost = sorted(set(acked) - stored)
+        assert len(acked) > 5 and not lost, f"{len(acked)} acknowledged creates, lost: {lost}"
+        k.timings["acked_writes_during_kill"] = len(acked)
         start, _ = k.outage[-1]
         k.outage[-1] = (start, k.log_size())
 
@@ -809,20 +1010,27 @@ def test_apiserver_log_has_no_storage_errors(cluster: Cluster) -> None:
         pos += len(raw)
         if ALWAYS_BAD.search(line):
             lines_always.append(line)
-        elif not in_outage and BAD_WHEN_UP.search(line):
+        elif not in_outage and BAD_WHEN_UP.search(line) and not BENIGN.search(line):
             lines_up.append(line)
     assert not lines_always, "\n".join(lines_always[:40])
     assert not lines_up, "\n".join(lines_up[:40])
 
-    # no watch-cache re-initialisation storms: each resource's cache initialises once,
-    # plus at most a couple of times around the deliberate restart
+    # k8s-sql itself logged no warning, error or traceback (it runs at --log-level warn)
+    store_log = k.store.log()
+    bad = [line for line in store_log.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) |Traceback", line)]
+    assert not bad, "\n".join(bad[:40])
+
+    # no watch-cache re-initialisation storms
     if k.watch_cache:
         inits: dict[str, float] = {}
         for line in k.metrics().splitlines():
             if line.startswith("apiserver_watch_cache_initializations_total{"):
                 labels, value = line.rsplit(" ", 1)
                 inits[labels] = float(value)
-        storms = {r: n for r, n in inits.items() if n > 3}
+        print(f"\n[e2e] watch-cache initialisations: {len(inits)} caches, {sum(inits.values()):.0f} in all")
+        # one each at start; a restart of k8s-sql within the compaction window needs none
+        # (the etcd client resumes every watch), so allow a single re-initialisation
+        storms = {r: n for r, n in inits.items() if n > 2}
         assert inits and not storms, storms
     with contextlib.suppress(Exception):
         print(f"\n[e2e] timings: {json.dumps({n: round(v, 3) for n, v in k.timings.items()})}")
