@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable
 
 from k8s_sql.backend.base import Backend, MemberRow
+from k8s_sql.background import BackgroundLoop
 
 log = logging.getLogger(__name__)
 
 
-class Membership:
+class Membership(BackgroundLoop):
+    task_name = "membership"
+
     def __init__(
         self,
         backend: Backend,
@@ -43,7 +46,6 @@ class Membership:
         self.clock = clock
         self.leader_id = 0
         self._lead_until = 0.0
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -62,15 +64,13 @@ class Membership:
             log.info("leadership moved to %x", leader)
         self.leader_id = leader
 
-    async def start(self) -> None:
+    async def join(self) -> None:
+        """Announce this frontend and contend for leadership once, then keep doing so."""
         await self.tick()
-        self._task = asyncio.create_task(self._run(), name="membership")
+        self.start()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def leave(self) -> None:
+        await self.stop()
         with contextlib.suppress(Exception):
             await self.backend.remove_member(self.member_id)
             if self.is_leader:  # hand over at once instead of after the term lapses
@@ -79,7 +79,7 @@ class Membership:
     async def live_members(self) -> list[MemberRow]:
         return await self.backend.members(self.clock() - self.term)
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             try:

@@ -76,7 +76,7 @@ class Server:
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.grpc_server.stop(grace)
-        await self.membership.stop()
+        await self.membership.leave()
         await self.follower.stop()
         await self.watch.stop()
         await self.expirer.stop()
@@ -97,7 +97,7 @@ async def start(config: Config) -> Server:
         client_urls=config.advertise_client_urls,
     )
     membership = Membership(backend, identity.member_id, identity.name, identity.client_urls)
-    await membership.start()
+    await membership.join()
     store = Store(backend, max_txn_ops=config.max_txn_ops)
     await store.start()
     hub = Hub(backend)

@@ -9,28 +9,22 @@ from collections.abc import AsyncIterator
 import grpc
 
 from k8s_sql.api.common import Context
+from k8s_sql.background import BackgroundLoop
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 from k8s_sql.watch.hub import Hub
 from k8s_sql.watch.stream import WatchStream
 
 
-class WatchServicer(rpc_pb2_grpc.WatchServicer):
+class WatchServicer(rpc_pb2_grpc.WatchServicer, BackgroundLoop):
+    task_name = "watch-progress"
+
     def __init__(self, ctx: Context, hub: Hub, progress_interval: float) -> None:
         self.ctx = ctx
         self.hub = hub
         self.progress_interval = progress_interval
-        self._ticker: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._ticker = asyncio.create_task(self._tick(), name="watch-progress")
-
-    async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-
-    async def _tick(self) -> None:
+    async def run(self) -> None:
+        """The periodic progress notification of every stream's idle watches."""
         while True:
             await asyncio.sleep(self.progress_interval)
             for s in list(self.hub.streams):

@@ -12,12 +12,15 @@ import logging
 from collections.abc import Callable
 
 from k8s_sql import errors
+from k8s_sql.background import BackgroundLoop
 from k8s_sql.store.store import Store
 
 log = logging.getLogger(__name__)
 
 
-class LeaseExpirer:
+class LeaseExpirer(BackgroundLoop):
+    task_name = "lease-expirer"
+
     def __init__(
         self, store: Store, interval: float = 0.5, batch: int = 500, active: Callable[[], bool] = lambda: True
     ) -> None:
@@ -25,18 +28,6 @@ class LeaseExpirer:
         self.interval = interval
         self.batch = batch
         self.active = active  # only the leader frontend expires leases
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="lease-expirer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def expire_once(self) -> int:
         """Revoke every lease expired by now; return how many were revoked."""
@@ -54,7 +45,7 @@ class LeaseExpirer:
             revoked += 1
         return revoked
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             try:
                 if self.active():

@@ -12,30 +12,21 @@ import asyncio
 import logging
 
 from k8s_sql.backend.base import CompactedError
+from k8s_sql.background import BackgroundLoop
 from k8s_sql.store.store import Store
 from k8s_sql.watch.hub import Hub
 
 log = logging.getLogger(__name__)
 
 
-class Follower:
+class Follower(BackgroundLoop):
+    task_name = "watch-follower"
+
     def __init__(self, hub: Hub, store: Store, interval: float = 0.025, batch: int = 5000) -> None:
         self.hub = hub
         self.store = store
         self.interval = interval
         self.batch = batch
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="watch-follower")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def poll_once(self) -> None:
         revision, compact = await self.store.backend.current()
@@ -55,7 +46,7 @@ class Follower:
             else:
                 self.hub.advance(covered)
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             try:
                 await self.poll_once()
