@@ -1,10 +1,13 @@
 """End to end: a stock kube-apiserver, built from the Go module proxy by
-conformance/build.sh, runs on k8s-sql (SQLite) and is driven by kubectl over real
-HTTPS with real token auth and RBAC.
+conformance/build.sh, runs on k8s-sql and is driven by kubectl over real HTTPS with
+real token auth and RBAC.
 
-Everything runs twice: with the default watch cache, and with ``--watch-cache=false``
-so that every request reaches k8s-sql. The tests of one mode share one cluster and
-run in file order; later tests rely on objects the earlier ones created.
+Everything runs on every backend (SQLite, PostgreSQL, MariaDB; ``K8S_SQL_BACKENDS``
+narrows it) with the default watch cache, and on SQLite also with
+``--watch-cache=false`` so that every request reaches k8s-sql
+(``K8S_SQL_E2E_ALL_MODES=1`` runs that mode on every backend). The tests of one mode
+share one cluster and run in file order; later tests rely on objects the earlier
+ones created.
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ BAD_WHEN_UP = re.compile(
 BENIGN = re.compile(r"Error while dialing: dial tcp [0-9.:]+: operation was canceled")
 
 
+# KNOWN BUG (k8s-sql, src/k8s_sql/backend/mysql.py schema setup): on a database that
+# already exists (a restarted or second frontend) asyncmy logs the server's notes for
+# CREATE DATABASE/TABLE IF NOT EXISTS and INSERT IGNORE INTO meta as WARNINGs. They are
+# harmless; tolerated here by exact text until k8s-sql silences them.
 # -- the binaries ---------------------------------------------------------------------------------
 
 
@@ -116,6 +123,10 @@ class Cluster:
     # byte ranges of the apiserver log during which errors are expected: the startup
     # and the times k8s-sql was deliberately down
     outage: list[tuple[int, int]] = field(default_factory=list)
+    # etcd_request_errors_total when the apiserver became ready: during startup it closes
+    # etcd clients of its own while requests on them are in flight (Canceled, "the
+    # client connection is closing"); seen on the slower backends
+    startup_errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def server(self) -> str:
@@ -177,6 +188,7 @@ class Cluster:
         # startup logs transient noise (clients closed while dialling, controllers racing
         # the bootstrap of kube-system): the log is checked from here on
         self.outage.append((0, self.log_size()))
+        self.startup_errors = self.etcd_request_errors()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -265,6 +277,14 @@ class Cluster:
     def apply_json(self, verb: str, obj: dict[str, Any], *args: str) -> Any:
         """kubectl create/replace/apply -f - with a JSON manifest; returns the stored object."""
         return json.loads(self.kubectl(verb, "-f", "-", "-o", "json", *args, input=json.dumps(obj)).stdout)
+
+    def etcd_request_errors(self) -> dict[str, float]:
+        out = {}
+        for line in self.metrics().splitlines():
+            if line.startswith("etcd_request_errors_total{"):
+                labels, value = line.rsplit(" ", 1)
+                out[labels] = float(value)
+        return out
 
     def metrics(self) -> str:
         status, body = self.http("GET", "/metrics")
@@ -361,19 +381,36 @@ def summary(events: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return out
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["watch-cache", "no-watch-cache"])
+# (backend, watch cache): every backend with the watch cache; without it only on SQLite,
+# to bound the run time (K8S_SQL_E2E_ALL_MODES=1 runs every combination)
+_ALL_MODES = os.environ.get("K8S_SQL_E2E_ALL_MODES", "") not in ("", "0", "false")
+_BACKENDS = [b for b in os.environ.get("K8S_SQL_BACKENDS", "sqlite,postgres,mariadb").split(",") if b]
+MODES = [
+    pytest.param((backend, wc), id=f"{backend}-{'watch-cache' if wc else 'no-watch-cache'}")
+    for backend in _BACKENDS
+    for wc in (True, False)
+    if wc or backend == "sqlite" or _ALL_MODES
+]
+
+
+@pytest.fixture(scope="module", params=MODES)
 def cluster(
     request: pytest.FixtureRequest, kube_bin: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    watch_cache: bool = request.param
-    d = tmp_path_factory.mktemp("kube-watch-cache" if watch_cache else "kube-no-watch-cache")
+    backend, watch_cache = request.param
+    mode = f"{backend}-{'watch-cache' if watch_cache else 'no-watch-cache'}"
+    d = tmp_path_factory.mktemp(f"kube-{mode}")
+    # sqlite: the data directory; postgres, mariadb: a fresh database on the session's
+    # throwaway server, which a restarted k8s-sql reconnects to
+    backend_args = [] if backend == "sqlite" else ["--endpoint", request.getfixturevalue(f"{backend}_server").new_dsn()]
     port = free_port()
     store = ServerProcess(
         f"127.0.0.1:{port}",
         d / "k8s-sql",
-        k8s_sql_argv(port, d / "k8s-sql", *EXTRA_SERVER_ARGS),
+        k8s_sql_argv(port, d / "k8s-sql", *backend_args, *EXTRA_SERVER_ARGS),
         d / f"k8s-sql-{port}.log",
     )
+    t0 = time.monotonic()
     store.start()
     c = Cluster(bin=kube_bin, dir=d, store=store, watch_cache=watch_cache)
     try:
@@ -383,8 +420,9 @@ def cluster(
     finally:
         c.stop()
         store.stop()
+        c.timings["module_wall_s"] = time.monotonic() - t0
         for k, v in c.timings.items():
-            print(f"[e2e] {'watch-cache' if watch_cache else 'no-watch-cache'} {k} = {v:.3f}")
+            print(f"[e2e] {mode} {k} = {v:.3f}")
 
 
 def ns_manifest(name: str) -> dict[str, Any]:
@@ -779,14 +817,17 @@ def _metric_sum(k: Cluster, name: str, **labels: str) -> float:
 
 
 def test_storage_metrics_before_any_outage(cluster: Cluster) -> None:
-    """Until now k8s-sql never went away: no etcd request may have failed, and lists streamed."""
+    """Until now k8s-sql never went away: no etcd request may have failed since the
+    apiserver became ready, and lists streamed."""
     k = cluster
-    errors = [
-        line
-        for line in k.metrics().splitlines()
-        if line.startswith("etcd_request_errors_total{") and not line.endswith(" 0")
-    ]
-    assert not errors, "\n".join(errors)
+    if k.startup_errors:
+        print(f"\n[e2e] etcd request errors during apiserver startup: {k.startup_errors}")
+    errors = {
+        labels: n - k.startup_errors.get(labels, 0.0)
+        for labels, n in k.etcd_request_errors().items()
+        if n > k.startup_errors.get(labels, 0.0)
+    }
+    assert not errors, "\n".join(f"{labels} +{n:.0f}" for labels, n in errors.items())
     # kube-apiserver 1.37 lists with etcd 3.7's KV/RangeStream; a server that answers
     # UNIMPLEMENTED makes it fall back to paging (and it re-checks every 10 minutes)
     if KUBE_MINOR >= 37:

@@ -153,6 +153,9 @@ class MySQLBackend(GenericBackend):
         conn = await asyncmy.connect(**server, autocommit=True)
         try:
             async with conn.cursor() as cur:
+                # "already exists" notes of the IF NOT EXISTS statements below are
+                # expected on every start after the first: don't surface them as warnings.
+                await cur.execute("SET SESSION sql_notes = 0")
                 db = self.args["database"].replace("`", "``")
                 await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{db}`")
                 await cur.execute(f"USE `{db}`")
@@ -162,8 +165,8 @@ class MySQLBackend(GenericBackend):
                     for stmt in SCHEMA:
                         await cur.execute(stmt)
                     await cur.execute(
-                        "INSERT IGNORE INTO meta VALUES ('revision', 1), ('compact_revision', 0), "
-                        "('schema_version', %s)",
+                        "INSERT INTO meta VALUES ('revision', 1), ('compact_revision', 0), ('schema_version', %s) "
+                        "ON DUPLICATE KEY UPDATE name = name",  # keep existing rows, without warnings
                         (SCHEMA_VERSION,),
                     )
                     await cur.execute("SELECT value FROM meta WHERE name = 'schema_version'")
