@@ -151,28 +151,27 @@ class PostgresBackend(GenericBackend):
             self._pool = None
 
     @contextlib.asynccontextmanager
-    async def snapshot_conn(self) -> AsyncIterator[Conn]:
-        try:
-            async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                yield PgConn(conn)
-        except UNAVAILABLE as e:
-            raise BackendUnavailable(str(e)) from e
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Conn]:
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                yield PgConn(conn)
-        except UNAVAILABLE as e:
-            raise BackendUnavailable(str(e)) from e
-
-    @contextlib.asynccontextmanager
-    async def autocommit_conn(self) -> AsyncIterator[Conn]:
+    async def _conn(self, **transaction: Any) -> AsyncIterator[Conn]:
+        """A pooled connection, inside a transaction with these options unless None;
+        a lost database surfaces as BackendUnavailable."""
         try:
             async with self.pool.acquire() as conn:
-                yield PgConn(conn)
+                if transaction.get("autocommit"):
+                    yield PgConn(conn)
+                    return
+                async with conn.transaction(**transaction):
+                    yield PgConn(conn)
         except UNAVAILABLE as e:
             raise BackendUnavailable(str(e)) from e
+
+    def snapshot_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        return self._conn(isolation="repeatable_read", readonly=True)
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        return self._conn()
+
+    def autocommit_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        return self._conn(autocommit=True)
 
     async def size(self) -> tuple[int, int]:
         async with self.autocommit_conn() as conn:
