@@ -36,6 +36,7 @@ class PostgresServer:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-pg-")))
     proc: subprocess.Popen[bytes] | None = None
     settings: dict[str, str] = field(default_factory=dict)  # extra postgres -c settings
+    hba: str | None = None  # pg_hba.conf to use instead of initdb's (trust for everyone)
     _databases: int = 0
 
     @staticmethod
@@ -67,6 +68,8 @@ class PostgresServer:
                 cwd=self.root,
                 **self._as_owner(),  # type: ignore[call-overload]
             )
+        if self.hba is not None:
+            (data / "pg_hba.conf").write_text(self.hba)
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(  # type: ignore[call-overload]
             [
@@ -124,6 +127,7 @@ class MariaDBServer:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-mariadb-")))
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    grant_tables: bool = False  # enforce accounts (root then only logs in over the socket)
     _databases: int = 0
 
     @staticmethod
@@ -143,11 +147,12 @@ class MariaDBServer:
     def start(self) -> None:
         data = self.root / "data"
         user = ["--user=root"] if os.geteuid() == 0 else []
-        subprocess.run(
-            ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--skip-test-db", *user],
-            check=True,
-            capture_output=True,
-        )
+        if not data.exists():
+            subprocess.run(
+                ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--skip-test-db", *user],
+                check=True,
+                capture_output=True,
+            )
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(
             [
@@ -157,7 +162,7 @@ class MariaDBServer:
                 f"--socket={self.root / 'mysqld.sock'}",
                 f"--port={self.port}",
                 "--bind-address=127.0.0.1",
-                "--skip-grant-tables",
+                *([] if self.grant_tables else ["--skip-grant-tables"]),
                 "--innodb-flush-log-at-trx-commit=2",  # a throwaway database: speed over its own durability
                 "--max-connections=500",
                 *self.extra_args,
@@ -184,11 +189,27 @@ class MariaDBServer:
         self._databases += 1
         return f"mysql://root@tcp(127.0.0.1:{self.port})/k8s_sql_{os.getpid()}_{self._databases}"
 
-    def stop(self) -> None:
+    def sql(self, statement: str) -> str:
+        """Run a statement as the database's root over its socket."""
+        client = shutil.which("mariadb") or "mysql"
+        res = subprocess.run(
+            [client, "--no-defaults", f"--socket={self.root / 'mysqld.sock'}", "-u", "root", "-N", "-e", statement],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return res.stdout
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (start() brings it back)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.root, ignore_errors=True)

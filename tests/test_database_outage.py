@@ -6,18 +6,21 @@ from __future__ import annotations
 import time
 
 import grpc
+import pytest
 
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 
 
-def test_postgres_restart_is_survived(k8s_sql_factory, tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["postgres", "mariadb"])
+def test_database_restart_is_survived(kind: str, k8s_sql_factory, tmp_path) -> None:
     from conftest import free_port, missing
-    from databases import PostgresServer
+    from databases import MariaDBServer, PostgresServer
 
-    reason = PostgresServer.available()
+    server_class = {"postgres": PostgresServer, "mariadb": MariaDBServer}[kind]
+    reason = server_class.available()
     if reason:
         missing(reason)
-    db = PostgresServer(free_port())  # its own server: this test stops it
+    db = server_class(free_port())  # its own server: this test stops it
     db.start()
     try:
         server = k8s_sql_factory("--endpoint", db.new_dsn())

@@ -14,8 +14,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-SCHEMA_VERSION = 1
-
 
 class Row(NamedTuple):
     """A key's state: the columns of ``kv`` (and the ``prev_*`` columns of ``log``)."""

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from k8s_sql.backend import sql
+from k8s_sql.backend import migrations, sql
 from k8s_sql.backend.base import (
     Backend,
     CompactedError,
@@ -341,7 +341,9 @@ class GenericBackend(Backend):
         try:
             out = sqlite3.connect(tmp)
             try:
-                for stmt in SQLITE_SCHEMA.split(";"):
+                # The portable format is an SQLite database at this k8s-sql's schema version
+                # (the meta rows copied below carry the same version number).
+                for stmt in [*SQLITE_SCHEMA.split(";"), *migrations.all_statements("sqlite")]:
                     if stmt.strip():
                         out.execute(stmt)
                 async with self.snapshot_conn() as conn:

@@ -20,8 +20,8 @@ from urllib.parse import parse_qs, unquote
 import asyncmy
 import asyncmy.errors
 
-from k8s_sql.backend import sql
-from k8s_sql.backend.base import SCHEMA_VERSION, BackendUnavailable
+from k8s_sql.backend import migrations, sql
+from k8s_sql.backend.base import BackendUnavailable
 from k8s_sql.backend.generic import Conn, GenericBackend, Queries, Record
 
 MAX_KEY_BYTES = 3000
@@ -167,12 +167,16 @@ class MySQLBackend(GenericBackend):
                     await cur.execute(
                         "INSERT INTO meta VALUES ('revision', 1), ('compact_revision', 0), ('schema_version', %s) "
                         "ON DUPLICATE KEY UPDATE name = name",  # keep existing rows, without warnings
-                        (SCHEMA_VERSION,),
+                        (migrations.BASELINE_VERSION,),
                     )
                     await cur.execute("SELECT value FROM meta WHERE name = 'schema_version'")
                     version = (await cur.fetchone())[0]
-                    if int(version) > SCHEMA_VERSION:
-                        raise RuntimeError(f"database schema version {version} is newer than this k8s-sql")
+                    # DDL commits implicitly here: a migration cut short is repeated on the
+                    # next start, which is why every statement must be safe to run twice.
+                    for to, statements in migrations.pending(int(version), "mysql"):
+                        for stmt in statements:
+                            await cur.execute(stmt)
+                        await cur.execute("UPDATE meta SET value = %s WHERE name = 'schema_version'", (to,))
                 finally:
                     await cur.execute("SELECT RELEASE_LOCK('k8s_sql_schema')")
         finally:

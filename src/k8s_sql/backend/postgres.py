@@ -14,8 +14,8 @@ from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
-from k8s_sql.backend import sql
-from k8s_sql.backend.base import SCHEMA_VERSION, BackendUnavailable
+from k8s_sql.backend import migrations, sql
+from k8s_sql.backend.base import BackendUnavailable
 from k8s_sql.backend.generic import Conn, GenericBackend, Queries, Record
 
 SCHEMA = [
@@ -136,11 +136,14 @@ class PostgresBackend(GenericBackend):
                 await conn.execute(
                     "INSERT INTO meta VALUES ('revision', 1), ('compact_revision', 0), ('schema_version', $1) "
                     "ON CONFLICT (name) DO NOTHING",
-                    SCHEMA_VERSION,
+                    migrations.BASELINE_VERSION,
                 )
                 version = await conn.fetchval("SELECT value FROM meta WHERE name = 'schema_version'")
-                if int(version) > SCHEMA_VERSION:
-                    raise RuntimeError(f"database schema version {version} is newer than this k8s-sql")
+                # DDL is transactional here: each migration and its version row commit together.
+                for to, statements in migrations.pending(int(version), "postgres"):
+                    for stmt in statements:
+                        await conn.execute(stmt)
+                    await conn.execute("UPDATE meta SET value = $1 WHERE name = 'schema_version'", to)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size)

@@ -19,9 +19,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from k8s_sql.backend import sql
+from k8s_sql.backend import migrations, sql
 from k8s_sql.backend.base import (
-    SCHEMA_VERSION,
     Backend,
     CompactedError,
     FutureRevisionError,
@@ -259,11 +258,17 @@ class SQLiteBackend(Backend):
                     conn.execute(stmt)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('revision', 1)")
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('compact_revision', 0)")
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (migrations.BASELINE_VERSION,))
             version = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0]
-            if int(version) > SCHEMA_VERSION:
+            try:
+                for to, statements in migrations.pending(int(version), "sqlite"):
+                    for stmt in statements:
+                        conn.execute(stmt)
+                    conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (to,))
+            except BaseException:
                 conn.execute("ROLLBACK")
-                raise RuntimeError(f"database schema version {version} is newer than this k8s-sql ({SCHEMA_VERSION})")
+                conn.close()
+                raise
             conn.execute("COMMIT")
             return conn
 

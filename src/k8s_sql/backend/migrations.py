@@ -1,0 +1,68 @@
+"""Forward migrations of the database schema.
+
+Every database starts from the version-1 layout (the ``CREATE TABLE IF NOT EXISTS``
+statements each dialect keeps next to its driver) and is then brought to
+:data:`SCHEMA_VERSION` by the migrations below, in order, each recorded in the
+``schema_version`` row of ``meta``. A fresh database takes the same path as an old
+one, so every migration runs in every test against every backend.
+
+Rules for a migration, because frontends of different versions may share one
+database during a rolling upgrade:
+
+- only add (columns with defaults, indexes, table options): an older frontend that
+  is still running must keep working on the newer layout;
+- each statement must be safe to run again: MySQL commits DDL implicitly, so a
+  frontend that dies half way through a migration leaves it partly applied, and the
+  next start repeats it.
+
+A frontend refuses to start on a database whose version is newer than it knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    why: str
+    statements: dict[str, tuple[str, ...]] = field(default_factory=dict)  # by dialect name
+
+
+BASELINE_VERSION = 1
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        2,
+        # Most Kubernetes updates change only mod_rev, version and value, none of them
+        # indexed, so PostgreSQL can update the row in place (a HOT update, no index
+        # entries) when its page has room; the default fill of 100% leaves none.
+        "leave free space in kv pages for in-place (HOT) updates on PostgreSQL",
+        {"postgres": ("ALTER TABLE kv SET (fillfactor = 80)",)},
+    ),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASELINE_VERSION
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer k8s-sql than this one."""
+
+
+def pending(current: int, dialect: str) -> list[tuple[int, tuple[str, ...]]]:
+    """The ``(version, statements)`` still to apply to a database at ``current``,
+    in order (statements may be empty: the version is still recorded)."""
+    migrations = MIGRATIONS  # read at call time, so a test can start from an older layout
+    latest = migrations[-1].version if migrations else BASELINE_VERSION
+    if current > latest:
+        raise SchemaTooNew(
+            f"database schema version {current} is newer than this k8s-sql knows ({latest}): "
+            "upgrade k8s-sql, or restore a snapshot taken before the upgrade"
+        )
+    return [(m.version, m.statements.get(dialect, ())) for m in migrations if m.version > current]
+
+
+def all_statements(dialect: str) -> list[str]:
+    """Every migration statement of a dialect, for building a fresh schema in one go."""
+    return [s for m in MIGRATIONS for s in m.statements.get(dialect, ())]
