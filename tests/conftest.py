@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -258,25 +259,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One throwaway PostgreSQL server for the session; each store gets its own database."""
-    reason = PostgresServer.available()
+DB = TypeVar("DB", PostgresServer, MariaDBServer)
+
+
+def _session_database(server_class: type[DB]) -> Iterator[DB]:
+    """One throwaway database server for the session; each store gets its own database."""
+    reason = server_class.available()
     if reason:
         missing(reason)
-    server = PostgresServer(free_port())
+    server = server_class(free_port())
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    yield from _session_database(PostgresServer)
 
 
 @pytest.fixture(scope="session")
 def mariadb_server() -> Iterator[MariaDBServer]:
-    """One throwaway MariaDB server for the session; each store gets its own database."""
-    reason = MariaDBServer.available()
-    if reason:
-        missing(reason)
-    server = MariaDBServer(free_port())
-    server.start()
-    yield server
-    server.stop()
+    yield from _session_database(MariaDBServer)
