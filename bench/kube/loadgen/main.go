@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -181,9 +182,32 @@ type result struct {
 	MetricsByVerb       map[string]*float64 `json:"metrics_p99_ms_by_verb_resource"`
 	SLO                 slo                 `json:"slo"`
 	Errors              map[string]int      `json:"errors"`
+	Host                host                `json:"host"`
 	Error               string              `json:"error,omitempty"`
 	MutatingCDF         [][2]float64        `json:"mutating_cdf"`
 	ListCDF             [][2]float64        `json:"list_cdf"`
+}
+
+// host records how busy the machine was: the benchmark shares it with the
+// store, the apiserver and kwok, and maybe with other work.
+type host struct {
+	CPUs         int     `json:"cpus"`
+	LoadAvgStart float64 `json:"loadavg1_start"`
+	LoadAvgEnd   float64 `json:"loadavg1_end"`
+}
+
+// loadAvg is the 1-minute load average, 0 where /proc/loadavg is missing.
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
 }
 
 func writeJSON(path string, v any) error {
@@ -280,11 +304,13 @@ func run(ctx context.Context, c config) (*result, error) {
 	res := &result{
 		Workload: "w5", Label: c.label, EtcdServers: c.etcdServers, Nodes: c.nodes, Pods: c.pods,
 		Namespaces: c.namespaces, Concurrency: c.concurrency, Errors: r.errs,
+		Host: host{CPUs: runtime.NumCPU(), LoadAvgStart: loadAvg()},
 	}
 	err = r.drive(ctx, res)
 	if err != nil {
 		res.Error = err.Error()
 	}
+	res.Host.LoadAvgEnd = loadAvg()
 	r.finish(ctx, cfg, res)
 	return res, err
 }
