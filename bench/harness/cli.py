@@ -1,0 +1,523 @@
+"""bench/run: build the peers, run every workload against etcd, kine and k8s-sql on every
+backend, save the results as JSON and regenerate docs/benchmarks.md from them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import machine
+from .procs import Group, Sampler
+from .servers import BACKENDS, DURABILITY, ETCD_BACKEND, ROOT, SERVERS, Databases, Launcher, Proc
+
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5")
+
+
+@dataclass
+class Sizes:
+    """How much work each workload does. The defaults are the full run (about 30-40 minutes
+    on a 2-core machine); ``--quick`` is the smoke run's tiny sizes."""
+
+    val_size: int = 1024
+    w1_clients: list[int] = field(default_factory=lambda: [1, 16, 128])
+    w1_total: list[int] = field(default_factory=lambda: [1000, 4000, 6000])  # creates per client count
+    w2_keys: list[int] = field(default_factory=lambda: [10000, 100000])
+    w2_page: int = 500
+    w2_repeat: int = 5
+    w3_watchers: int = 1000
+    w3_streams: int = 100
+    w3_clients: int = 16
+    w3_duration: str = "10s"
+    w4_leases: int = 1000
+    w4_keys_per_lease: int = 2
+    w4_ttl: int = 5
+    w5_nodes: int = 100
+    w5_pods: int = 3000
+    w5_servers: list[str] = field(default_factory=lambda: ["k8s-sql", "etcd", "kine"])
+    w5_backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+
+
+QUICK = Sizes(
+    w1_clients=[1, 16],
+    w1_total=[40, 160],
+    w2_keys=[300],
+    w2_page=50,
+    w2_repeat=2,
+    w3_watchers=20,
+    w3_streams=4,
+    w3_clients=2,
+    w3_duration="2s",
+    w4_leases=20,
+    w4_keys_per_lease=2,
+    w4_ttl=2,
+    w5_nodes=2,
+    w5_pods=10,
+    w5_servers=["k8s-sql"],
+    w5_backends=["sqlite-full"],
+)
+
+
+def _set_size(sizes: Sizes, assignment: str) -> None:
+    key, _, value = assignment.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(sizes)}
+    if key not in fields or not value:
+        raise SystemExit(f"--set {assignment!r}: expected one of {', '.join(fields)}=VALUE")
+    current = getattr(sizes, key)
+    if isinstance(current, list):
+        items = [v for v in value.split(",") if v]
+        setattr(sizes, key, [int(v) for v in items] if current and isinstance(current[0], int) else items)
+    elif isinstance(current, int):
+        setattr(sizes, key, int(value))
+    else:
+        setattr(sizes, key, value)
+
+
+@dataclass
+class Selection:
+    servers: list[str]
+    backends: list[str]
+    workloads: list[str]
+
+    @classmethod
+    def parse(cls, only: list[str]) -> Selection:
+        tokens = [t for arg in only for t in arg.split(",") if t]
+        known = set(SERVERS) | set(BACKENDS) | set(WORKLOADS) | {ETCD_BACKEND, "sqlite"}
+        bad = [t for t in tokens if t not in known]
+        if bad:
+            raise SystemExit(f"--only: unknown {bad}; choose from {sorted(known)}")
+        servers = [s for s in SERVERS if s in tokens] or list(SERVERS)
+        backends = [b for b in BACKENDS if b in tokens or (b.startswith("sqlite") and "sqlite" in tokens)]
+        # etcd has one backend of its own: it runs unless the filter names SQL backends only
+        if backends and "etcd" not in tokens and ETCD_BACKEND not in tokens:
+            servers = [s for s in servers if s != "etcd"]
+        workloads = [w for w in WORKLOADS if w in tokens] or list(WORKLOADS)
+        return cls(servers, backends or list(BACKENDS), workloads)
+
+    def targets(self) -> list[tuple[str, str]]:
+        out = [("etcd", ETCD_BACKEND)] if "etcd" in self.servers else []
+        for b in self.backends:
+            out += [(s, b) for s in ("k8s-sql", "kine") if s in self.servers]
+        return out
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, sizes: Sizes, sel: Selection, out_dir: Path) -> None:
+        self.args = args
+        self.sizes = sizes
+        self.sel = sel
+        self.out_dir = out_dir
+        self.raw = out_dir / "raw"
+        self.raw.mkdir(parents=True, exist_ok=True)
+        self.work = Path(args.work_dir or (out_dir / "work"))
+        self.pinned = args.pin
+        self.dbs = Databases({0} if self.pinned else None)
+        self.results: list[dict[str, Any]] = []
+        self.failures: list[dict[str, str]] = []
+        self.commands: list[dict[str, str]] = []
+        self.n = 0
+        self.peers_bin: Path | None = None
+        self.bench_bin: Path | None = None
+        self.started = time.time()
+
+    # -- tools ---------------------------------------------------------------------------
+
+    def build(self) -> None:
+        need_driver = any(w in self.sel.workloads for w in ("w1", "w2", "w3", "w4"))
+        if self.args.peers_bin:
+            self.peers_bin = Path(self.args.peers_bin)
+        elif "etcd" in self.sel.servers:
+            self.peers_bin = Path(_last_line(["bash", str(ROOT / "peers/build.sh")], "peers/build.sh"))
+        if self.args.bench_bin:
+            self.bench_bin = Path(self.args.bench_bin)
+        elif need_driver or "kine" in self.sel.servers:
+            if not (ROOT / "bench/build.sh").exists():
+                raise SystemExit("bench/build.sh is missing: pass --bench-bin DIR holding kine and bench-driver")
+            self.bench_bin = Path(_last_line(["bash", str(ROOT / "bench/build.sh")], "bench/build.sh"))
+
+    def launcher(self) -> Launcher:
+        return Launcher(
+            work=self.work,
+            dbs=self.dbs,
+            peers_bin=self.peers_bin,
+            kine_bin=self.bench_bin,
+            server_cores="0" if self.pinned else None,
+            log_dir=self.out_dir / "logs",
+        )
+
+    def _rel(self, argv: list[str]) -> str:
+        """A command line with this run's directories replaced by names the report explains."""
+        text = shlex.join(argv)
+        for path, name in (
+            (str(self.work), "$WORK"),
+            (str(self.raw), "$RESULTS/raw"),
+            (str(self.bench_bin or "/nonexistent"), "$BENCH_BIN"),
+            (str(self.peers_bin or "/nonexistent"), "$PEERS_BIN"),
+            (sys.executable, "python3"),
+            (str(ROOT) + "/", ""),
+        ):
+            text = text.replace(path, name)
+        return text
+
+    def note_command(self, what: str, argv: list[str]) -> None:
+        self.commands.append({"what": what, "argv": self._rel(argv)})
+
+    # -- running -------------------------------------------------------------------------
+
+    def groups(self, procs: list[Proc], backend: str) -> dict[str, Group]:
+        groups = {"server": Group([p.pid for p in procs])}
+        db = self.dbs.db_pid(backend)
+        if db is not None:
+            groups["db"] = Group([db])
+        return groups
+
+    def drive(
+        self, server: str, backend: str, procs: list[Proc], kind: str, args: list[str], scenario: str
+    ) -> list[dict[str, Any]]:
+        """Run one bench-driver invocation while sampling the servers; one record per result."""
+        assert self.bench_bin is not None
+        self.n += 1
+        out = self.raw / f"{self.n:03d}-{server}-{backend}-{kind}-{scenario}.json"
+        argv = [
+            *(["taskset", "-c", "1"] if self.pinned else []),
+            str(self.bench_bin / "bench-driver"),
+            kind,
+            *args,
+            "--val-size",
+            str(self.sizes.val_size),
+            "--out",
+            str(out),
+        ]
+        self.note_command(f"{server} {backend} {kind} {scenario}", argv)
+        groups = self.groups(procs, backend)
+        with Sampler(groups) as sampler:
+            t0 = time.time()
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=self.args.workload_timeout)
+            t1 = time.time()
+        (self.raw / f"{out.stem}.stderr").write_text(res.stderr)
+        if res.returncode != 0 or not out.exists():
+            raise RuntimeError(f"bench-driver {kind} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+        items: list[dict[str, Any]] = json.loads(out.read_text())
+        # Attribute CPU and memory to each result's own time window. The driver reports each
+        # phase's duration; phases run one after another and the last ends when the driver
+        # exits, so windows are laid backwards from the exit (a load phase comes first).
+        end = t1
+        windows: list[tuple[float, float, str]] = []
+        for item in reversed(items):
+            if "start_unix" in item and "end_unix" in item:
+                windows.append((float(item["start_unix"]), float(item["end_unix"]), "driver"))
+            else:
+                windows.append((max(t0, end - float(item.get("seconds", 0))), end, "aligned"))
+            end = windows[-1][0]
+        windows.reverse()
+        records = []
+        for item, (w0, w1, how) in zip(items, windows, strict=True):
+            rec = {
+                **item,
+                "server": server,
+                "backend": backend,
+                "scenario": scenario,
+                "frontends": len(procs),
+                "window": how,
+                "invocation": self.n,
+                "invocation_seconds": round(t1 - t0, 3),
+            }
+            sw = sampler.window("server", w0, w1)
+            rec.update(
+                server_cpu_s=round(sw.cpu_s, 3),
+                peak_rss_mb=round(sw.peak_rss_mb, 1),
+                peak_rss_total_mb=round(sw.peak_rss_total_mb, 1),
+                vmhwm_mb=round(sw.vmhwm_mb, 1),
+            )
+            if "db" in groups:
+                dw = sampler.window("db", w0, w1)
+                rec.update(db_cpu_s=round(dw.cpu_s, 3), db_peak_rss_mb=round(dw.peak_rss_total_mb, 1))
+            records.append(rec)
+        inv = sampler.window("server")
+        for rec in records:
+            rec["invocation_server_cpu_s"] = round(inv.cpu_s, 3)
+        return records
+
+    def record(self, recs: list[dict[str, Any]]) -> None:
+        self.results += recs
+        for r in recs:
+            lat = r.get("latency_ms", {})
+            print(
+                f"  {r['server']:8} {r['backend']:13} {r['workload']:10} {r['scenario']:6} "
+                f"c={r.get('clients', '-'):<4} "
+                f"ops={r.get('ops')} err={r.get('errors')} {r.get('throughput', 0):9.1f}/s "
+                f"p50={lat.get('p50', 0):.2f} p99={lat.get('p99', 0):.2f} ms cpu={r.get('server_cpu_s')}s "
+                f"db_cpu={r.get('db_cpu_s', '-')} rss={r.get('peak_rss_mb')}MB",
+                flush=True,
+            )
+        self.save()
+
+    def fail(self, server: str, backend: str, what: str, err: BaseException) -> None:
+        msg = f"{type(err).__name__}: {err}"
+        print(f"  FAILED {server} {backend} {what}: {msg}", file=sys.stderr, flush=True)
+        self.failures.append({"server": server, "backend": backend, "workload": what, "error": msg[-4000:]})
+        self.save()
+
+    def run_target(self, launcher: Launcher, server: str, backend: str) -> None:
+        s, wl = self.sizes, self.sel.workloads
+        print(f"== {server} on {backend}", flush=True)
+        single = [w for w in ("w1", "w2", "w3", "w4") if w in wl]
+        if single:
+            try:
+                procs = launcher.launch(server, backend, 1)
+            except Exception as e:
+                self.fail(server, backend, "start", e)
+                return
+            for p in procs:
+                self.note_command(f"{server} {backend} server", p.argv)
+            ep = procs[0].endpoint
+            try:
+                for w in single:
+                    try:
+                        if w == "w1":
+                            for c, total in zip(s.w1_clients, s.w1_total, strict=True):
+                                args = ["--endpoints", ep, "--clients", str(c), "--total", str(total)]
+                                args += ["--prefix", f"/registry/bench/w1-c{c}/"]
+                                self.record(self.drive(server, backend, procs, "w1", args, "single"))
+                        elif w == "w2":
+                            for keys in s.w2_keys:
+                                args = ["--endpoints", ep, "--keys", str(keys), "--page", str(s.w2_page)]
+                                args += ["--repeat", str(s.w2_repeat), "--prefix", f"/registry/bench/w2-{keys}/"]
+                                self.record(self.drive(server, backend, procs, "w2", args, "single"))
+                        elif w == "w3":
+                            self.record(self.drive(server, backend, procs, "w3", self.w3_args(ep, ep), "single"))
+                        elif w == "w4":
+                            args = ["--endpoints", ep, "--leases", str(s.w4_leases)]
+                            args += ["--keys-per-lease", str(s.w4_keys_per_lease), "--ttl", str(s.w4_ttl)]
+                            self.record(self.drive(server, backend, procs, "w4", args, "single"))
+                    except Exception as e:
+                        self.fail(server, backend, w, e)
+                        if any(p.proc is not None and p.proc.poll() is not None for p in procs):
+                            break  # the server died: the rest would only fail too
+            finally:
+                for p in procs:
+                    p.stop()
+        if "w3" in wl and server != "etcd" and not (server == "kine" and backend.startswith("sqlite")):
+            try:
+                procs = launcher.launch(server, backend, 2)
+            except Exception as e:
+                self.fail(server, backend, "start (2 frontends)", e)
+            else:
+                try:
+                    for p in procs:
+                        self.note_command(f"{server} {backend} server (2 frontends)", p.argv)
+                    args = self.w3_args(procs[0].endpoint, procs[1].endpoint)
+                    self.record(self.drive(server, backend, procs, "w3", args, "cross"))
+                except Exception as e:
+                    self.fail(server, backend, "w3 cross", e)
+                finally:
+                    for p in procs:
+                        p.stop()
+        if "w5" in wl and server in s.w5_servers and (server == "etcd" or backend in s.w5_backends):
+            self.run_w5(launcher, server, backend)
+
+    def w3_args(self, write_ep: str, watch_ep: str) -> list[str]:
+        s = self.sizes
+        return [
+            *("--endpoints", write_ep, "--watch-endpoints", watch_ep),
+            *("--watchers", str(s.w3_watchers), "--streams", str(s.w3_streams)),
+            *("--clients", str(s.w3_clients), "--duration", s.w3_duration),
+        ]
+
+    def run_w5(self, launcher: Launcher, server: str, backend: str) -> None:
+        script = ROOT / "bench/kube/run.sh"
+        if not script.exists():
+            self.fail(server, backend, "w5", RuntimeError("bench/kube/run.sh is missing"))
+            return
+        try:
+            procs = launcher.launch(server, backend, 1)
+        except Exception as e:
+            self.fail(server, backend, "start (w5)", e)
+            return
+        try:
+            self.n += 1
+            out = self.raw / f"{self.n:03d}-{server}-{backend}-w5.json"
+            argv = [
+                *(["taskset", "-c", "1"] if self.pinned else []),
+                "bash",
+                str(script),
+                *("--etcd-servers", procs[0].url, "--out", str(out)),
+                *("--nodes", str(self.sizes.w5_nodes), "--pods", str(self.sizes.w5_pods)),
+                *("--label", f"{server}/{backend}"),
+            ]
+            self.note_command(f"{server} {backend} server (w5)", procs[0].argv)
+            self.note_command(f"{server} {backend} w5", argv)
+            groups = self.groups(procs, backend)
+            with Sampler(groups) as sampler:
+                t0 = time.time()
+                res = subprocess.run(argv, capture_output=True, text=True, timeout=self.args.w5_timeout)
+                t1 = time.time()
+            (self.raw / f"{out.stem}.log").write_text(res.stdout + res.stderr)
+            if res.returncode != 0 or not out.exists():
+                raise RuntimeError(f"bench/kube/run.sh failed ({res.returncode}):\n{(res.stdout + res.stderr)[-3000:]}")
+            sw, recs = sampler.window("server"), []
+            for item in json.loads(out.read_text()):
+                rec = {**item, "server": server, "backend": backend, "scenario": "single", "frontends": 1}
+                rec.update(
+                    invocation_seconds=round(t1 - t0, 3),
+                    server_cpu_s=round(sw.cpu_s, 3),
+                    peak_rss_mb=round(sw.peak_rss_mb, 1),
+                    vmhwm_mb=round(sw.vmhwm_mb, 1),
+                    window="invocation",
+                )
+                if "db" in groups:
+                    dw = sampler.window("db")
+                    rec.update(db_cpu_s=round(dw.cpu_s, 3), db_peak_rss_mb=round(dw.peak_rss_total_mb, 1))
+                recs.append(rec)
+            self.record(recs)
+        except Exception as e:
+            self.fail(server, backend, "w5", e)
+        finally:
+            for p in procs:
+                p.stop()
+
+    # -- output --------------------------------------------------------------------------
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "meta": {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                "wall_seconds": round(time.time() - self.started, 1),
+                "command": shlex.join(["bench/run", *self.args.argv]),
+                "quick": self.args.quick,
+                "pinning": (
+                    "servers under test and the database servers on core 0 (`taskset -c 0`, all threads); "
+                    "bench-driver, bench/kube/run.sh (kube-apiserver, kwok) and the harness on core 1"
+                    if self.pinned
+                    else "none: every process may use both cores"
+                ),
+                "pinned": self.pinned,
+                "selection": dataclasses.asdict(self.sel),
+                "sizes": dataclasses.asdict(self.sizes),
+                "machine": self.machine,
+                "durability": {f"{s}/{b}": DURABILITY[(s, b)] for s, b in self.sel.targets()},
+            },
+            "results": self.results,
+            "failures": self.failures,
+            "commands": self.commands,
+        }
+
+    def save(self) -> None:
+        (self.out_dir / "results.json").write_text(json.dumps(self.document(), indent=1) + "\n")
+
+    machine: dict[str, object] = {}
+
+    def main(self) -> int:
+        if self.pinned:
+            os.sched_setaffinity(0, {1})  # the harness and everything it starts unpinned: core 1
+        self.build()
+        versions: dict[str, str] = {}
+        if self.peers_bin is not None:
+            versions["etcd"] = machine.binary_version(self.peers_bin / "etcd", "--version")
+        if self.bench_bin is not None:
+            versions["kine"] = machine.go_mod_version(ROOT / "bench/kine/go.mod", "github.com/k3s-io/kine")
+            versions["bench-driver etcd client"] = machine.go_mod_version(
+                ROOT / "bench/driver/go.mod", "go.etcd.io/etcd/client/v3"
+            )
+        versions.update(self.dbs.versions())
+        self.machine = machine.describe(versions)
+        self.save()
+        launcher = self.launcher()
+        try:
+            for server, backend in self.sel.targets():
+                self.run_target(launcher, server, backend)
+        finally:
+            self.dbs.stop()
+        self.save()
+        print(f"results: {self.out_dir / 'results.json'}", flush=True)
+        return 1 if self.failures else 0
+
+
+def _last_line(argv: list[str], what: str) -> str:
+    res = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+    if res.returncode != 0 or not res.stdout.strip():
+        raise SystemExit(f"{what} failed ({res.returncode})")
+    return res.stdout.strip().splitlines()[-1]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/run",
+        description="Run the benchmark workloads against etcd, kine and k8s-sql on every backend, "
+        "save bench/results/<timestamp>/results.json and regenerate the report.",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds per server): the smoke test's run")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="LIST",
+        help="comma-separated servers (etcd,kine,k8s-sql), backends (sqlite-full,sqlite-normal,sqlite,postgres,"
+        "mariadb) and workloads (w1..w5); each named dimension is narrowed, the others are kept. "
+        "etcd runs unless only SQL backends are named.",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size (see Sizes)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2)
+    p.add_argument("--out", help="results directory (default bench/results/<UTC timestamp>)")
+    p.add_argument(
+        "--report",
+        help="Markdown report to write (default: docs/benchmarks.md for a full run of everything, "
+        "else report.md in the results directory); 'none' to skip",
+    )
+    p.add_argument("--work-dir", help="scratch directory for data (default: <results>/work, deleted at the end)")
+    p.add_argument("--peers-bin", help="directory with etcd (default: built by peers/build.sh)")
+    p.add_argument("--bench-bin", help="directory with kine and bench-driver (default: built by bench/build.sh)")
+    p.add_argument("--workload-timeout", type=float, default=900.0, help="seconds before one driver run is killed")
+    p.add_argument("--w5-timeout", type=float, default=1500.0, help="seconds before one W5 run is killed")
+    args = p.parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    sizes = dataclasses.replace(QUICK) if args.quick else Sizes()
+    for a in args.set:
+        _set_size(sizes, a)
+    if len(sizes.w1_clients) != len(sizes.w1_total):
+        raise SystemExit("w1_clients and w1_total need the same number of entries")
+    sel = Selection.parse(args.only)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out_dir = Path(args.out or ROOT / "bench/results" / stamp).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(args, sizes, sel, out_dir)
+    try:
+        rc = run.main()
+    except KeyboardInterrupt:
+        run.save()
+        raise
+    except SystemExit:
+        raise
+    except Exception:
+        traceback.print_exc()
+        run.save()
+        rc = 2
+    finally:
+        if not args.work_dir:
+            import shutil
+
+            shutil.rmtree(out_dir / "work", ignore_errors=True)
+    report = args.report
+    if report is None:
+        everything = not args.only and not args.quick and not args.set
+        report = str(ROOT / "docs/benchmarks.md") if everything else str(out_dir / "report.md")
+    if report != "none":
+        from report import render  # bench/report.py (bench/ is on sys.path)
+
+        render(out_dir / "results.json", Path(report))
+        print(f"report: {report}", flush=True)
+    return rc

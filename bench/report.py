@@ -1,0 +1,638 @@
+#!/usr/bin/env python3
+"""Render benchmark results (bench/results/<ts>/results.json) as Markdown with PNG plots.
+
+    bench/report.py RESULTS.json [--out docs/benchmarks.md]
+
+The plots go to a directory named after the report (docs/benchmarks.md ->
+docs/benchmarks/). bench/run calls this at the end of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SQL_BACKENDS = ("sqlite-full", "sqlite-normal", "postgres", "mariadb")
+DURABLE = ("sqlite-full", "postgres", "mariadb")
+SERVER_ORDER = {"etcd": 0, "kine": 1, "k8s-sql": 2}
+BACKEND_STYLE = {"sqlite-full": "-", "sqlite-normal": "-.", "postgres": "--", "mariadb": ":"}
+QUICK_NOTE = " — **quick run (tiny sizes): the numbers mean nothing**"
+NA = "\N{EN DASH}"  # an empty cell
+COLORS = {"etcd": "#777777", "kine": "#d62728", "k8s-sql": "#1f77b4"}
+
+Rec = dict[str, Any]
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def fmt(x: Any, digits: int = 1) -> str:
+    """A number for a table: thousands separators above 100, ``digits`` decimals (one
+    more below 1)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return NA
+    if isinstance(x, int | float):
+        v = float(x)
+        if abs(v) >= 100 or digits == 0:
+            return f"{v:,.0f}"
+        return f"{v:.{digits + 1 if abs(v) < 1 else digits}f}"
+    return str(x)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fmt_ratio(r: float | None) -> str:
+    return NA if r is None else f"{r:.2f}x"
+
+
+def p(rec: Rec | None, q: str) -> float | None:
+    if rec is None:
+        return None
+    v = rec.get("latency_ms", {}).get(q)
+    return float(v) if v is not None else None
+
+
+def tput(rec: Rec | None) -> float | None:
+    return None if rec is None else float(rec.get("throughput") or 0.0)
+
+
+class Results:
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.meta: dict[str, Any] = doc.get("meta", {})
+        self.recs: list[Rec] = doc.get("results", [])
+        self.failures: list[dict[str, str]] = doc.get("failures", [])
+
+    def find(self, server: str, backend: str | None, workload: str, scenario: str = "single", **kw: Any) -> Rec | None:
+        for r in self.recs:
+            if r.get("server") != server or r.get("workload") != workload or r.get("scenario", "single") != scenario:
+                continue
+            if server != "etcd" and backend is not None and r.get("backend") != backend:
+                continue
+            if all(r.get(k) == v for k, v in kw.items()):
+                return r
+        return None
+
+    def backends(self) -> list[str]:
+        present = {r["backend"] for r in self.recs if r.get("server") != "etcd"}
+        present |= {f["backend"] for f in self.failures if f.get("server") != "etcd"}
+        return [b for b in SQL_BACKENDS if b in present]
+
+    def values(self, workload: str, key: str) -> list[Any]:
+        return sorted({r.get(key) for r in self.recs if r.get("workload") == workload and r.get(key) is not None})
+
+
+def _numeric(cell: str) -> bool:
+    return cell in (NA, "") or cell.lstrip("≥≤ ").replace(",", "").replace(".", "").rstrip("xmsMB %").isdigit()
+
+
+def table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """A Markdown table; columns whose cells are all numbers are right-aligned."""
+    body = list(rows)
+    right = [bool(body) and all(_numeric(r[i]) for r in body) for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    return out
+
+
+# -- targets -------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    where: str
+    measured: float | None
+    required: float
+    higher_is_better: bool
+    unit: str  # "x" for ratios, " ms", " MB"
+    note: str = ""
+
+    def status(self) -> tuple[str, str]:
+        if self.measured is None:
+            return "n/a", "no data" + (f" ({self.note})" if self.note else "")
+        m, r = self.measured, self.required
+        ok = m >= r if self.higher_is_better else m <= r
+        if ok:
+            return "met", ""
+        if self.higher_is_better:
+            return "**missed**", f"{(1 - m / r) * 100:.0f}% short ({self.show(m)} of {self.show(r)})"
+        return "**missed**", f"{self.show(m - r)} ({(m / r - 1) * 100:.0f}%) over"
+
+    def show(self, v: float) -> str:
+        if self.unit == "x":
+            return f"{v:.2f}x"
+        return f"{v:,.0f}{self.unit}" if abs(v) >= 10 else f"{v:.1f}{self.unit}"
+
+
+def w1_combined(res: Results, server: str, backend: str | None, clients: int) -> float | None:
+    """W1 throughput over its create and update phases together (txns / seconds)."""
+    phases = [res.find(server, backend, f"w1-{op}", clients=clients) for op in ("create", "update")]
+    if any(r is None for r in phases):
+        return None
+    seconds = sum(float(r["seconds"]) for r in phases if r is not None)
+    return sum(int(r["ops"]) for r in phases if r is not None) / seconds if seconds > 0 else None
+
+
+def targets(res: Results) -> list[Target]:
+    out: list[Target] = []
+    clients = [c for c in (16, 128) if c in res.values("w1-create", "clients")] or [16, 128]
+    for backend in res.backends():
+        need = 2.0 if backend in DURABLE else 1.0
+        label = "W1 vs kine" + (" (both durable)" if backend in DURABLE else " (both NORMAL)")
+        for c in clients:
+            mine, theirs = w1_combined(res, "k8s-sql", backend, c), w1_combined(res, "kine", backend, c)
+            out.append(Target(label, f"{backend}, {c} clients", ratio(mine, theirs), need, True, "x"))
+    for backend in res.backends():
+        for c in clients:
+            mine, etcd = w1_combined(res, "k8s-sql", backend, c), w1_combined(res, "etcd", None, c)
+            out.append(Target("W1 vs etcd", f"{backend}, {c} clients", ratio(mine, etcd), 0.5, True, "x"))
+    keys = max(res.values("w2-list", "keys") or [0])
+    for backend in res.backends():
+        for op, label in (("w2-list", "paged LIST"), ("w2-count", "count-only")):
+            k = res.find("k8s-sql", backend, op, keys=keys)
+            kine = res.find("kine", backend, op, keys=keys)
+            e = res.find("etcd", None, op, keys=keys)
+            note = "" if keys >= 100000 else f"run had {keys} keys, target is about 100k"
+            where = f"{backend}, {label}, {keys:,} keys"
+            out.append(Target("W2 vs kine", where, ratio(tput(k), tput(kine)), 5.0, True, "x", note))
+            out.append(Target("W2 within 2x of etcd", where, ratio(tput(k), tput(e)), 0.5, True, "x", note))
+    for backend in res.backends():
+        k = res.find("k8s-sql", backend, "w3", "cross")
+        out.append(Target("W3 cross-frontend p99", backend, p(k, "p99"), 50.0, False, " ms"))
+    for backend in res.backends():
+        k = res.find("k8s-sql", backend, "w5")
+        slo = (k or {}).get("slo", {})
+        out.append(
+            Target(
+                "W5 mutating p99 (SLO)",
+                backend,
+                (k or {}).get("mutating_ms", {}).get("p99"),
+                float(slo.get("mutating_p99_ms", 1000)),
+                False,
+                " ms",
+            )
+        )
+        out.append(
+            Target(
+                "W5 LIST p99 (SLO)",
+                backend,
+                (k or {}).get("list_ms", {}).get("p99"),
+                float(slo.get("list_p99_ms", 30000)),
+                False,
+                " ms",
+            )
+        )
+    watchers = max(res.values("w3", "watchers") or [0])
+    for backend in res.backends():
+        k = res.find("k8s-sql", backend, "w3")
+        note = ""
+        if keys < 100000 or watchers < 1000:
+            note = f"run had {keys:,} keys and {watchers} watchers; target is 100k and 1000"
+        out.append(
+            Target(
+                "k8s-sql peak RSS (W2 keys loaded, W3 watchers)",
+                backend,
+                None if k is None else k.get("peak_rss_mb"),
+                250.0,
+                False,
+                " MB",
+                note,
+            )
+        )
+    return out
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+
+def plots(res: Results, out_dir: Path, rel: str) -> dict[str, str]:
+    """Draw the PNGs; returns Markdown image lines by name."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {"note": "(matplotlib is not installed: `pip install -e '.[bench]'` to draw the plots)"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    images: dict[str, str] = {}
+    backends = res.backends()
+
+    def save(fig: Any, name: str, alt: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=90)
+        plt.close(fig)
+        images[name] = f"![{alt}]({rel}/{name})"
+
+    def grid(n: int) -> tuple[Any, list[Any]]:
+        cols = min(n, 2)
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
+        flat = [a for row in axes for a in row]
+        for a in flat[n:]:
+            a.set_visible(False)
+        return fig, flat
+
+    def cdf_line(ax: Any, rec: Rec | None, key: str, label: str, color: str, style: str = "-") -> None:
+        pts = (rec or {}).get(key) or []
+        if pts:
+            xs = [max(float(x), 1e-3) for x, _ in pts]
+            ax.step(xs, [float(y) for _, y in pts], where="post", label=label, color=color, linestyle=style)
+
+    clients = res.values("w1-create", "clients")
+    if backends and clients:
+        fig, axes = grid(len(backends))
+        for ax, backend in zip(axes, backends, strict=False):
+            for server in ("etcd", "kine", "k8s-sql"):
+                for op, style in (("create", "-"), ("update", ":")):
+                    recs = [res.find(server, backend, f"w1-{op}", clients=c) for c in clients]
+                    pts = [(c, tput(r)) for c, r in zip(clients, recs, strict=True) if r is not None]
+                    if pts:
+                        ax.plot(
+                            [x for x, _ in pts],
+                            [y for _, y in pts],
+                            style,
+                            marker="o",
+                            color=COLORS[server],
+                            label=f"{server} {op}",
+                        )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(clients, [str(c) for c in clients])
+            ax.set_title(f"W1 throughput, {backend} (etcd: its own bbolt)")
+            ax.set_xlabel("clients")
+            ax.set_ylabel("txn/s")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "w1-throughput.png", "W1 throughput vs clients")
+
+        c = 16 if 16 in clients else clients[-1]
+        fig, axes = grid(len(backends))
+        for ax, backend in zip(axes, backends, strict=False):
+            for server in ("etcd", "kine", "k8s-sql"):
+                cdf_line(ax, res.find(server, backend, "w1-create", clients=c), "cdf", server, COLORS[server])
+            ax.set_xscale("log")
+            ax.set_title(f"W1 create latency CDF, {c} clients, {backend}")
+            ax.set_xlabel("ms")
+            ax.set_ylabel("fraction")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "w1-latency-cdf.png", f"W1 create latency CDF at {c} clients")
+
+    if backends and any(r.get("workload") == "w3" for r in res.recs):
+        fig, axes = grid(len(backends))
+        for ax, backend in zip(axes, backends, strict=False):
+            for server in ("etcd", "kine", "k8s-sql"):
+                cdf_line(ax, res.find(server, backend, "w3"), "cdf", f"{server} one frontend", COLORS[server])
+                cross = res.find(server, backend, "w3", "cross")
+                cdf_line(ax, cross, "cdf", f"{server} two frontends", COLORS[server], "--")
+            ax.set_xscale("log")
+            ax.set_title(f"W3 commit-to-delivery latency CDF, {backend}")
+            ax.set_xlabel("ms")
+            ax.set_ylabel("fraction")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "w3-latency-cdf.png", "W3 watch delivery latency CDF")
+
+    w5 = [r for r in res.recs if r.get("workload") == "w5"]
+    if w5:
+        fig, axes = grid(2)
+        for ax, key, title in ((axes[0], "mutating_cdf", "mutating"), (axes[1], "list_cdf", "LIST")):
+            for r in w5:
+                style = BACKEND_STYLE.get(r["backend"], "-")
+                cdf_line(ax, r, key, f"{r['server']} {r['backend']}", COLORS.get(r["server"], "black"), style)
+            ax.set_xscale("log")
+            ax.set_title(f"W5 kube-apiserver {title} request latency CDF")
+            ax.set_xlabel("ms")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        save(fig, "w5-latency-cdf.png", "W5 kube-apiserver latency CDFs")
+    return images
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def rows_for(
+    res: Results,
+    workload: str,
+    key_cols: list[tuple[str, Callable[[Rec], str]]],
+    group_keys: list[str],
+    ratio_of: Callable[[Rec | None], float | None] = tput,
+    scenario: str = "single",
+) -> list[list[str]]:
+    """One row per record, etcd's first, then each backend's kine and k8s-sql, with ratio
+    columns on the k8s-sql rows (of ``ratio_of``: throughput unless said otherwise)."""
+    recs = [r for r in res.recs if r.get("workload") == workload and r.get("scenario", "single") == scenario]
+    backend_rank = {b: i for i, b in enumerate(["bbolt", *SQL_BACKENDS])}
+    recs.sort(
+        key=lambda r: (
+            backend_rank.get(r.get("backend", ""), 99),
+            *[r.get(k) or 0 for k in group_keys],
+            SERVER_ORDER.get(r.get("server", ""), 9),
+        )
+    )
+    rows = []
+    for r in recs:
+        rk = rk_e = NA
+        if r["server"] == "k8s-sql":
+            sel = {k: r.get(k) for k in group_keys}
+            rk = fmt_ratio(ratio(ratio_of(r), ratio_of(res.find("kine", r["backend"], workload, scenario, **sel))))
+            rk_e = fmt_ratio(ratio(ratio_of(r), ratio_of(res.find("etcd", None, workload, scenario, **sel))))
+        rows.append(
+            [
+                r["server"],
+                r.get("backend", ""),
+                *[f(r) for _, f in key_cols],
+                fmt(tput(r)),
+                fmt(p(r, "p50"), 2),
+                fmt(p(r, "p99"), 2),
+                fmt(r.get("server_cpu_s"), 1),
+                fmt(r.get("db_cpu_s"), 1) if "db_cpu_s" in r else NA,
+                fmt(r.get("peak_rss_mb"), 0),
+                f"{r.get('errors', 0)}",
+                rk,
+                rk_e,
+            ]
+        )
+    return rows
+
+
+def common_header(keys: list[str], tput_name: str, lower: bool = False) -> list[str]:
+    rname = "p99 ratio" if lower else "ratio"
+    return [
+        "server",
+        "backend",
+        *keys,
+        tput_name,
+        "p50 ms",
+        "p99 ms",
+        "server CPU s",
+        "DB CPU s",
+        "peak RSS MB",
+        "errors",
+        f"k8s-sql/kine {rname}",
+        f"k8s-sql/etcd {rname}",
+    ]
+
+
+def render(results_path: Path, out_md: Path) -> None:
+    doc = json.loads(Path(results_path).read_text())
+    res = Results(doc)
+    meta = res.meta
+    plot_dir = out_md.with_suffix("")
+    images = plots(res, plot_dir, plot_dir.name)
+    lines: list[str] = ["# Benchmarks: k8s-sql vs kine vs etcd", ""]
+    try:
+        src = os.path.relpath(Path(results_path).resolve(), ROOT)
+    except ValueError:
+        src = str(results_path)
+    lines += [
+        f"<!-- Generated by bench/report.py from {src}; do not edit by hand: edit bench/methodology.md "
+        "or bench/report.py and rerun bench/run (or bench/report.py RESULTS.json). -->",
+        "",
+        f"Run {meta.get('started', '?')} ({fmt((meta.get('wall_seconds') or 0) / 60, 0)} minutes): "
+        f"`{meta.get('command', 'bench/run')}`" + (QUICK_NOTE if meta.get("quick") else ""),
+        "",
+    ]
+    ts = targets(res)
+    lines += ["## Targets", ""]
+    lines += table(
+        ["target", "where", "measured", "required", "status", "by how much"],
+        (
+            [
+                t.name,
+                t.where,
+                NA if t.measured is None else t.show(t.measured),
+                ("≥ " if t.higher_is_better else "≤ ") + t.show(t.required),
+                *t.status(),
+            ]
+            for t in ts
+        ),
+    )
+    met = sum(t.status()[0] == "met" for t in ts)
+    missed = sum(t.status()[0] != "met" and t.measured is not None for t in ts)
+    lines += ["", f"{met} met, {missed} missed, {len(ts) - met - missed} without data.", ""]
+
+    m = meta.get("machine", {})
+    lines += ["## Machine", ""]
+    lines += table(
+        ["", ""],
+        [
+            ["CPU", f"{m.get('cpu_model', '?')}, {m.get('cores', '?')} cores"],
+            ["RAM", f"{m.get('ram_gib', '?')} GiB"],
+            ["OS / kernel", f"{m.get('os', '?')} / {m.get('kernel', '?')}"],
+            ["load average at start", str(m.get("load_avg_at_start", "?"))],
+            ["Python", str(m.get("python", "?"))],
+            ["Go", str(m.get("go", "?"))],
+            ["etcd", str(m.get("etcd", NA)).replace("\n", " ")],
+            ["kine", str(m.get("kine", NA))],
+            ["bench-driver", str(m.get("bench-driver etcd client", NA))],
+            ["PostgreSQL", str(m.get("postgres", NA))],
+            ["MariaDB", str(m.get("mariadb", NA))],
+            ["CPU pinning", str(meta.get("pinning", "?"))],
+        ],
+    )
+    lines += [
+        "",
+        "Client and servers share this machine's cores; other work on the machine during the run "
+        "shows up as noise (load average above).",
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        "pip install -e '.[bench]'      # matplotlib for the plots",
+        f"{meta.get('command', 'bench/run')}",
+        f"bench/report.py {src} --out docs/benchmarks.md   # re-render from saved results",
+        "```",
+        "",
+        "`bench/run --help` lists the options: `--quick` (tiny sizes), `--only k8s-sql,postgres,w1` "
+        "(a slice), `--set w3_duration=30s` (sizes), `--no-pin`.",
+        "",
+    ]
+    intro = HERE / "methodology.md"
+    if intro.exists():
+        lines += [intro.read_text().rstrip(), ""]
+    sizes = meta.get("sizes", {})
+    if sizes:
+        lines += ["Sizes of this run: " + ", ".join(f"`{k}={v}`" for k, v in sizes.items()) + ".", ""]
+    dur = meta.get("durability", {})
+    if dur:
+        lines += ["### Durability", ""]
+        lines += table(["server / backend", "setting"], ([k, v] for k, v in dur.items()))
+        lines += [""]
+
+    # W1
+    lines += ["## W1: Kubernetes-shaped create and update txns, 1 KiB values", ""]
+    if "note" in images:
+        lines += [images["note"], ""]
+    for name in ("w1-throughput.png", "w1-latency-cdf.png"):
+        if name in images:
+            lines += [images[name], ""]
+    for op in ("create", "update"):
+        rows = rows_for(res, f"w1-{op}", [("clients", lambda r: str(r.get("clients")))], ["clients"])
+        if rows:
+            lines += [f"**{op}**", ""]
+            lines += table(common_header(["clients"], "txn/s"), rows)
+            lines += [""]
+
+    # W2
+    lines += ["## W2: paged LIST, count-only, single-key gets", ""]
+    for op, title, unit in (
+        ("w2-list", "full paged LIST (one op = every page)", "LISTs/s"),
+        ("w2-count", "count-only range", "counts/s"),
+        ("w2-get", "single-key gets, 16 clients", "gets/s"),
+    ):
+        rows = rows_for(res, op, [("keys", lambda r: f"{r.get('keys', 0):,}")], ["keys"])
+        if rows:
+            lines += [f"**{title}**", ""]
+            lines += table(common_header(["keys"], unit), rows)
+            lines += [""]
+    lines += [
+        "Ratios are of throughput, i.e. how many times faster k8s-sql is (a LIST's time is 1/throughput).",
+        "",
+    ]
+
+    # W3
+    lines += ["## W3: watch fan-out while W1 writes run", ""]
+    if "w3-latency-cdf.png" in images:
+        lines += [images["w3-latency-cdf.png"], ""]
+    for scenario, title in (("single", "writers and watchers on one frontend"), ("cross", "across two frontends")):
+        rows = rows_for(
+            res,
+            "w3",
+            [
+                ("watchers", lambda r: str(r.get("watchers", "?"))),
+                ("deliveries", lambda r: f"{r.get('deliveries', 0):,}"),
+                ("missed", lambda r: str(r.get("missed", "?"))),
+            ],
+            [],
+            ratio_of=lambda r: p(r, "p99"),
+            scenario=scenario,
+        )
+        if rows:
+            lines += [f"**{title}**" + (" (etcd: single node, n/a)" if scenario == "cross" else ""), ""]
+            lines += table(common_header(["watchers", "deliveries", "missed"], "deliveries/s", lower=True), rows)
+            lines += [""]
+    lines += [
+        "Latency is commit (write acknowledged) to delivery on the watcher; throughput is events "
+        "delivered per second over all watchers (the writers' own numbers are in results.json). "
+        "The ratio columns here are of p99 delivery latency: below 1 is better for k8s-sql.",
+        "",
+    ]
+
+    # W4
+    lines += ["## W4: lease churn", ""]
+    for op, title, unit in (
+        ("w4-grant", "grant", "grants/s"),
+        ("w4-attach", "attach keys", "puts/s"),
+        ("w4-expiry", "expiry (latency: deadline to delete event)", "expiries/s"),
+    ):
+        rows = rows_for(res, op, [("clients", lambda r: str(r.get("clients")))], ["clients"])
+        if rows:
+            lines += [f"**{title}**", ""]
+            lines += table(common_header(["clients"], unit), rows)
+            lines += [""]
+
+    # W5
+    w5 = [r for r in res.recs if r.get("workload") == "w5"]
+    lines += ["## W5: kube-apiserver + kwok", ""]
+    if w5:
+        if "w5-latency-cdf.png" in images:
+            lines += [images["w5-latency-cdf.png"], ""]
+        rows = []
+        for r in sorted(w5, key=lambda r: (r.get("backend", ""), SERVER_ORDER.get(r.get("server", ""), 9))):
+            mu, li = r.get("mutating_ms", {}), r.get("list_ms", {})
+            rows.append(
+                [
+                    r["server"],
+                    r.get("backend", ""),
+                    f"{r.get('nodes')}/{r.get('pods')}",
+                    str(r.get("pods_running")),
+                    fmt(r.get("seconds_to_all_running")),
+                    fmt(mu.get("p50"), 1),
+                    fmt(mu.get("p99"), 1),
+                    fmt(li.get("p50"), 1),
+                    fmt(li.get("p99"), 1),
+                    "met" if r.get("slo", {}).get("met") else "**missed**",
+                    fmt(r.get("server_cpu_s")),
+                    fmt(r.get("db_cpu_s")) if "db_cpu_s" in r else NA,
+                    fmt(r.get("peak_rss_mb"), 0),
+                ]
+            )
+        lines += table(
+            [
+                "server",
+                "backend",
+                "nodes/pods",
+                "running",
+                "s to all running",
+                "mutating p50 ms",
+                "mutating p99 ms",
+                "LIST p50 ms",
+                "LIST p99 ms",
+                "SLOs",
+                "server CPU s",
+                "DB CPU s",
+                "peak RSS MB",
+            ],
+            rows,
+        )
+        lines += ["", "SLOs: mutating API calls p99 ≤ 1 s, LIST p99 ≤ 30 s (client-side latencies).", ""]
+    else:
+        lines += ["Not run.", ""]
+
+    if res.failures:
+        lines += ["## Failures", ""]
+        for f in res.failures:
+            err = f.get("error", "").strip().splitlines()
+            lines += [f"- {f.get('server')} / {f.get('backend')} / {f.get('workload')}: `{(err or ['?'])[0][:300]}`"]
+        lines += [""]
+
+    cmds = doc.get("commands", [])
+    if cmds:
+        lines += [
+            "## Exact commands",
+            "",
+            "Every server and driver command line of this run, in order (`$WORK`: the run's scratch "
+            "directory; `$BENCH_BIN`, `$PEERS_BIN`: the bin directories printed by `bench/build.sh` and "
+            "`peers/build.sh`; database names and ports were fresh per run).",
+            "",
+            "<details><summary>commands</summary>",
+            "",
+            "```",
+            *[f"# {c['what']}\n{c['argv']}" for c in cmds],
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("results", type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks.md")
+    args = ap.parse_args()
+    render(args.results, args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
