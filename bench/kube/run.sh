@@ -12,7 +12,8 @@
 #
 #   bench/kube/run.sh --etcd-servers http://127.0.0.1:2379 --out w5.json \
 #       [--nodes 100] [--pods 3000] [--concurrency 20] [--label NAME] \
-#       [--namespaces 5] [--list-interval 5s] [--timeout 30m] [--keep]
+#       [--namespaces 5] [--list-interval 5s] [--timeout 30m] [--keep] \
+#       [--apiserver-arg=--watch-cache=false ...]
 #
 # The endpoint must hold no earlier run's objects (use a fresh etcd / database).
 # Everything started here is stopped on exit, also on failure; the work dir
@@ -29,6 +30,7 @@ root="$(cd "$here/../.." && pwd)"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2; }
 
 etcd="" out="" label="" nodes=100 pods=3000 concurrency=20 namespaces=5 interval=5s timeout=30m keep=0
+extra=()  # more kube-apiserver flags
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --etcd-servers) etcd="$2"; shift 2 ;;
@@ -41,6 +43,8 @@ while [[ $# -gt 0 ]]; do
     --list-interval) interval="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
     --keep) keep=1; shift ;;
+    --apiserver-arg) extra+=("$2"); shift 2 ;;
+    --apiserver-arg=*) extra+=("${1#--apiserver-arg=}"); shift ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage ;;
   esac
@@ -117,7 +121,7 @@ log "kube-apiserver on $server, etcd $etcd; work dir $work"
   --token-auth-file="$work/tokens.csv" \
   --authorization-mode=RBAC \
   --endpoint-reconciler-type=none \
-  --v=1 >"$work/kube-apiserver.log" 2>&1 &
+  --v=1 ${extra[@]+"${extra[@]}"} >"$work/kube-apiserver.log" 2>&1 &
 apiserver_pid=$!
 
 t0=$SECONDS
