@@ -444,6 +444,7 @@ def render(results_path: Path, out_md: Path) -> None:
             ["bench-driver", str(m.get("bench-driver etcd client", NA))],
             ["PostgreSQL", str(m.get("postgres", NA))],
             ["MariaDB", str(m.get("mariadb", NA))],
+            ["k8s-sql", f"commit {meta.get('k8s_sql_commit', '?')}"],
             ["CPU pinning", str(meta.get("pinning", "?"))],
         ],
     )

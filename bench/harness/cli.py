@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -250,6 +251,16 @@ class Run:
     def record(self, recs: list[dict[str, Any]]) -> None:
         self.results += recs
         for r in recs:
+            if r.get("workload") == "w5":
+                mu, li = r.get("mutating_ms", {}), r.get("list_ms", {})
+                print(
+                    f"  {r['server']:8} {r['backend']:13} w5 pods_running={r.get('pods_running')}/{r.get('pods')} "
+                    f"mutating p99={mu.get('p99')} ms LIST p99={li.get('p99')} ms "
+                    f"slo_met={r.get('slo', {}).get('met')} "
+                    f"cpu={r.get('server_cpu_s')}s rss={r.get('peak_rss_mb')}MB",
+                    flush=True,
+                )
+                continue
             lat = r.get("latency_ms", {})
             print(
                 f"  {r['server']:8} {r['backend']:13} {r['workload']:10} {r['scenario']:6} "
@@ -393,6 +404,7 @@ class Run:
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
                 "wall_seconds": round(time.time() - self.started, 1),
                 "command": shlex.join(["bench/run", *self.args.argv]),
+                "k8s_sql_commit": self.commit,
                 "quick": self.args.quick,
                 "pinning": (
                     "servers under test and the database servers on core 0 (`taskset -c 0`, all threads); "
@@ -415,6 +427,7 @@ class Run:
         (self.out_dir / "results.json").write_text(json.dumps(self.document(), indent=1) + "\n")
 
     machine: dict[str, object] = {}
+    commit = ""
 
     def main(self) -> int:
         if self.pinned:
@@ -430,6 +443,7 @@ class Run:
             )
         versions.update(self.dbs.versions())
         self.machine = machine.describe(versions)
+        self.commit = machine.git_commit(ROOT)
         self.save()
         launcher = self.launcher()
         try:
@@ -495,6 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out or ROOT / "bench/results" / stamp).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     run = Run(args, sizes, sel, out_dir)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # also when started in the background (where SIGINT is ignored): stop every server cleanly
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         rc = run.main()
     except KeyboardInterrupt:

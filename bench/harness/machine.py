@@ -66,3 +66,15 @@ def go_mod_version(go_mod: Path, module: str) -> str:
     except (OSError, IndexError):
         pass
     return "?"
+
+
+def git_commit(root: Path) -> str:
+    """The commit the benchmarked k8s-sql comes from, marked when src/ has local changes."""
+    head = _out(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"])
+    try:
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty = ""
+    return head + (" with local changes in src/" if dirty else "")

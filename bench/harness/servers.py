@@ -21,15 +21,18 @@ SERVERS = ("etcd", "kine", "k8s-sql")
 BACKENDS = ("sqlite-full", "sqlite-normal", "postgres", "mariadb")
 ETCD_BACKEND = "bbolt"  # etcd's own storage: it runs once, not per SQL backend
 
-# SQLite DSN parameters kine uses when it is given no --endpoint (its default is
-# synchronous=NORMAL through the driver's WAL default); "_synchronous=FULL" forces FULL.
-KINE_SQLITE_PARAMS = "_journal=WAL&cache=shared&_busy_timeout=30000&_txlock=immediate"
+# kine v0.17.5's SQLite DSN parameters (sqlite.DefaultParams, used when it is given no
+# --endpoint), with synchronous=FULL instead of its NORMAL for the durable comparison.
+KINE_SQLITE_PARAMS_FULL = (
+    "_journal_mode=WAL&_busy_timeout=30000&_synchronous=FULL&_txlock=immediate&_stmt_cache_size=20&cache=shared"
+)
 
 # What each server/backend pair promises about an acknowledged write (shown in the report).
 DURABILITY = {
     ("etcd", ETCD_BACKEND): "etcd defaults: WAL fsync on every commit (`--unsafe-no-fsync` not set)",
     ("k8s-sql", "sqlite-full"): "SQLite WAL, `synchronous=FULL` (k8s-sql's default): every acknowledged write durable",
-    ("kine", "sqlite-full"): "SQLite WAL, DSN `_synchronous=FULL`: every acknowledged write durable",
+    ("kine", "sqlite-full"): "kine's default SQLite DSN parameters with `_synchronous=FULL` instead of NORMAL "
+    "(WAL): every acknowledged write durable",
     ("k8s-sql", "sqlite-normal"): "SQLite WAL, `--sqlite-synchronous normal`: last writes can be lost on power loss",
     ("kine", "sqlite-normal"): "no `--endpoint`: kine's default SQLite (`./db/state.db`, WAL, "
     "`synchronous=NORMAL`): last writes can be lost on power loss",
@@ -269,7 +272,7 @@ class Launcher:
             assert self.kine_bin is not None
             argv = [*self._taskset(), str(self.kine_bin / "kine"), "--listen-address", f"127.0.0.1:{port}"]
             if backend == "sqlite-full":
-                argv += ["--endpoint", f"sqlite://{store}/state.db?{KINE_SQLITE_PARAMS}&_synchronous=FULL"]
+                argv += ["--endpoint", f"sqlite://{store}/state.db?{KINE_SQLITE_PARAMS_FULL}"]
             elif backend == "postgres":
                 assert shared is not None
                 argv += ["--endpoint", shared + "?sslmode=disable"]
