@@ -9,7 +9,7 @@ writes happen inside a :class:`WriteTx` that holds the revision lock until commi
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -115,6 +115,17 @@ class WriteTx(abc.ABC):
 
     revision: int
     compact_revision: int
+    savepoints: bool  # give each request a savepoint (else see begin_request)
+    dirty: bool  # the current request changed something
+
+    @abc.abstractmethod
+    async def prefetch(self, keys: Iterable[bytes], lease_ids: Iterable[int]) -> None:
+        """A hint: the batch's requests will read these keys and leases."""
+
+    @abc.abstractmethod
+    def begin_request(self) -> None:
+        """Start one request's changes without a savepoint: if it fails with
+        :attr:`dirty` set, the caller must abandon the whole transaction."""
 
     @abc.abstractmethod
     async def get(self, key: bytes) -> Row | None: ...

@@ -14,7 +14,7 @@ import contextlib
 import os
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from k8s_sql.backend import migrations, sql
@@ -30,6 +30,7 @@ from k8s_sql.backend.base import (
     Row,
     WriteTx,
 )
+from k8s_sql.backend.buffered import BufferedWriteTx
 from k8s_sql.backend.hashing import StateHash
 
 Record = Sequence[Any]
@@ -67,11 +68,18 @@ class Queries:
     def __init__(self, d: sql.Dialect, upsert_kv: str, upsert_lease: str) -> None:
         self.d = d
         self.get = f"SELECT {d.kv_columns} FROM kv WHERE {d.key} = ?"
+        self._get_many: dict[int, str] = {}
         self.upsert_kv = upsert_kv
         self.delete_kv = f"DELETE FROM kv WHERE {d.key} = ?"
         self.insert_log = f"INSERT INTO log ({d.log_columns}) VALUES ({', '.join('?' * 13)})"
         self.lease_keys = f"SELECT {d.key} FROM kv WHERE lease = ? ORDER BY {d.key}"
         self.upsert_lease = upsert_lease
+
+    def get_many(self, n: int) -> str:
+        q = self._get_many.get(n)
+        if q is None:
+            q = self._get_many[n] = f"SELECT {self.d.kv_columns} FROM kv WHERE {self.d.key} IN ({_marks(n)})"
+        return q
 
 
 async def read_meta(conn: Conn) -> tuple[int, int]:
@@ -104,76 +112,77 @@ async def historical(
     return [_row(r) for r in await conn.fetch(rows_sql, *params)], count
 
 
-class GenericWriteTx(WriteTx):
+def _in_chunks(items: Sequence[Any], size: int = 64) -> Iterator[Sequence[Any]]:
+    """Chunks of at most ``size``, the last padded (repeating its last item) to a power
+    of two, so an ``IN (?, …)`` statement comes in a handful of shapes that drivers
+    can keep prepared."""
+    for i in range(0, len(items), size):
+        chunk = list(items[i : i + size])
+        width = 1 << (len(chunk) - 1).bit_length()
+        yield chunk + [chunk[-1]] * (width - len(chunk))
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+class GenericWriteTx(BufferedWriteTx):
     def __init__(self, conn: Conn, q: Queries, revision: int, compact_revision: int) -> None:
+        super().__init__(revision, compact_revision)
         self.conn = conn
         self.q = q
-        self.revision = revision
-        self.compact_revision = compact_revision
-        self.pending_log: list[tuple[Any, ...]] = []
-        self._savepoint_log_len = 0
 
-    async def get(self, key: bytes) -> Row | None:
-        r = await self.conn.fetchrow(self.q.get, key)
-        return None if r is None else _row(r)
+    async def _db_rows(self, keys: Sequence[bytes]) -> list[Row]:
+        if len(keys) == 1:
+            r = await self.conn.fetchrow(self.q.get, keys[0])
+            return [] if r is None else [_row(r)]
+        out: list[Row] = []
+        for chunk in _in_chunks(keys):
+            out += [_row(r) for r in await self.conn.fetch(self.q.get_many(len(chunk)), *chunk)]
+        return out
 
-    async def range(self, kr: KeyRange, limit: int = 0) -> list[Row]:
+    async def _db_leases(self, ids: Sequence[int]) -> list[LeaseRow]:
+        out: list[LeaseRow] = []
+        for chunk in _in_chunks(ids):
+            rows = await self.conn.fetch(
+                f"SELECT id, ttl, expires_at FROM lease WHERE id IN ({_marks(len(chunk))})", *chunk
+            )
+            out += [LeaseRow(int(r[0]), int(r[1]), float(r[2])) for r in rows]
+        return out
+
+    async def _db_range(self, kr: KeyRange, limit: int) -> list[Row]:
         return (await head(self.conn, self.q.d, kr, limit, False, False))[0]
 
-    async def count(self, kr: KeyRange) -> int:
+    async def _db_count(self, kr: KeyRange) -> int:
         return (await head(self.conn, self.q.d, kr, 0, False, True))[1]
 
-    async def range_at(self, kr: KeyRange, rev: int, limit: int = 0) -> tuple[list[Row], int]:
-        await self.flush_log()  # the historical query reads this transaction's log rows too
+    async def _db_range_at(self, kr: KeyRange, rev: int, limit: int) -> tuple[list[Row], int]:
         return await historical(self.conn, self.q.d, kr, rev, limit, False, False)
 
-    async def put(self, row: Row) -> None:
-        await self.conn.execute(self.q.upsert_kv, *row)
+    async def _db_upsert_rows(self, rows: Sequence[Row]) -> None:
+        await self.conn.executemany(self.q.upsert_kv, rows)
 
-    async def delete(self, key: bytes) -> None:
-        await self.conn.execute(self.q.delete_kv, key)
+    async def _db_delete_rows(self, keys: Sequence[bytes]) -> None:
+        for chunk in _in_chunks(keys):
+            await self.conn.execute(f"DELETE FROM kv WHERE {self.q.d.key} IN ({_marks(len(chunk))})", *chunk)
 
-    def log(self, change: LogRow) -> None:
-        self.pending_log.append(sql.log_params(change))
+    async def _db_insert_log(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        await self.conn.executemany(self.q.insert_log, rows)
 
-    async def lease_get(self, lease_id: int) -> LeaseRow | None:
-        r = await self.conn.fetchrow("SELECT id, ttl, expires_at FROM lease WHERE id = ?", lease_id)
-        return None if r is None else LeaseRow(int(r[0]), int(r[1]), float(r[2]))
-
-    async def lease_put(self, lease: LeaseRow) -> None:
+    async def _db_lease_put(self, lease: LeaseRow) -> None:
         await self.conn.execute(self.q.upsert_lease, *lease)
 
-    async def lease_delete(self, lease_id: int) -> None:
+    async def _db_lease_delete(self, lease_id: int) -> None:
         await self.conn.execute("DELETE FROM lease WHERE id = ?", lease_id)
 
-    async def lease_keys(self, lease_id: int) -> list[bytes]:
+    async def _db_lease_keys(self, lease_id: int) -> list[bytes]:
         return [bytes(r[0]) for r in await self.conn.fetch(self.q.lease_keys, lease_id)]
 
-    async def set_compact_revision(self, rev: int) -> None:
-        await self.conn.execute("UPDATE meta SET value = ? WHERE name = 'compact_revision'", rev)
-        self.compact_revision = rev
+    async def _db_set_meta(self, name: str, value: int) -> None:
+        await self.conn.execute("UPDATE meta SET value = ? WHERE name = ?", value, name)
 
-    async def savepoint(self) -> None:
-        await self.conn.execute("SAVEPOINT request")
-        self._savepoint_log_len = len(self.pending_log)
-
-    async def release_savepoint(self) -> None:
-        await self.conn.execute("RELEASE SAVEPOINT request")
-
-    async def rollback_to_savepoint(self) -> None:
-        await self.conn.execute("ROLLBACK TO SAVEPOINT request")
-        await self.conn.execute("RELEASE SAVEPOINT request")
-        del self.pending_log[self._savepoint_log_len :]
-
-    async def flush_log(self) -> None:
-        if self.pending_log:
-            await self.conn.executemany(self.q.insert_log, self.pending_log)
-            self.pending_log.clear()
-            self._savepoint_log_len = 0
-
-    async def finish(self) -> None:
-        await self.flush_log()
-        await self.conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", self.revision)
+    async def _db_execute(self, statement: str) -> None:
+        await self.conn.execute(statement)
 
 
 class GenericBackend(Backend):
@@ -200,9 +209,14 @@ class GenericBackend(Backend):
     async def write(self) -> AsyncIterator[WriteTx]:
         async with self.transaction() as conn:
             # The revision lock: held until commit, so commits happen in revision order.
-            rev = int(await conn.fetchval("SELECT value FROM meta WHERE name = 'revision' FOR UPDATE"))
-            compact = int(await conn.fetchval("SELECT value FROM meta WHERE name = 'compact_revision'"))
-            tx = GenericWriteTx(conn, self.q, rev, compact)
+            # (compact_revision is locked along with it: only writers change it.)
+            meta: dict[str, Any] = dict(
+                (r[0], r[1])
+                for r in await conn.fetch(
+                    "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision') FOR UPDATE"
+                )
+            )
+            tx = GenericWriteTx(conn, self.q, int(meta["revision"]), int(meta["compact_revision"]))
             yield tx
             await tx.finish()
 

@@ -32,6 +32,7 @@ from k8s_sql.backend.base import (
     Row,
     WriteTx,
 )
+from k8s_sql.backend.buffered import BufferedWriteTx
 from k8s_sql.backend.hashing import StateHash
 
 T = TypeVar("T")
@@ -111,77 +112,53 @@ def _historical(
     return [Row(*r) for r in conn.execute(rows_sql, params)], count
 
 
-class SQLiteWriteTx(WriteTx):
+class SQLiteWriteTx(BufferedWriteTx):
+    """Statements run inline: in-process SQLite answers them in microseconds."""
+
     def __init__(self, conn: sqlite3.Connection, revision: int, compact_revision: int) -> None:
+        super().__init__(revision, compact_revision)
         self.conn = conn
-        self.revision = revision
-        self.compact_revision = compact_revision
-        self.pending_log: list[tuple[Any, ...]] = []
-        self._savepoint_log_len = 0
 
-    async def get(self, key: bytes) -> Row | None:
-        r = self.conn.execute(f"SELECT {sql.KV_COLUMNS} FROM kv WHERE key = ?", (key,)).fetchone()
-        return None if r is None else Row(*r)
+    async def _db_rows(self, keys: Sequence[bytes]) -> list[Row]:
+        get = f"SELECT {sql.KV_COLUMNS} FROM kv WHERE key = ?"
+        return [Row(*r) for k in keys for r in self.conn.execute(get, (k,))]
 
-    async def range(self, kr: KeyRange, limit: int = 0) -> list[Row]:
+    async def _db_leases(self, ids: Sequence[int]) -> list[LeaseRow]:
+        get = "SELECT id, ttl, expires_at FROM lease WHERE id = ?"
+        return [LeaseRow(*r) for i in ids for r in self.conn.execute(get, (i,))]
+
+    async def _db_range(self, kr: KeyRange, limit: int) -> list[Row]:
         return _head(self.conn, kr, limit, False, False)[0]
 
-    async def count(self, kr: KeyRange) -> int:
+    async def _db_count(self, kr: KeyRange) -> int:
         return _head(self.conn, kr, 0, False, True)[1]
 
-    async def range_at(self, kr: KeyRange, rev: int, limit: int = 0) -> tuple[list[Row], int]:
-        self._flush_log()  # the historical query reads this transaction's log rows too
+    async def _db_range_at(self, kr: KeyRange, rev: int, limit: int) -> tuple[list[Row], int]:
         return _historical(self.conn, kr, rev, limit, False, False)
 
-    async def put(self, row: Row) -> None:
-        self.conn.execute(f"INSERT OR REPLACE INTO kv ({sql.KV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row)
+    async def _db_upsert_rows(self, rows: Sequence[Row]) -> None:
+        self.conn.executemany(f"INSERT OR REPLACE INTO kv ({sql.KV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
-    async def delete(self, key: bytes) -> None:
-        self.conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+    async def _db_delete_rows(self, keys: Sequence[bytes]) -> None:
+        self.conn.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in keys])
 
-    def log(self, change: LogRow) -> None:
-        self.pending_log.append(sql.log_params(change))
+    async def _db_insert_log(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        self.conn.executemany(f"INSERT INTO log ({sql.LOG_COLUMNS}) VALUES ({', '.join('?' * 13)})", rows)
 
-    async def lease_get(self, lease_id: int) -> LeaseRow | None:
-        r = self.conn.execute("SELECT id, ttl, expires_at FROM lease WHERE id = ?", (lease_id,)).fetchone()
-        return None if r is None else LeaseRow(*r)
-
-    async def lease_put(self, lease: LeaseRow) -> None:
+    async def _db_lease_put(self, lease: LeaseRow) -> None:
         self.conn.execute("INSERT OR REPLACE INTO lease (id, ttl, expires_at) VALUES (?, ?, ?)", lease)
 
-    async def lease_delete(self, lease_id: int) -> None:
+    async def _db_lease_delete(self, lease_id: int) -> None:
         self.conn.execute("DELETE FROM lease WHERE id = ?", (lease_id,))
 
-    async def lease_keys(self, lease_id: int) -> list[bytes]:
+    async def _db_lease_keys(self, lease_id: int) -> list[bytes]:
         return [r[0] for r in self.conn.execute("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease_id,))]
 
-    async def set_compact_revision(self, rev: int) -> None:
-        self.conn.execute("UPDATE meta SET value = ? WHERE name = 'compact_revision'", (rev,))
-        self.compact_revision = rev
+    async def _db_set_meta(self, name: str, value: int) -> None:
+        self.conn.execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))
 
-    async def savepoint(self) -> None:
-        self.conn.execute("SAVEPOINT request")
-        self._savepoint_log_len = len(self.pending_log)
-
-    async def release_savepoint(self) -> None:
-        self.conn.execute("RELEASE request")
-
-    async def rollback_to_savepoint(self) -> None:
-        self.conn.execute("ROLLBACK TO request")
-        self.conn.execute("RELEASE request")
-        del self.pending_log[self._savepoint_log_len :]
-
-    def _flush_log(self) -> None:
-        if self.pending_log:
-            self.conn.executemany(
-                f"INSERT INTO log ({sql.LOG_COLUMNS}) VALUES ({', '.join('?' * 13)})", self.pending_log
-            )
-            self.pending_log.clear()
-            self._savepoint_log_len = 0
-
-    def flush(self) -> None:
-        self._flush_log()
-        self.conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (self.revision,))
+    async def _db_execute(self, statement: str) -> None:
+        self.conn.execute(statement)
 
 
 class SQLiteBackend(Backend):
@@ -304,7 +281,7 @@ class SQLiteBackend(Backend):
             tx = SQLiteWriteTx(conn, rev, compact)
             try:
                 yield tx
-                tx.flush()
+                await tx.finish()
             except BaseException:
                 await self._on_writer(lambda: conn.execute("ROLLBACK"))
                 raise

@@ -74,6 +74,32 @@ class _Request:
 class _Queued:
     apply: Callable[[_Request], Awaitable[Any]]
     future: asyncio.Future[Any]
+    keys: list[bytes]  # single keys the request will read: the batch reads them up front
+    leases: list[int]
+
+
+class _Replay(Exception):
+    """A request failed after changing something: redo the batch with savepoints."""
+
+
+def _txn_hints(r: pb.TxnRequest, keys: list[bytes], leases: list[int]) -> None:
+    for c in r.compare:
+        if not c.range_end:
+            keys.append(c.key)
+    for op in (*r.success, *r.failure):
+        kind = op.WhichOneof("request")
+        if kind == "request_put":
+            keys.append(op.request_put.key)
+            if op.request_put.lease:
+                leases.append(op.request_put.lease)
+        elif kind == "request_range":
+            if not op.request_range.range_end:
+                keys.append(op.request_range.key)
+        elif kind == "request_delete_range":
+            if not op.request_delete_range.range_end:
+                keys.append(op.request_delete_range.key)
+        elif kind == "request_txn":
+            _txn_hints(op.request_txn, keys, leases)
 
 
 class Store:
@@ -153,9 +179,14 @@ class Store:
 
     # -- writes ------------------------------------------------------------------
 
-    async def _submit(self, apply: Callable[[_Request], Awaitable[Any]]) -> Any:
+    async def _submit(
+        self,
+        apply: Callable[[_Request], Awaitable[Any]],
+        keys: list[bytes] | None = None,
+        leases: list[int] | None = None,
+    ) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Queued(apply, fut))
+        self._queue.put_nowait(_Queued(apply, fut, keys or [], leases or []))
         return await fut
 
     async def put(self, r: pb.PutRequest) -> pb.PutResponse:
@@ -164,10 +195,10 @@ class Store:
                 raise errors.LEASE_NOT_FOUND
             return await self._put(req, r)
 
-        return await self._submit(apply)
+        return await self._submit(apply, [r.key], [r.lease] if r.lease else None)
 
     async def delete_range(self, r: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        return await self._submit(lambda req: self._delete(req, r))
+        return await self._submit(lambda req: self._delete(req, r), None if r.range_end else [r.key])
 
     async def txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
         async def apply(req: _Request) -> pb.TxnResponse:
@@ -177,7 +208,10 @@ class Store:
             resp.header.revision = req.rev
             return resp
 
-        return await self._submit(apply)
+        keys: list[bytes] = []
+        leases: list[int] = []
+        _txn_hints(r, keys, leases)
+        return await self._submit(apply, keys, leases)
 
     async def compact(self, r: pb.CompactionRequest) -> pb.CompactionResponse:
         async def apply(req: _Request) -> pb.CompactionResponse:
@@ -217,7 +251,7 @@ class Store:
             await req.tx.lease_put(LeaseRow(lid, ttl, self.clock() + ttl))
             return lid, ttl
 
-        return await self._submit(apply)
+        return await self._submit(apply, None, [lease_id] if lease_id else None)
 
     async def lease_revoke(self, lease_id: int, only_if_expired: bool = False) -> int:
         """Delete the lease and its keys (one revision); return the response revision."""
@@ -228,7 +262,9 @@ class Store:
                 raise errors.LEASE_NOT_FOUND
             if only_if_expired and lease.expires_at > self.clock():
                 return req.rev
-            for key in await req.tx.lease_keys(lease_id):
+            keys = await req.tx.lease_keys(lease_id)
+            await req.tx.prefetch(keys, ())
+            for key in keys:
                 prev = await req.tx.get(key)
                 if prev is not None:
                     await req.tx.delete(key)
@@ -236,7 +272,7 @@ class Store:
             await req.tx.lease_delete(lease_id)
             return req.rev
 
-        return await self._submit(apply)
+        return await self._submit(apply, None, [lease_id])
 
     async def lease_keepalive(self, lease_id: int) -> int:
         """Renew the lease; its TTL, or 0 when it does not exist (or has expired)."""
@@ -249,7 +285,7 @@ class Store:
             await req.tx.lease_put(LeaseRow(lease.id, lease.ttl, now + lease.ttl))
             return lease.ttl
 
-        return await self._submit(apply)
+        return await self._submit(apply, None, [lease_id])
 
     # -- request semantics --------------------------------------------------------
 
@@ -395,27 +431,10 @@ class Store:
                         q.future.set_exception(err)
 
     async def _apply_batch(self, batch: list[_Queued]) -> None:
-        results: list[tuple[bool, Any]] = []
-        committed: list[LogRow] = []
-        async with self.backend.write() as tx:
-            for q in batch:
-                if q.future.done():  # the caller went away before we started
-                    results.append((False, None))
-                    continue
-                req = _Request(tx, tx.revision)
-                await tx.savepoint()
-                try:
-                    value = await q.apply(req)
-                except errors.EtcdError as e:
-                    await tx.rollback_to_savepoint()
-                    results.append((False, e))
-                    continue
-                await tx.release_savepoint()
-                if req.changes:
-                    tx.revision = req.new_rev
-                    committed.extend(req.changes)
-                results.append((True, value))
-            revision, compact = tx.revision, tx.compact_revision
+        try:
+            revision, compact, committed, results = await self._run_batch(batch, savepoints=False)
+        except _Replay:
+            revision, compact, committed, results = await self._run_batch(batch, savepoints=True)
         self.observe_revision(revision)
         self.compact_revision = max(self.compact_revision, compact)
         if committed:
@@ -428,6 +447,47 @@ class Store:
                 q.future.set_result(value)
             else:
                 q.future.set_exception(value)
+
+    async def _run_batch(
+        self, batch: list[_Queued], savepoints: bool
+    ) -> tuple[int, int, list[LogRow], list[tuple[bool, Any]]]:
+        """Apply the batch in one database transaction. Without savepoints, a request
+        that fails after changing something raises :class:`_Replay` (the transaction
+        is rolled back); with them, each failed request is undone on its own."""
+        results: list[tuple[bool, Any]] = []
+        committed: list[LogRow] = []
+        async with self.backend.write() as tx:
+            tx.savepoints = savepoints
+            await tx.prefetch(
+                (k for q in batch if not q.future.done() for k in q.keys),
+                (i for q in batch if not q.future.done() for i in q.leases),
+            )
+            for q in batch:
+                if q.future.done():  # the caller went away before we started
+                    results.append((False, None))
+                    continue
+                req = _Request(tx, tx.revision)
+                if savepoints:
+                    await tx.savepoint()
+                else:
+                    tx.begin_request()
+                try:
+                    value = await q.apply(req)
+                except errors.EtcdError as e:
+                    if savepoints:
+                        await tx.rollback_to_savepoint()
+                    elif tx.dirty:
+                        raise _Replay from e
+                    results.append((False, e))
+                    continue
+                if savepoints:
+                    await tx.release_savepoint()
+                if req.changes:
+                    tx.revision = req.new_rev
+                    committed.extend(req.changes)
+                results.append((True, value))
+            revision, compact = tx.revision, tx.compact_revision
+        return revision, compact, committed, results
 
     # -- physical compaction ---------------------------------------------------------
 
