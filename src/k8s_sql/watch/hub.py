@@ -13,7 +13,21 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from k8s_sql.backend.base import Backend, LogRow
+from k8s_sql.backend.base import DELETE, Backend, LogRow
+from k8s_sql.pb import kv_pb2
+from k8s_sql.store.ranges import to_kv
+
+
+def to_event(ch: LogRow, with_prev: bool) -> kv_pb2.Event:
+    if ch.kind == DELETE:
+        ev = kv_pb2.Event(type=kv_pb2.Event.DELETE, kv=kv_pb2.KeyValue(key=ch.row.key, mod_revision=ch.rev))
+    else:
+        ev = kv_pb2.Event(type=kv_pb2.Event.PUT, kv=to_kv(ch.row))
+    # etcd sends no prev_kv with a create event (create_revision == mod_revision), even
+    # when the key existed before the revision (deleted and re-created by one txn).
+    if with_prev and ch.prev is not None and not (ch.kind != DELETE and ch.row.create_rev == ch.rev):
+        ev.prev_kv.CopyFrom(to_kv(ch.prev))
+    return ev
 
 
 class Wakeable(Protocol):
@@ -30,6 +44,20 @@ class Hub:
         self._ring_size = 0
         self.streams: set[Wakeable] = set()
         self.compact_revision: Callable[[], int] = lambda: 0
+        self._events: dict[tuple[int, int, bool], kv_pb2.Event] = {}
+
+    def event(self, ch: LogRow, with_prev: bool) -> kv_pb2.Event:
+        """The Event message of a change, built once however many watchers send it
+        (with a thousand watchers on one prefix, building it per watcher costs more
+        than sending it)."""
+        key = (ch.rev, ch.sub, with_prev)
+        ev = self._events.get(key)
+        if ev is None:
+            if len(self._events) >= 2 * self.ring_events:
+                for old in list(self._events)[: self.ring_events]:  # the oldest half
+                    del self._events[old]
+            ev = self._events[key] = to_event(ch, with_prev)
+        return ev
 
     def start(self, revision: int) -> None:
         self.revision = revision

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 
 from k8s_sql import errors
 from k8s_sql.backend.base import DELETE, BackendUnavailable, CompactedError, KeyRange, LogRow
-from k8s_sql.pb import kv_pb2, rpc_pb2 as pb
-from k8s_sql.store.ranges import to_kv
+from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.watch.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -49,18 +48,6 @@ class Watcher:
         elif self.no_put:
             return False
         return self.kr.contains(ch.row.key)
-
-
-def to_event(ch: LogRow, with_prev: bool) -> kv_pb2.Event:
-    if ch.kind == DELETE:
-        ev = kv_pb2.Event(type=kv_pb2.Event.DELETE, kv=kv_pb2.KeyValue(key=ch.row.key, mod_revision=ch.rev))
-    else:
-        ev = kv_pb2.Event(type=kv_pb2.Event.PUT, kv=to_kv(ch.row))
-    # etcd sends no prev_kv with a create event (create_revision == mod_revision), even
-    # when the key existed before the revision (deleted and re-created by one txn).
-    if with_prev and ch.prev is not None and not (ch.kind != DELETE and ch.row.create_rev == ch.rev):
-        ev.prev_kv.CopyFrom(to_kv(ch.prev))
-    return ev
 
 
 @dataclass(eq=False)
@@ -239,7 +226,7 @@ class WatchStream:
                 # etcd reads prev_kv at the event's revision - 1 when it sends the event:
                 # at or below the compaction point that read fails and prev_kv is left out.
                 compacted = hub.compact_revision()
-                resp.events.extend(to_event(ch, w.prev_kv and ch.rev > compacted) for ch in changes[i:j])
+                resp.events.extend(hub.event(ch, w.prev_kv and ch.rev > compacted) for ch in changes[i:j])
                 i = j
                 w.sent_since_tick = True
                 for r in self._fragments(resp) if w.fragment else (resp,):
