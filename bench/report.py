@@ -125,11 +125,12 @@ class Target:
             return "n/a", "no data" + (f" ({self.note})" if self.note else "")
         m, r = self.measured, self.required
         ok = m >= r if self.higher_is_better else m <= r
+        extra = f" ({self.note})" if self.note else ""
         if ok:
-            return "met", ""
+            return "met", extra.strip(" ()")
         if self.higher_is_better:
-            return "**missed**", f"{(1 - m / r) * 100:.0f}% short ({self.show(m)} of {self.show(r)})"
-        return "**missed**", f"{self.show(m - r)} ({(m / r - 1) * 100:.0f}%) over"
+            return "**missed**", f"{(1 - m / r) * 100:.0f}% short ({self.show(m)} of {self.show(r)}){extra}"
+        return "**missed**", f"{self.show(m - r)} ({(m / r - 1) * 100:.0f}%) over{extra}"
 
     def show(self, v: float) -> str:
         if self.unit == "x":
@@ -409,6 +410,18 @@ def render(results_path: Path, out_md: Path) -> None:
         f"`{meta.get('command', 'bench/run')}`" + (QUICK_NOTE if meta.get("quick") else ""),
         "",
     ]
+    m = meta.get("machine", {})
+    try:
+        load = float(str(m.get("load_avg_at_start", "0")).split()[0])
+    except (ValueError, IndexError):
+        load = 0.0
+    if load > float(m.get("cores") or 1):
+        lines += [
+            f"**The machine was busy during this run** (load average {load:.1f} on {m.get('cores')} cores at its "
+            "start, from other work): every server's numbers are depressed and noisy; ratios between servers "
+            "measured minutes apart are only indicative.",
+            "",
+        ]
     ts = targets(res)
     lines += ["## Targets", ""]
     lines += table(
@@ -428,7 +441,6 @@ def render(results_path: Path, out_md: Path) -> None:
     missed = sum(t.status()[0] != "met" and t.measured is not None for t in ts)
     lines += ["", f"{met} met, {missed} missed, {len(ts) - met - missed} without data.", ""]
 
-    m = meta.get("machine", {})
     lines += ["## Machine", ""]
     lines += table(
         ["", ""],
