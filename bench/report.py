@@ -539,11 +539,11 @@ def render(results_path: Path, out_md: Path) -> None:
         )
         if rows:
             lines += [f"**{title}**" + (" (etcd: single node, n/a)" if scenario == "cross" else ""), ""]
-            lines += table(common_header(["watchers", "deliveries", "missed"], "deliveries/s", lower=True), rows)
+            lines += table(common_header(["watchers", "deliveries", "missed"], "writes/s", lower=True), rows)
             lines += [""]
     lines += [
-        "Latency is commit (write acknowledged) to delivery on the watcher; throughput is events "
-        "delivered per second over all watchers (the writers' own numbers are in results.json). "
+        "Latency is commit (write acknowledged) to delivery on the watcher; writes/s is what the "
+        "16 unthrottled writers achieved meanwhile (each write is one delivery per watcher). "
         "The ratio columns here are of p99 delivery latency: below 1 is better for k8s-sql.",
         "",
     ]
