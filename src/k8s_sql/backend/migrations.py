@@ -13,7 +13,8 @@ database during a rolling upgrade:
   is still running must keep working on the newer layout;
 - each statement must be safe to run again: MySQL commits DDL implicitly, so a
   frontend that dies half way through a migration leaves it partly applied, and the
-  next start repeats it.
+  next start repeats it (MySQL has no ``CREATE INDEX IF NOT EXISTS``: its backend
+  treats "duplicate key name" as done).
 
 A frontend refuses to start on a database whose version is newer than it knows.
 """
@@ -40,6 +41,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         # entries) when its page has room; the default fill of 100% leaves none.
         "leave free space in kv pages for in-place (HOT) updates on PostgreSQL",
         {"postgres": ("ALTER TABLE kv SET (fillfactor = 80)",)},
+    ),
+    Migration(
+        3,
+        # kv rows carry their values, so counting a range through the primary key reads
+        # every value: 100k keys of 1 KiB took 233 ms on SQLite and 350 ms on MariaDB, and
+        # 4.7 ms and 19 ms through an index of the keys alone. Kubernetes asks for a count
+        # with every page of a LIST. PostgreSQL's primary key is already such an index.
+        "an index of the keys alone, for counting ranges",
+        {
+            "sqlite": ("CREATE INDEX IF NOT EXISTS kv_keys ON kv (key)",),
+            "mysql": ("CREATE INDEX kv_keys ON kv (`key`)",),  # "already exists" is ignored
+        },
     ),
 )
 

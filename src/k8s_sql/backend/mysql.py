@@ -73,6 +73,8 @@ QUERIES = Queries(
     "ON DUPLICATE KEY UPDATE ttl = VALUES(ttl), expires_at = VALUES(expires_at)",
 )
 
+ER_DUP_KEYNAME = 1061
+
 # Client error codes for a server that is down, restarting or unreachable.
 _CONNECTION_ERRORS = {1053, 1077, 1927, 2002, 2003, 2006, 2013, 2055}
 
@@ -175,7 +177,11 @@ class MySQLBackend(GenericBackend):
                     # next start, which is why every statement must be safe to run twice.
                     for to, statements in migrations.pending(int(version), "mysql"):
                         for stmt in statements:
-                            await cur.execute(stmt)
+                            try:
+                                await cur.execute(stmt)
+                            except asyncmy.errors.MySQLError as e:
+                                if e.args[0] != ER_DUP_KEYNAME:  # the index exists: done before
+                                    raise
                         await cur.execute("UPDATE meta SET value = %s WHERE name = 'schema_version'", (to,))
                 finally:
                     await cur.execute("SELECT RELEASE_LOCK('k8s_sql_schema')")

@@ -28,6 +28,7 @@ Params = list[Any]
 class Dialect:
     empty_blob: str  # an empty byte string literal
     key: str = "key"  # the key column, quoted if the dialect needs it
+    count_from: str = "kv"  # the table expression counts read (an index hint, where needed)
 
     @property
     def kv_columns(self) -> str:
@@ -40,7 +41,9 @@ class Dialect:
 
 SQLITE = Dialect(empty_blob="x''")
 POSTGRES = Dialect(empty_blob="''::bytea")
-MYSQL = Dialect(empty_blob="x''", key="`key`")
+# InnoDB would count through the clustered primary key, reading every value; the
+# keys-only index (schema version 3) is a twentieth of the size.
+MYSQL = Dialect(empty_blob="x''", key="`key`", count_from="kv FORCE INDEX (kv_keys)")
 
 
 def numbered(sql: str) -> str:
@@ -66,7 +69,7 @@ def head_queries(d: Dialect, kr: KeyRange, limit: int, keys_only: bool) -> tuple
     rows = f"SELECT {k}, create_rev, mod_rev, version, lease, {value} FROM kv WHERE {where} ORDER BY {k}"
     if limit > 0:
         rows += f" LIMIT {int(limit)}"
-    return f"SELECT COUNT(*) FROM kv WHERE {where}", rows, params
+    return f"SELECT COUNT(*) FROM {d.count_from} WHERE {where}", rows, params
 
 
 def historical_queries(d: Dialect, kr: KeyRange, rev: int, limit: int, keys_only: bool) -> tuple[str, str, Params]:
