@@ -40,7 +40,12 @@ def test_bench_harness_quick(peers_bin: Path, tmp_path: Path) -> None:
     assert res.returncode == 0 and not doc["failures"], f"{doc['failures']}\n{res.stdout[-5000:]}\n{res.stderr[-5000:]}"
 
     sizes = doc["meta"]["sizes"]
-    recs = doc["results"]
+    w5 = [r for r in doc["results"] if r["workload"] == "w5"]
+    recs = [r for r in doc["results"] if r["workload"] != "w5"]
+    # W5 (kube-apiserver + kwok) runs for k8s-sql on SQLite in the quick run
+    assert [(r["server"], r["backend"]) for r in w5] == [("k8s-sql", "sqlite-full")], w5
+    assert w5[0]["pods_running"] == w5[0]["pods"] > 0 and w5[0]["mutating_ms"]["p99"] > 0, w5
+    assert w5[0]["server_cpu_s"] > 0 and w5[0]["peak_rss_mb"] > 1, w5
     targets = [("etcd", "bbolt")] + [(s, b) for b in backends for s in ("k8s-sql", "kine")]
     for server, backend in targets:
         mine = [r for r in recs if r["server"] == server and r["backend"] == backend]
@@ -70,9 +75,9 @@ def test_bench_harness_quick(peers_bin: Path, tmp_path: Path) -> None:
         assert sum(r["server_cpu_s"] for r in recs if (r["server"], r["backend"]) == (server, backend)) > 0
 
     text = report.read_text()
-    for heading in ("## Targets", "## Machine", "## W1", "## W2", "## W3", "## W4", "## Exact commands"):
+    for heading in ("## Targets", "## Machine", "## W1", "## W2", "## W3", "## W4", "## W5", "## Exact commands"):
         assert heading in text, heading
     assert "| k8s-sql | sqlite-full |" in text
-    for png in ("w1-throughput.png", "w1-latency-cdf.png", "w3-latency-cdf.png"):
+    for png in ("w1-throughput.png", "w1-latency-cdf.png", "w3-latency-cdf.png", "w5-latency-cdf.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000, png
         assert f"](report/{png})" in text, png
