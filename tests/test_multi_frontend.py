@@ -147,9 +147,11 @@ def test_leader_failover_expires_leases_once(two_frontends) -> None:
         ch_b.close()
 
 
-def test_workers_share_one_port(k8s_sql_factory) -> None:
-    """--workers 2: two processes accept connections on one port and serve one store."""
-    server = k8s_sql_factory("--workers", "2")
+def test_workers_share_one_port(k8s_sql_factory, backend_args) -> None:
+    """--workers 2: two processes accept connections on one port and serve one store.
+    They start together on a database that does not exist yet, so they also race to
+    create it, its schema and its first rows."""
+    server = k8s_sql_factory("--workers", "2", *backend_args)
     seen: set[int] = set()
     revisions = []
     for i in range(24):

@@ -65,7 +65,7 @@ def _row(r: Record) -> Row:
 class Queries:
     """The statements of one dialect, built once."""
 
-    def __init__(self, d: sql.Dialect, upsert_kv: str, upsert_lease: str) -> None:
+    def __init__(self, d: sql.Dialect, upsert_kv: str, upsert_lease: str, insert_meta_absent: str) -> None:
         self.d = d
         self.get = f"SELECT {d.kv_columns} FROM kv WHERE {d.key} = ?"
         self._get_many: dict[int, str] = {}
@@ -74,6 +74,7 @@ class Queries:
         self.insert_log = f"INSERT INTO log ({d.log_columns}) VALUES ({', '.join('?' * 13)})"
         self.lease_keys = f"SELECT {d.key} FROM kv WHERE lease = ? ORDER BY {d.key}"
         self.upsert_lease = upsert_lease
+        self.insert_meta_absent = insert_meta_absent  # (name, value) unless name exists
 
     def get_many(self, n: int) -> str:
         q = self._get_many.get(n)
@@ -221,9 +222,9 @@ class GenericBackend(Backend):
             await tx.finish()
 
     async def meta_set_default(self, name: str, value: int) -> int:
-        async with self.transaction() as conn:
-            if await conn.fetchrow("SELECT value FROM meta WHERE name = ? FOR UPDATE", name) is None:
-                await conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)", name, value)
+        # Frontends (or --workers) starting together race here: one insert wins.
+        async with self.autocommit_conn() as conn:
+            await conn.execute(self.q.insert_meta_absent, name, value)
             return int(await conn.fetchval("SELECT value FROM meta WHERE name = ?", name))
 
     async def heartbeat(self, member: MemberRow) -> None:
@@ -253,16 +254,17 @@ class GenericBackend(Backend):
 
     async def try_lead(self, member_id: int, now: float, until: float) -> int:
         async with self.transaction() as conn:
+            # The rows must exist to be locked; frontends starting together may both
+            # insert them, so the insert tolerates the other's.
+            for name in ("leader", "leader_until"):
+                await conn.execute(self.q.insert_meta_absent, name, 0)
             rows = await conn.fetch("SELECT name, value FROM meta WHERE name IN ('leader', 'leader_until') FOR UPDATE")
             held = {str(r[0]): int(r[1]) for r in rows}
-            leader, leader_until = held.get("leader", 0), held.get("leader_until", 0) / 1000
+            leader, leader_until = held["leader"], held["leader_until"] / 1000
             if leader not in (0, member_id) and leader_until > now:
                 return leader
             for name, value in (("leader", member_id), ("leader_until", int(until * 1000))):
-                if name in held:
-                    await conn.execute("UPDATE meta SET value = ? WHERE name = ?", value, name)
-                else:
-                    await conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)", name, value)
+                await conn.execute("UPDATE meta SET value = ? WHERE name = ?", value, name)
             return member_id
 
     async def compact_log(self, below_rev: int, batch_revs: int) -> int:

@@ -71,6 +71,8 @@ QUERIES = Queries(
     "lease = VALUES(lease), value = VALUES(value)",
     upsert_lease="INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?) "
     "ON DUPLICATE KEY UPDATE ttl = VALUES(ttl), expires_at = VALUES(expires_at)",
+    # (not INSERT IGNORE, which would also hide other errors, as warnings)
+    insert_meta_absent="INSERT INTO meta (name, value) VALUES (?, ?) ON DUPLICATE KEY UPDATE name = name",
 )
 
 ER_DUP_KEYNAME = 1061

@@ -63,6 +63,7 @@ QUERIES = Queries(
     "lease = EXCLUDED.lease, value = EXCLUDED.value",
     upsert_lease="INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?) "
     "ON CONFLICT (id) DO UPDATE SET ttl = EXCLUDED.ttl, expires_at = EXCLUDED.expires_at",
+    insert_meta_absent="INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
 )
 
 # Errors that mean "the database is away", not "the request is wrong".
@@ -116,8 +117,8 @@ class PostgresBackend(GenericBackend):
         conn = await asyncpg.connect(urlunparse(u._replace(path="/postgres")))
         try:
             await conn.execute('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
-        except asyncpg.DuplicateDatabaseError:
-            pass
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+            pass  # created meanwhile (frontends or --workers starting together race here)
         finally:
             await conn.close()
 
