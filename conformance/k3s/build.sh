@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Build k3s-probe (conformance/k3s): the datastore calls a k3s server makes
+# with an external etcd, through the kine version pinned in go.mod (the same
+# one bench/kine uses, so the Go build cache is shared).
+#
+#   conformance/k3s/build.sh           # -> ${K8S_SQL_K3S_PROBE_BIN:-$HOME/.cache/k8s-sql/k3s-probe/<kine version>}
+#   conformance/k3s/build.sh OUT_DIR   # explicit output dir
+#
+# The binary is rebuilt only when the hash of go.mod, go.sum, the non-test
+# .go files and this script differs from the one stored next to it. The
+# default Go module and build caches are used. Progress goes to stderr; the
+# last line of stdout is the bin dir.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+command -v go >/dev/null || { echo "k3s-probe: go not found on PATH" >&2; exit 1; }
+
+kine_version="$(grep -oE 'github.com/k3s-io/kine v[^ ]+' "$here/go.mod" | head -n 1 | cut -d' ' -f2)"
+[[ -n "$kine_version" ]] || { echo "k3s-probe: no kine version in conformance/k3s/go.mod" >&2; exit 1; }
+bin="${1:-${K8S_SQL_K3S_PROBE_BIN:-$HOME/.cache/k8s-sql/k3s-probe/$kine_version}}"
+mkdir -p "$bin"
+bin="$(cd "$bin" && pwd)"
+
+hash="$(
+  cd "$here"
+  ls go.mod go.sum *.go | grep -v '_test\.go$' | sort | xargs sha256sum
+  sha256sum build.sh | cut -d' ' -f1
+)"
+hash="$(sha256sum <<<"$hash" | cut -d' ' -f1)"
+
+if [[ -x "$bin/k3s-probe" && "$(cat "$bin/.k3s-probe.inputs" 2>/dev/null)" == "$hash" ]]; then
+  echo "k3s-probe: up to date" >&2
+else
+  echo "k3s-probe: building (kine $kine_version)" >&2
+  start=$SECONDS
+  # cgo as in bench/build.sh (kine's SQLite driver is linked in), so the
+  # build cache entries match. Build to a temp name and rename, so an
+  # interrupted build never leaves a binary that looks current.
+  (cd "$here" && CGO_ENABLED=1 go build -trimpath -buildvcs=false -o "$bin/.k3s-probe.tmp" .) >&2
+  mv -f "$bin/.k3s-probe.tmp" "$bin/k3s-probe"
+  echo "$hash" >"$bin/.k3s-probe.inputs"
+  echo "k3s-probe: built in $((SECONDS - start))s" >&2
+fi
+
+echo "$bin"
