@@ -7,7 +7,7 @@
 //
 //	bench-driver w1 --endpoints A[,B] --clients C --total N --out FILE
 //	bench-driver w2 --endpoints A --keys N --page 500 --repeat R --out FILE
-//	bench-driver w3 --endpoints A --watch-endpoints B --watchers W --streams S --duration D --out FILE
+//	bench-driver w3 --endpoints A --watch-endpoints B --watchers W --streams S --prefixes P --rate R --duration D --out FILE
 //	bench-driver w4 --endpoints A --leases L --keys-per-lease K --ttl T --out FILE
 package main
 

@@ -51,7 +51,7 @@ func (r result) summary() string {
 	s := fmt.Sprintf("%-10s clients=%-4d ops=%-7d errors=%-4d %.2fs %.1f/s  p50=%.2fms p90=%.2fms p99=%.2fms max=%.2fms",
 		r.Workload, r.Clients, r.Ops, r.Errors, r.Seconds, r.Throughput,
 		r.Latency.P50, r.Latency.P90, r.Latency.P99, r.Latency.Max)
-	for _, k := range []string{"keys", "writes", "deliveries", "missed", "negative", "expired"} {
+	for _, k := range []string{"keys", "writes", "deliveries", "missed", "misrouted", "negative", "expired"} {
 		if v, ok := r.extra[k]; ok {
 			s += fmt.Sprintf(" %s=%v", k, v)
 		}
