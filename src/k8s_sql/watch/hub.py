@@ -30,8 +30,12 @@ def to_event(ch: LogRow, with_prev: bool) -> kv_pb2.Event:
     return ev
 
 
-class Wakeable(Protocol):
+class Subscriber(Protocol):
     def wake(self) -> None: ...
+
+    def notify(self, first: int, revision: int, keys: list[bytes]) -> None:
+        """Changes of revisions ``first..revision`` were published; ``keys`` are their
+        keys, sorted."""
 
 
 class Hub:
@@ -42,7 +46,7 @@ class Hub:
         self.ring_start = 1  # the ring holds revisions ring_start..revision, in order
         self.ring: list[tuple[int, list[LogRow]]] = []
         self._ring_size = 0
-        self.streams: set[Wakeable] = set()
+        self.streams: set[Subscriber] = set()
         self.compact_revision: Callable[[], int] = lambda: 0
         self._events: dict[tuple[int, int, bool], kv_pb2.Event] = {}
 
@@ -89,8 +93,9 @@ class Hub:
         self._ring_size += len(changes)
         self.revision = revision
         self._trim()
+        keys = sorted({ch.row.key for ch in changes})
         for s in self.streams:
-            s.wake()
+            s.notify(first, revision, keys)
 
     def advance(self, revision: int) -> None:
         """Note revisions known to exist without their changes (read later from the log)."""
