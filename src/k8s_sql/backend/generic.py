@@ -72,7 +72,9 @@ class Queries:
         self.upsert_kv = upsert_kv
         self.delete_kv = f"DELETE FROM kv WHERE {d.key} = ?"
         self.insert_log = f"INSERT INTO log ({d.log_columns}) VALUES ({', '.join('?' * 13)})"
-        self.lease_keys = f"SELECT {d.key} FROM kv WHERE lease = ? ORDER BY {d.key}"
+        # "lease <> 0" repeats the partial index's condition: with only "lease = ?" the
+        # planner cannot tell that the parameter is not 0, and scans the whole table.
+        self.lease_keys = f"SELECT {d.key} FROM kv WHERE lease = ? AND lease <> 0 ORDER BY {d.key}"
         self.upsert_lease = upsert_lease
         self.insert_meta_absent = insert_meta_absent  # (name, value) unless name exists
 

@@ -37,6 +37,10 @@ from k8s_sql.backend.hashing import StateHash
 
 T = TypeVar("T")
 
+# "lease <> 0" repeats kv_lease's partial-index condition: with only "lease = ?" SQLite
+# cannot tell that the parameter is not 0 and scans the whole table (every value) per lease.
+LEASE_KEYS = "SELECT key FROM kv WHERE lease = ? AND lease <> 0 ORDER BY key"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
@@ -152,7 +156,7 @@ class SQLiteWriteTx(BufferedWriteTx):
         self.conn.execute("DELETE FROM lease WHERE id = ?", (lease_id,))
 
     async def _db_lease_keys(self, lease_id: int) -> list[bytes]:
-        return [r[0] for r in self.conn.execute("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease_id,))]
+        return [r[0] for r in self.conn.execute(LEASE_KEYS, (lease_id,))]
 
     async def _db_set_meta(self, name: str, value: int) -> None:
         self.conn.execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))
@@ -346,7 +350,7 @@ class SQLiteBackend(Backend):
             r = c.execute("SELECT id, ttl, expires_at FROM lease WHERE id = ?", (lease_id,)).fetchone()
             if r is None:
                 return None, []
-            keys = [k for (k,) in c.execute("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease_id,))]
+            keys = [k for (k,) in c.execute(LEASE_KEYS, (lease_id,))]
             return LeaseRow(*r), keys
 
         return await self._read(run)
