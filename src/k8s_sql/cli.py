@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -85,6 +84,14 @@ def _duration(value: str) -> float:
     help="Frontend processes serving the same port (SO_REUSEPORT) and database, to use every core.",
 )
 @click.option(
+    "--event-loop",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "uvloop", "asyncio"], case_sensitive=False),
+    help="The asyncio event loop: uvloop (auto, when installed) costs gRPC about a fifth less CPU per "
+    "message than the standard loop.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -108,6 +115,7 @@ def main(
     progress_interval: str,
     sqlite_synchronous: str,
     workers: int,
+    event_loop: str,
     log_level: str,
 ) -> None:
     """An etcd v3 API server that keeps its data in SQL.
@@ -138,16 +146,17 @@ def main(
         watch_progress_notify_interval=_duration(progress_interval),
         sqlite_synchronous=sqlite_synchronous.upper(),
         workers=workers,
+        event_loop=event_loop.lower(),
     )
     try:
         config.validate()
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    from k8s_sql.server import serve, serve_workers
+    from k8s_sql.server import run, serve_workers
 
     if config.workers > 1:
         sys.exit(serve_workers(config))
-    asyncio.run(serve(config))
+    run(config)
 
 
 @main.command()

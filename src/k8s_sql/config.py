@@ -30,6 +30,7 @@ class Config:
     workers: int = 1
     reuse_port: bool = False  # set for --workers: several processes listen on one port
     lease_check_interval: float = 0.5
+    event_loop: str = "auto"  # auto (uvloop when installed), uvloop or asyncio
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -50,5 +51,7 @@ class Config:
             raise ValueError("--client-cert-auth needs --trusted-ca-file")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ValueError("--event-loop must be auto, uvloop or asyncio")
         if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError("--sqlite-synchronous must be OFF, NORMAL, FULL or EXTRA")

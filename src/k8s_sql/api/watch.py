@@ -15,6 +15,21 @@ from k8s_sql.watch.hub import Hub
 from k8s_sql.watch.stream import WatchStream
 
 
+def _encode(resp: pb.WatchResponse | bytes) -> bytes:
+    """Responses carrying events arrive already encoded (see Hub.encoded_event)."""
+    return resp if isinstance(resp, bytes) else resp.SerializeToString()
+
+
+def add_to_server(servicer: WatchServicer, server: grpc.aio.Server) -> None:
+    """Register the Watch service as the generated code would, except that responses
+    may come pre-encoded."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=_encode
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("etcdserverpb.Watch", {"Watch": handler}),))
+    server.add_registered_method_handlers("etcdserverpb.Watch", {"Watch": handler})
+
+
 class WatchServicer(rpc_pb2_grpc.WatchServicer, BackgroundLoop):
     task_name = "watch-progress"
 
@@ -33,7 +48,7 @@ class WatchServicer(rpc_pb2_grpc.WatchServicer, BackgroundLoop):
 
     async def Watch(
         self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchResponse]:
+    ) -> AsyncIterator[pb.WatchResponse | bytes]:
         header = pb.ResponseHeader()
         self.ctx.fill(header)
         stream = WatchStream(self.hub, header, self.ctx.max_request_bytes)

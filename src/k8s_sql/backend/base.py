@@ -9,7 +9,7 @@ writes happen inside a :class:`WriteTx` that holds the revision lock until commi
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -267,6 +267,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def meta_get(self, name: str) -> int | None: ...
+
+    async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
+        """Call ``on_commit(revision)`` soon after any frontend commits ``revision``,
+        until cancelled, for databases that can tell (PostgreSQL's LISTEN/NOTIFY).
+        Returns at once where they cannot: the follower then relies on polling alone.
+        Notifications only hurry the follower; a lost one costs one poll interval."""
+        return
 
     @abc.abstractmethod
     async def meta_set_default(self, name: str, value: int) -> int:

@@ -54,6 +54,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             "mysql": ("CREATE INDEX kv_keys ON kv (`key`)",),  # "already exists" is ignored
         },
     ),
+    Migration(
+        4,
+        # Other frontends learn of a commit by polling (every 25 ms); on PostgreSQL the
+        # commit itself tells them. The trigger runs inside the writer's transaction and
+        # PostgreSQL delivers the notification only if it commits, with the revision as
+        # payload, so a listener never hears of a revision it cannot read yet.
+        "notify listening frontends of each commit's revision on PostgreSQL",
+        {
+            "postgres": (
+                "CREATE OR REPLACE FUNCTION k8s_sql_notify_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$BEGIN PERFORM pg_notify('k8s_sql_commit', NEW.value::text); RETURN NULL; END$$",
+                "DROP TRIGGER IF EXISTS k8s_sql_commit ON meta",
+                "CREATE TRIGGER k8s_sql_commit AFTER UPDATE ON meta FOR EACH ROW "
+                "WHEN (NEW.name = 'revision') EXECUTE FUNCTION k8s_sql_notify_commit()",
+            ),
+        },
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASELINE_VERSION

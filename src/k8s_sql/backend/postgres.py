@@ -7,8 +7,10 @@ write. Reads run in ``REPEATABLE READ`` read-only transactions: one snapshot eac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -65,6 +67,11 @@ QUERIES = Queries(
     "ON CONFLICT (id) DO UPDATE SET ttl = EXCLUDED.ttl, expires_at = EXCLUDED.expires_at",
     insert_meta_absent="INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
 )
+
+COMMIT_CHANNEL = "k8s_sql_commit"  # see migration 4
+RELISTEN_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 # Errors that mean "the database is away", not "the request is wrong".
 UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
@@ -176,6 +183,34 @@ class PostgresBackend(GenericBackend):
 
     def autocommit_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         return self._conn(autocommit=True)
+
+    async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
+        """LISTEN on a connection of its own; reconnect after losing it."""
+
+        def heard(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            on_commit(int(payload))
+
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn)
+            except (*UNAVAILABLE, asyncpg.PostgresError) as e:
+                log.debug("listening for commits: %s", e)
+            else:
+                try:
+                    await self._listen_until_lost(conn, heard)
+                except (*UNAVAILABLE, asyncpg.PostgresError) as e:
+                    log.debug("listening for commits: %s", e)
+                finally:
+                    if not conn.is_closed():
+                        await conn.close()
+            await asyncio.sleep(RELISTEN_SECONDS)
+
+    @staticmethod
+    async def _listen_until_lost(conn: asyncpg.Connection, heard: Callable[..., None]) -> None:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(COMMIT_CHANNEL, heard)
+        await lost.wait()
 
     async def size(self) -> tuple[int, int]:
         async with self.autocommit_conn() as conn:

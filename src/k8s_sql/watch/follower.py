@@ -4,11 +4,15 @@ Several k8s-sql processes may serve one database. Each publishes its own commits
 its hub at once; this follower tails the ``log`` table for revisions written by the
 others. Because every writer holds the revision lock until it commits, committed
 revisions form a contiguous prefix: reading ``rev > last`` can never skip one.
+
+It polls every ``interval``, and sooner when the database announces a commit it has
+not seen (PostgreSQL's NOTIFY, see :meth:`Backend.follow_commits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from k8s_sql.backend.base import CompactedError
@@ -27,6 +31,11 @@ class Follower(BackgroundLoop):
         self.store = store
         self.interval = interval
         self.batch = batch
+        self._news = asyncio.Event()
+
+    def _heard(self, revision: int) -> None:
+        if revision > self.hub.revision:  # not this frontend's own commit, already published
+            self._news.set()
 
     async def poll_once(self) -> None:
         revision, compact = await self.store.backend.current()
@@ -47,11 +56,19 @@ class Follower(BackgroundLoop):
                 self.hub.advance(covered)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.poll_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the database is away: keep trying
-                log.debug("following the log failed: %s", e)
-            await asyncio.sleep(self.interval)
+        listener = asyncio.create_task(self.store.backend.follow_commits(self._heard), name="commit-listener")
+        try:
+            while True:
+                self._news.clear()
+                try:
+                    await self.poll_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # the database is away: keep trying
+                    log.debug("following the log failed: %s", e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._news.wait(), self.interval)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener

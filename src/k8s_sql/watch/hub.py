@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from k8s_sql.backend.base import DELETE, Backend, LogRow
-from k8s_sql.pb import kv_pb2
+from k8s_sql.pb import kv_pb2, rpc_pb2
 from k8s_sql.store.ranges import to_kv
 
 
@@ -49,6 +49,7 @@ class Hub:
         self.streams: set[Subscriber] = set()
         self.compact_revision: Callable[[], int] = lambda: 0
         self._events: dict[tuple[int, int, bool], kv_pb2.Event] = {}
+        self._encoded: dict[tuple[int, int, bool], bytes] = {}
 
     def event(self, ch: LogRow, with_prev: bool) -> kv_pb2.Event:
         """The Event message of a change, built once however many watchers send it
@@ -62,6 +63,20 @@ class Hub:
                     del self._events[old]
             ev = self._events[key] = to_event(ch, with_prev)
         return ev
+
+    def encoded_event(self, ch: LogRow, with_prev: bool) -> bytes:
+        """The change as the encoded ``events`` field of a WatchResponse, encoded once for
+        every watcher that sends it: protobuf's encoding of a message is the
+        concatenation of its fields' encodings, so a response can be assembled from
+        these bytes without building and encoding a message per watcher."""
+        key = (ch.rev, ch.sub, with_prev)
+        data = self._encoded.get(key)
+        if data is None:
+            if len(self._encoded) >= 2 * self.ring_events:
+                for old in list(self._encoded)[: self.ring_events]:  # the oldest half
+                    del self._encoded[old]
+            data = self._encoded[key] = rpc_pb2.WatchResponse(events=[self.event(ch, with_prev)]).SerializeToString()
+        return data
 
     def start(self, revision: int) -> None:
         self.revision = revision

@@ -41,6 +41,10 @@ class Watcher:
     fragment: bool
     progress_notify: bool
     sent_since_tick: bool = False
+    encoded_id: bytes = b""  # the watch_id field, encoded (see Hub.encoded_event)
+
+    def __post_init__(self) -> None:
+        self.encoded_id = pb.WatchResponse(watch_id=self.id).SerializeToString()
 
     def wants(self, ch: LogRow) -> bool:
         if ch.kind == DELETE:
@@ -49,6 +53,17 @@ class Watcher:
         elif self.no_put:
             return False
         return self.kr.contains(ch.row.key)
+
+    def wanted(self, changes: list[LogRow]) -> list[LogRow]:
+        """The changes this watcher sends (the ring scan's inner loop, kept tight)."""
+        if self.no_put or self.no_delete:
+            return [ch for ch in changes if self.wants(ch)]
+        lo, hi = self.kr.key, self.kr.end
+        if hi is None:
+            return [ch for ch in changes if ch.row.key == lo]
+        if hi == b"":
+            return [ch for ch in changes if ch.row.key >= lo]
+        return [ch for ch in changes if lo <= ch.row.key < hi]
 
 
 def _touches(kr: KeyRange, sorted_keys: list[bytes]) -> bool:
@@ -73,6 +88,14 @@ class WatchStream:
     _progress_requested: bool = False
     _closed: bool = False
     error: Exception | None = None
+    _encoded_header: tuple[int, bytes] = (-1, b"")
+
+    def _header_field(self, revision: int) -> bytes:
+        """The header field of a response at ``revision``, encoded (see Hub.encoded_event)."""
+        if self._encoded_header[0] != revision:
+            self.header.revision = revision
+            self._encoded_header = (revision, pb.WatchResponse(header=self.header).SerializeToString())
+        return self._encoded_header[1]
 
     def wake(self) -> None:
         self._wake.set()
@@ -179,7 +202,9 @@ class WatchStream:
 
     # -- responses ------------------------------------------------------------------
 
-    async def responses(self) -> AsyncIterator[pb.WatchResponse]:
+    async def responses(self) -> AsyncIterator[pb.WatchResponse | bytes]:
+        """The stream's responses, in order. Responses carrying events come already
+        encoded (bytes), the others as messages."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -204,7 +229,7 @@ class WatchStream:
             if self._closed and not self.control:
                 return
 
-    async def _pump(self, w: Watcher) -> AsyncIterator[pb.WatchResponse]:
+    async def _pump(self, w: Watcher) -> AsyncIterator[pb.WatchResponse | bytes]:
         """Responses carrying this watcher's events from ``w.next_rev`` up to the hub's
         current revision, a batch at a time; each revision's events stay together."""
         hub = self.hub
@@ -239,25 +264,38 @@ class WatchStream:
                 for rev, chs in hub.from_ring(w.next_rev):
                     if len(changes) >= MAX_EVENTS_PER_RESPONSE:
                         break
-                    changes.extend(ch for ch in chs if w.wants(ch))
+                    changes += w.wanted(chs)
                     covered = rev
             w.next_rev = covered + 1
-            if not changes:
-                continue
-            i = 0
-            while i < len(changes):
-                j = min(i + MAX_EVENTS_PER_RESPONSE, len(changes))
-                while j < len(changes) and changes[j].rev == changes[j - 1].rev:
-                    j += 1  # keep a revision's events together
-                resp = self._response(covered, watch_id=w.id)
-                # etcd reads prev_kv at the event's revision - 1 when it sends the event:
-                # at or below the compaction point that read fails and prev_kv is left out.
-                compacted = hub.compact_revision()
-                resp.events.extend(hub.event(ch, w.prev_kv and ch.rev > compacted) for ch in changes[i:j])
-                i = j
-                w.sent_since_tick = True
-                for r in self._fragments(resp) if w.fragment else (resp,):
+            if changes:
+                for r in self._event_responses(w, covered, changes):
                     yield r
+
+    def _event_responses(self, w: Watcher, covered: int, changes: list[LogRow]) -> list[pb.WatchResponse | bytes]:
+        """Responses carrying ``changes`` (up to revision ``covered``) to ``w``, at most
+        about MAX_EVENTS_PER_RESPONSE events each; a revision's events stay together."""
+        hub = self.hub
+        # etcd reads prev_kv at the event's revision - 1 when it sends the event: at or
+        # below the compaction point that read fails and prev_kv is left out.
+        compacted = hub.compact_revision()
+        out: list[pb.WatchResponse | bytes] = []
+        i = 0
+        while i < len(changes):
+            j = min(i + MAX_EVENTS_PER_RESPONSE, len(changes))
+            while j < len(changes) and changes[j].rev == changes[j - 1].rev:
+                j += 1
+            batch = changes[i:j]
+            i = j
+            if w.fragment:
+                resp = self._response(covered, watch_id=w.id)
+                resp.events.extend(hub.event(ch, w.prev_kv and ch.rev > compacted) for ch in batch)
+                out += self._fragments(resp)
+            else:
+                # header, watch_id, events: the fields in order, as a message would encode
+                events = [hub.encoded_event(ch, w.prev_kv and ch.rev > compacted) for ch in batch]
+                out.append(b"".join([self._header_field(covered), w.encoded_id, *events]))
+        w.sent_since_tick = True
+        return out
 
     def _fragments(self, resp: pb.WatchResponse) -> list[pb.WatchResponse]:
         """etcd's sendFragments: split a response over max-request-bytes into parts."""
