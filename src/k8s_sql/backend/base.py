@@ -9,10 +9,15 @@ writes happen inside a :class:`WriteTx` that holds the revision lock until commi
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
+
+T = TypeVar("T")
+CONFLICT_RETRIES = 6  # attempts of a transaction aborted as a conflict
 
 
 class Row(NamedTuple):
@@ -267,6 +272,25 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def meta_get(self, name: str) -> int | None: ...
+
+    def conflicted(self, error: BaseException) -> bool:
+        """Whether the database aborted a transaction for conflicting with another one
+        (a deadlock or serialization failure): nothing of it was applied, and running it
+        again may well succeed."""
+        return False
+
+    async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run a small transaction of its own, again if the database aborts it as a
+        conflict (see :meth:`Backend.conflicted`): InnoDB can report a deadlock when
+        frontends starting together insert and lock ``meta`` rows at once."""
+        for n in range(CONFLICT_RETRIES):
+            try:
+                return await attempt()
+            except Exception as e:
+                if n == CONFLICT_RETRIES - 1 or not self.conflicted(e):
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.01 * 2**n))
+        raise AssertionError("unreachable")
 
     async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
         """Call ``on_commit(revision)`` soon after any frontend commits ``revision``,

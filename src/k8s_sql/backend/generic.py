@@ -224,12 +224,18 @@ class GenericBackend(Backend):
             await tx.finish()
 
     async def meta_set_default(self, name: str, value: int) -> int:
+        return await self.retrying(lambda: self._meta_set_default(name, value))
+
+    async def _meta_set_default(self, name: str, value: int) -> int:
         # Frontends (or --workers) starting together race here: one insert wins.
         async with self.autocommit_conn() as conn:
             await conn.execute(self.q.insert_meta_absent, name, value)
             return int(await conn.fetchval("SELECT value FROM meta WHERE name = ?", name))
 
     async def heartbeat(self, member: MemberRow) -> None:
+        await self.retrying(lambda: self._heartbeat(member))
+
+    async def _heartbeat(self, member: MemberRow) -> None:
         async with self.transaction() as conn:
             if (
                 await conn.execute(
@@ -255,6 +261,9 @@ class GenericBackend(Backend):
             await conn.execute("DELETE FROM member WHERE id = ?", member_id)
 
     async def try_lead(self, member_id: int, now: float, until: float) -> int:
+        return await self.retrying(lambda: self._try_lead(member_id, now, until))
+
+    async def _try_lead(self, member_id: int, now: float, until: float) -> int:
         async with self.transaction() as conn:
             # The rows must exist to be locked; frontends starting together may both
             # insert them, so the insert tolerates the other's.

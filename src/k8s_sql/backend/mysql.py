@@ -79,6 +79,7 @@ ER_DUP_KEYNAME = 1061
 
 # Client error codes for a server that is down, restarting or unreachable.
 _CONNECTION_ERRORS = {1053, 1077, 1927, 2002, 2003, 2006, 2013, 2055}
+_CONFLICT_ERRORS = {1205, 1213}  # lock wait timeout, deadlock
 
 DSN = re.compile(
     r"^mysql://(?:(?P<user>[^:@/]*)(?::(?P<password>[^@/]*))?@)?"
@@ -152,7 +153,20 @@ class MySQLBackend(GenericBackend):
         self.pool_size = pool_size
         self._pool: Any = None
 
+    def conflicted(self, error: BaseException) -> bool:
+        return (
+            isinstance(error, asyncmy.errors.OperationalError)
+            and bool(error.args)
+            and error.args[0] in _CONFLICT_ERRORS
+        )
+
     async def open(self) -> None:
+        await self.retrying(self._open_schema)
+        self._pool = await asyncmy.create_pool(
+            minsize=1, maxsize=self.pool_size, autocommit=True, pool_recycle=600, **self.args
+        )
+
+    async def _open_schema(self) -> None:
         server = {k: v for k, v in self.args.items() if k != "database"}
         conn = await asyncmy.connect(**server, autocommit=True)
         try:
@@ -165,6 +179,8 @@ class MySQLBackend(GenericBackend):
                 await cur.execute(f"USE `{db}`")
                 # Several frontends may start at once: one creates the schema.
                 await cur.execute("SELECT GET_LOCK('k8s_sql_schema', 60)")
+                if (await cur.fetchone())[0] != 1:
+                    raise RuntimeError("another frontend held the schema lock for 60 s")
                 try:
                     for stmt in SCHEMA:
                         await cur.execute(stmt)
@@ -189,9 +205,6 @@ class MySQLBackend(GenericBackend):
                     await cur.execute("SELECT RELEASE_LOCK('k8s_sql_schema')")
         finally:
             conn.close()
-        self._pool = await asyncmy.create_pool(
-            minsize=1, maxsize=self.pool_size, autocommit=True, pool_recycle=600, **self.args
-        )
 
     async def close(self) -> None:
         if self._pool is not None:

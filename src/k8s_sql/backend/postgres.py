@@ -184,6 +184,9 @@ class PostgresBackend(GenericBackend):
     def autocommit_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         return self._conn(autocommit=True)
 
+    def conflicted(self, error: BaseException) -> bool:
+        return isinstance(error, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
+
     async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
         """LISTEN on a connection of its own; reconnect after losing it."""
 

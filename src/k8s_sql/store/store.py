@@ -431,10 +431,14 @@ class Store:
                         q.future.set_exception(err)
 
     async def _apply_batch(self, batch: list[_Queued]) -> None:
-        try:
-            revision, compact, committed, results = await self._run_batch(batch, savepoints=False)
-        except _Replay:
-            revision, compact, committed, results = await self._run_batch(batch, savepoints=True)
+        async def attempt() -> tuple[int, int, list[LogRow], list[tuple[bool, Any]]]:
+            try:
+                return await self._run_batch(batch, savepoints=False)
+            except _Replay:
+                return await self._run_batch(batch, savepoints=True)
+
+        # A transaction the database aborted as a conflict applied nothing: run it again.
+        revision, compact, committed, results = await self.backend.retrying(attempt)
         self.observe_revision(revision)
         self.compact_revision = max(self.compact_revision, compact)
         if committed:
