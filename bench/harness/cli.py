@@ -344,7 +344,7 @@ class Run:
                     p.stop()
         if "w3" in wl and server != "etcd" and not (server == "kine" and backend.startswith("sqlite")):
             try:
-                procs = launcher.launch(server, backend, 2)
+                procs = launcher.launch(server, backend, 2, spread=True)
             except Exception as e:
                 self.fail(server, backend, "start (2 frontends)", e)
             else:
@@ -434,7 +434,9 @@ class Run:
                 "quick": self.args.quick,
                 "pinning": (
                     "servers under test and the database servers on core 0 (`taskset -c 0`, all threads); "
-                    "bench-driver, bench/kube/run.sh (kube-apiserver, kwok) and the harness on core 1"
+                    "bench-driver, bench/kube/run.sh (kube-apiserver, kwok) and the harness on core 1; "
+                    "W3 across two frontends: frontend 0 on core 0 (with the database), frontend 1 on core 1 "
+                    "(with the driver)"
                     if self.pinned
                     else "none: every process may use both cores"
                 ),

@@ -213,11 +213,14 @@ class Launcher:
     log_dir: Path
     _n: int = 0
 
-    def _taskset(self) -> list[str]:
-        return ["taskset", "-c", self.server_cores] if self.server_cores else []
+    def _taskset(self, cores: str | None) -> list[str]:
+        return ["taskset", "-c", cores] if cores else []
 
-    def launch(self, server: str, backend: str, frontends: int = 1) -> list[Proc]:
-        """Start ``frontends`` processes of ``server`` sharing one fresh store on ``backend``."""
+    def launch(self, server: str, backend: str, frontends: int = 1, spread: bool = False) -> list[Proc]:
+        """Start ``frontends`` processes of ``server`` sharing one fresh store on ``backend``.
+        Pinned runs put every server on ``server_cores``; with ``spread``, frontend i goes
+        on core i instead (the first shares its core with the database, the second with
+        the driver): several frontends exist to use several cores."""
         self._n += 1
         tag = f"{self._n:02d}-{server}-{backend}"
         store = self.work / tag
@@ -234,7 +237,10 @@ class Launcher:
         try:
             for i in range(frontends):
                 port = free_port()
-                argv = self._argv(server, backend, port, store, i, shared)
+                cores = self.server_cores
+                if cores and spread:
+                    cores = str(i % (os.cpu_count() or 1))
+                argv = [*self._taskset(cores), *self._argv(server, backend, port, store, i, shared)]
                 p = Proc(f"{tag}-{i}", argv, f"127.0.0.1:{port}", self.log_dir / f"{tag}-{i}.log", store / f"fe{i}")
                 procs.append(p)
                 p.start()
@@ -248,7 +254,6 @@ class Launcher:
         if server == "etcd":
             assert self.peers_bin is not None
             return [
-                *self._taskset(),
                 str(self.peers_bin / "etcd"),
                 *("--name", "bench", "--data-dir", str(store / "etcd")),
                 *("--listen-client-urls", f"http://127.0.0.1:{port}"),
@@ -256,7 +261,6 @@ class Launcher:
             ]
         if server == "k8s-sql":
             argv = [
-                *self._taskset(),
                 sys.executable,
                 *("-m", "k8s_sql", "--name", f"fe{i}", "--data-dir", str(store / f"fe{i}")),
                 *("--listen-client-urls", f"http://127.0.0.1:{port}", "--log-level", "warn"),
@@ -270,7 +274,7 @@ class Launcher:
             return argv
         if server == "kine":
             assert self.kine_bin is not None
-            argv = [*self._taskset(), str(self.kine_bin / "kine"), "--listen-address", f"127.0.0.1:{port}"]
+            argv = [str(self.kine_bin / "kine"), "--listen-address", f"127.0.0.1:{port}"]
             if backend == "sqlite-full":
                 argv += ["--endpoint", f"sqlite://{store}/state.db?{KINE_SQLITE_PARAMS_FULL}"]
             elif backend == "postgres":

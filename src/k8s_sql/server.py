@@ -138,7 +138,7 @@ async def start(config: Config) -> Server:
     watch.start()
     expirer = LeaseExpirer(store, interval=config.lease_check_interval, active=lambda: membership.is_leader)
     expirer.start()
-    follower = Follower(hub, store)
+    follower = Follower(hub, store, interval=backend.follow_interval)
     follower.start()
     log.info(
         "ready to serve client requests on %s (store %s, revision %d)",

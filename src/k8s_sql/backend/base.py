@@ -187,6 +187,10 @@ class Backend(abc.ABC):
     """A database holding one k8s-sql store."""
 
     max_key_bytes: int | None = None  # the longest key the database can index, if limited
+    # How often other frontends' commits are looked for (see watch/follower.py): the
+    # longest a watcher on one frontend waits for a change written through another,
+    # unless the database announces commits (follow_commits).
+    follow_interval: float = 0.025
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -290,7 +290,9 @@ class GenericBackend(Backend):
     # -- reads ---------------------------------------------------------------------
 
     async def current(self) -> tuple[int, int]:
-        async with self.snapshot_conn() as conn:
+        # One statement reads one snapshot: no transaction (and its two extra round
+        # trips) needed. Other frontends' followers call this many times a second.
+        async with self.autocommit_conn() as conn:
             return await read_meta(conn)
 
     async def range(self, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool) -> RangeResult:

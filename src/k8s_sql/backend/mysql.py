@@ -147,6 +147,7 @@ class MySQLBackend(GenericBackend):
 
     q = QUERIES
     max_key_bytes = MAX_KEY_BYTES
+    follow_interval = 0.010  # no commit announcements: one small query per look
 
     def __init__(self, dsn: str, pool_size: int = 8) -> None:
         self.args = parse_dsn(dsn)

@@ -168,6 +168,8 @@ class SQLiteWriteTx(BufferedWriteTx):
 class SQLiteBackend(Backend):
     """A store in one SQLite file (WAL mode)."""
 
+    follow_interval = 0.005  # a local read of two rows: cheap enough to look often
+
     def __init__(self, path: str, synchronous: str = "FULL", readers: int = 4) -> None:
         self.path = path
         self.synchronous = synchronous

@@ -5,7 +5,7 @@ its hub at once; this follower tails the ``log`` table for revisions written by 
 others. Because every writer holds the revision lock until it commits, committed
 revisions form a contiguous prefix: reading ``rev > last`` can never skip one.
 
-It polls every ``interval``, and sooner when the database announces a commit it has
+It polls every ``interval`` (the backend's ``follow_interval``), and sooner when the database announces a commit it has
 not seen (PostgreSQL's NOTIFY, see :meth:`Backend.follow_commits`).
 """
 
