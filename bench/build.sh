@@ -11,7 +11,7 @@
 #
 # A binary is rebuilt only when the hash of its module's inputs (go.mod,
 # go.sum, the non-test .go files, this script) differs from the one stored
-# next to it. The default Go module and build caches are used. kine's
+# next to it (scripts/lib/go-build-cached.sh). The default Go module and build caches are used. kine's
 # SQLite driver needs cgo (mattn/go-sqlite3), so CGO_ENABLED=1 and a C
 # compiler are required.
 set -euo pipefail
@@ -26,33 +26,15 @@ bin="${1:-${K8S_SQL_BENCH_BIN:-$HOME/.cache/k8s-sql/bench/$kine_version}}"
 mkdir -p "$bin"
 bin="$(cd "$bin" && pwd)"
 
-# inputs_hash DIR: one hash over the module's build inputs and this script.
-inputs_hash() {
-  local dir="$1"
-  (
-    cd "$dir"
-    ls go.mod go.sum *.go | grep -v '_test\.go$' | sort | xargs sha256sum
-    sha256sum "$here/build.sh" | cut -d' ' -f1
-  ) | sha256sum | cut -d' ' -f1
-}
+# shellcheck source=../scripts/lib/go-build-cached.sh
+source "$root/scripts/lib/go-build-cached.sh"
+export CGO_ENABLED=1
 
-# build NAME MODULE_DIR: go build the module into $bin/NAME unless the
-# stored hash says it is current.
+# build NAME MODULE_DIR: its module's inputs, this script and the helper decide.
 build() {
-  local name="$1" dir="$2" hash start
-  hash="$(inputs_hash "$dir")"
-  if [[ -x "$bin/$name" && "$(cat "$bin/.$name.inputs" 2>/dev/null)" == "$hash" ]]; then
-    echo "bench: $name up to date" >&2
-    return
-  fi
-  echo "bench: building $name ($dir)" >&2
-  start=$SECONDS
-  # Build to a temp name and rename, so an interrupted build never leaves a
-  # binary that looks current.
-  (cd "$dir" && CGO_ENABLED=1 go build -trimpath -buildvcs=false -o "$bin/.$name.tmp" .) >&2
-  mv -f "$bin/.$name.tmp" "$bin/$name"
-  echo "$hash" >"$bin/.$name.inputs"
-  echo "bench: built $name in $((SECONDS - start))s" >&2
+  local inputs
+  mapfile -t inputs < <(go_module_inputs "$2")
+  go_build_cached bench "$bin" "$1" "$2" . "${inputs[@]}" "$here/build.sh" "$root/scripts/lib/go-build-cached.sh"
 }
 
 build kine "$here/kine"

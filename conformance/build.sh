@@ -7,7 +7,8 @@
 # k8s.io/kubernetes vX.Y.Z and replaces each staging module with its published
 # twin k8s.io/<module> v0.Y.Z, then runs `go build` on the two commands.
 #
-# Idempotent: a binary newer than the generated go.mod and this script is kept.
+# Idempotent: a binary is rebuilt only when the generated go.mod/go.sum, this
+# script or the link flags changed (scripts/lib/go-build-cached.sh).
 # Progress goes to stderr; the last line of stdout is the bin dir.
 #
 #   conformance/build.sh                       # KUBE_VERSION defaults to v1.37.2
@@ -83,15 +84,6 @@ if ! cmp -s "$new_gomod" "$mod/go.mod.in" 2>/dev/null || [[ ! -s "$mod/go.sum" ]
   log "resolved modules in $((SECONDS - start))s"
 fi
 
-# up_to_date OUT: OUT exists and is newer than the module and this script.
-up_to_date() {
-  local out="$1" f
-  [[ -x "$out" ]] || return 1
-  for f in "$mod/go.mod" "$mod/go.sum" "$script"; do
-    [[ "$out" -nt "$f" ]] || return 1
-  done
-}
-
 # Stamp the version the way hack/lib/version.sh does, so /version and
 # `kubectl version` report the real release instead of v0.0.0-master.
 minor="${version#v1.}"; minor="${minor%%.*}"
@@ -100,19 +92,11 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $p.gitVersion=$version -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=archive"
 done
 
+# shellcheck source=../scripts/lib/go-build-cached.sh
+source "$here/../scripts/lib/go-build-cached.sh"
+export GO_LDFLAGS="$ldflags"
 build() {
-  local name="$1" pkg="$2" start
-  if up_to_date "$bin/$name"; then
-    log "$name up to date"
-    return
-  fi
-  log "building $name ($pkg@$version); a cold build takes many minutes"
-  start=$SECONDS
-  # Build to a temp name and rename: an interrupted build never leaves a
-  # truncated binary that looks up to date.
-  (cd "$mod" && go build -trimpath -buildvcs=false -ldflags="$ldflags" -o "$bin/.$name.tmp" "$pkg" >&2)
-  mv -f "$bin/.$name.tmp" "$bin/$name"
-  log "built $name in $((SECONDS - start))s"
+  go_build_cached kube "$bin" "$1" "$mod" "$2" "$mod/go.mod" "$mod/go.sum" "$script" "$here/../scripts/lib/go-build-cached.sh"
 }
 
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver

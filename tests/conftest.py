@@ -250,6 +250,38 @@ def etcd(etcd_factory: Callable[..., ServerProcess]) -> ServerProcess:
     return etcd_factory("--watch-progress-notify-interval", "1s")
 
 
+# The modules that take minutes, longest first. Collected first, so that pytest-xdist
+# (scripts/test) hands them out first and the short modules fill in around them,
+# instead of the longest one starting last and running alone.
+LONG_MODULES = ("test_storage_conformance", "test_kubernetes_e2e", "test_differential", "test_bench_smoke")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: the order within each module is kept
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The differential totals (tests/differential), from the reports' user properties:
+    this conftest is the one pytest-xdist's controller loads."""
+    from differential.test_differential import Totals
+
+    totals = Totals()
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", None) != "call":
+                continue
+            for name, value in getattr(report, "user_properties", []):
+                if name == "differential":
+                    totals.add(*value)
+    if totals.runs:
+        terminalreporter.write_sep("=", "differential against etcd")
+        terminalreporter.write_line(totals.line())
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In strict mode a skipped test is a failure: CI must not pass by skipping."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

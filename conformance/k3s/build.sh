@@ -7,7 +7,8 @@
 #   conformance/k3s/build.sh OUT_DIR   # explicit output dir
 #
 # The binary is rebuilt only when the hash of go.mod, go.sum, the non-test
-# .go files and this script differs from the one stored next to it. The
+# .go files and this script differs from the one stored next to it
+# (scripts/lib/go-build-cached.sh). The
 # default Go module and build caches are used. Progress goes to stderr; the
 # last line of stdout is the bin dir.
 set -euo pipefail
@@ -21,25 +22,13 @@ bin="${1:-${K8S_SQL_K3S_PROBE_BIN:-$HOME/.cache/k8s-sql/k3s-probe/$kine_version}
 mkdir -p "$bin"
 bin="$(cd "$bin" && pwd)"
 
-hash="$(
-  cd "$here"
-  ls go.mod go.sum *.go | grep -v '_test\.go$' | sort | xargs sha256sum
-  sha256sum build.sh | cut -d' ' -f1
-)"
-hash="$(sha256sum <<<"$hash" | cut -d' ' -f1)"
-
-if [[ -x "$bin/k3s-probe" && "$(cat "$bin/.k3s-probe.inputs" 2>/dev/null)" == "$hash" ]]; then
-  echo "k3s-probe: up to date" >&2
-else
-  echo "k3s-probe: building (kine $kine_version)" >&2
-  start=$SECONDS
-  # cgo as in bench/build.sh (kine's SQLite driver is linked in), so the
-  # build cache entries match. Build to a temp name and rename, so an
-  # interrupted build never leaves a binary that looks current.
-  (cd "$here" && CGO_ENABLED=1 go build -trimpath -buildvcs=false -o "$bin/.k3s-probe.tmp" .) >&2
-  mv -f "$bin/.k3s-probe.tmp" "$bin/k3s-probe"
-  echo "$hash" >"$bin/.k3s-probe.inputs"
-  echo "k3s-probe: built in $((SECONDS - start))s" >&2
-fi
+root="$(cd "$here/../.." && pwd)"
+# shellcheck source=../../scripts/lib/go-build-cached.sh
+source "$root/scripts/lib/go-build-cached.sh"
+# cgo as in bench/build.sh (kine's SQLite driver is linked in), so the build cache
+# entries match.
+export CGO_ENABLED=1
+mapfile -t inputs < <(go_module_inputs "$here")
+go_build_cached k3s-probe "$bin" k3s-probe "$here" . "${inputs[@]}" build.sh "$root/scripts/lib/go-build-cached.sh"
 
 echo "$bin"

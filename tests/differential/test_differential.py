@@ -47,7 +47,9 @@ NODELETE = pb.WatchCreateRequest.NODELETE
 
 @dataclass
 class Totals:
-    """What every seed compared, for the terminal summary (see conftest.py)."""
+    """What every seed compared, for the terminal summary (see tests/conftest.py). Each test
+    records its numbers as a ``differential`` user property of its report, which
+    reaches the summary also from pytest-xdist workers."""
 
     ops: int = 0
     events: int = 0
@@ -55,10 +57,10 @@ class Totals:
     seconds: float = 0.0
     runs: list[str] = field(default_factory=list)  # "seed@backend"
 
-    def add(self, backend: str, seed: int, run: Run, seconds: float) -> None:
-        self.ops += run.ops
-        self.events += run.events
-        self.mismatches += len(run.mismatches)
+    def add(self, backend: str, seed: int, ops: int, events: int, mismatches: int, seconds: float) -> None:
+        self.ops += ops
+        self.events += events
+        self.mismatches += mismatches
         self.seconds += seconds
         self.runs.append(f"{seed}@{backend}")
 
@@ -68,9 +70,6 @@ class Totals:
             f"against etcd {ETCD_VERSION}: {self.mismatches} mismatches "
             f"({len(self.runs)} runs: {' '.join(self.runs)}; {self.seconds:.0f}s)"
         )
-
-
-TOTALS = Totals()
 
 
 def describe(msg: Message, limit: int = 3000) -> str:
@@ -354,13 +353,18 @@ def run_seed(seed: int, etcd_endpoint: str, k8s_endpoint: str, n_ops: int) -> Ru
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_differential(
-    seed: int, etcd: Any, k8s_sql: Any, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+    seed: int,
+    etcd: Any,
+    k8s_sql: Any,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    record_property: Any,
 ) -> None:
     backend = request.node.callspec.params.get("backend_args", "sqlite")
     start = time.monotonic()
     run = run_seed(seed, etcd.endpoint, k8s_sql.endpoint, OPS_PER_SEED)
     elapsed = time.monotonic() - start
-    TOTALS.add(backend, seed, run, elapsed)
+    record_property("differential", (backend, seed, run.ops, run.events, len(run.mismatches), elapsed))
     with capsys.disabled():
         print(
             f"\ndifferential seed {seed} on {backend}: compared {run.ops} operations and {run.events} watch "
