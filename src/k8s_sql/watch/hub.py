@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from k8s_sql.backend.base import DELETE, Backend, LogRow
 from k8s_sql.pb import kv_pb2, rpc_pb2
@@ -58,10 +58,8 @@ class Hub:
         key = (ch.rev, ch.sub, with_prev)
         ev = self._events.get(key)
         if ev is None:
-            if len(self._events) >= 2 * self.ring_events:
-                for old in list(self._events)[: self.ring_events]:  # the oldest half
-                    del self._events[old]
             ev = self._events[key] = to_event(ch, with_prev)
+            self._bound(self._events)
         return ev
 
     def encoded_event(self, ch: LogRow, with_prev: bool) -> bytes:
@@ -72,11 +70,16 @@ class Hub:
         key = (ch.rev, ch.sub, with_prev)
         data = self._encoded.get(key)
         if data is None:
-            if len(self._encoded) >= 2 * self.ring_events:
-                for old in list(self._encoded)[: self.ring_events]:  # the oldest half
-                    del self._encoded[old]
-            data = self._encoded[key] = rpc_pb2.WatchResponse(events=[self.event(ch, with_prev)]).SerializeToString()
+            data = rpc_pb2.WatchResponse(events=[self.event(ch, with_prev)]).SerializeToString()
+            self._encoded[key] = data
+            self._bound(self._encoded)
         return data
+
+    def _bound(self, cache: dict[tuple[int, int, bool], Any]) -> None:
+        """Keep a per-change cache to about twice the ring: drop its oldest half."""
+        if len(cache) > 2 * self.ring_events:
+            for old in list(cache)[: self.ring_events]:
+                del cache[old]
 
     def start(self, revision: int) -> None:
         self.revision = revision
