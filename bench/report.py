@@ -471,6 +471,10 @@ def render(results_path: Path, out_md: Path) -> None:
             "",
         ]
 
+    limits = HERE / "limits.md"
+    if limits.exists():
+        lines += [limits.read_text().rstrip(), ""]
+
     lines += ["## Machine", ""]
     lines += table(
         ["", ""],
