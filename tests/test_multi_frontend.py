@@ -164,3 +164,45 @@ def test_workers_share_one_port(k8s_sql_factory, backend_args) -> None:
     with grpc.insecure_channel(server.endpoint) as ch:
         members = rpc_pb2_grpc.ClusterStub(ch).MemberList(pb.MemberListRequest()).members
     assert sorted(m.name for m in members) == ["default-0", "default-1"]
+
+
+async def test_postgres_announces_each_commit(postgres_server, k8s_sql_factory) -> None:
+    """On PostgreSQL a commit is announced (NOTIFY, from migration 4's trigger) with its
+    revision, so other frontends' followers need not wait for their next poll. A
+    listener of our own hears every revision a frontend commits, and only committed
+    ones: a txn whose compare fails commits no revision and is not announced."""
+    import asyncio
+
+    from k8s_sql.backend import open_backend
+
+    dsn = postgres_server.new_dsn()
+    server = k8s_sql_factory("--endpoint", dsn)
+    listener = open_backend(dsn)
+    await listener.open()
+    heard: asyncio.Queue[int] = asyncio.Queue()
+    follow = asyncio.create_task(listener.follow_commits(heard.put_nowait))
+    try:
+        async with grpc.aio.insecure_channel(server.endpoint) as ch:
+            kv = rpc_pb2_grpc.KVStub(ch)
+            # The listener connects on its own: write until one write is heard.
+            deadline = time.monotonic() + 10
+            while heard.empty():
+                assert time.monotonic() < deadline, "no commit was announced"
+                last = (await kv.Put(pb.PutRequest(key=b"n/0", value=b"v"))).header.revision
+                await asyncio.sleep(0.05)
+            while (rev := await asyncio.wait_for(heard.get(), 10)) != last:
+                assert rev < last
+            for i in range(1, 4):
+                await kv.Txn(
+                    pb.TxnRequest(
+                        compare=[pb.Compare(key=b"n/0", target=pb.Compare.MOD, mod_revision=1)],  # never true
+                        success=[pb.RequestOp(request_put=pb.PutRequest(key=b"n/x", value=b"v"))],
+                    )
+                )
+                put = await kv.Put(pb.PutRequest(key=b"n/%d" % i, value=b"v"))
+                assert await asyncio.wait_for(heard.get(), 10) == put.header.revision
+            assert heard.empty()
+    finally:
+        follow.cancel()
+        await asyncio.gather(follow, return_exceptions=True)
+        await listener.close()

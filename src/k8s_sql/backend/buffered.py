@@ -35,6 +35,7 @@ _MISSING = object()
 class BufferedWriteTx(WriteTx):
     def __init__(self, revision: int, compact_revision: int) -> None:
         self.revision = revision
+        self._stored_revision = revision  # the revision in meta when the transaction began
         self.compact_revision = compact_revision
         self.savepoints = False  # set by the store when replaying a batch
         self.dirty = False  # changed something since begin_request()
@@ -137,7 +138,8 @@ class BufferedWriteTx(WriteTx):
     async def finish(self) -> None:
         """Everything the commit needs: the buffered changes and the new revision."""
         await self.flush()
-        await self._db_set_meta("revision", self.revision)
+        if self.revision != self._stored_revision:  # a batch of failed compares changes nothing
+            await self._db_set_meta("revision", self.revision)
 
     # -- WriteTx -------------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 "$$BEGIN PERFORM pg_notify('k8s_sql_commit', NEW.value::text); RETURN NULL; END$$",
                 "DROP TRIGGER IF EXISTS k8s_sql_commit ON meta",
                 "CREATE TRIGGER k8s_sql_commit AFTER UPDATE ON meta FOR EACH ROW "
-                "WHEN (NEW.name = 'revision') EXECUTE FUNCTION k8s_sql_notify_commit()",
+                "WHEN (NEW.name = 'revision' AND NEW.value <> OLD.value) EXECUTE FUNCTION k8s_sql_notify_commit()",
             ),
         },
     ),

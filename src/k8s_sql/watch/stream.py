@@ -126,7 +126,9 @@ class WatchStream:
 
     async def read_requests(self, requests: AsyncIterator[pb.WatchRequest]) -> None:
         """Apply the client's requests; a failure to read them (an undecodable message)
-        is kept in ``error`` and ends the stream."""
+        is kept in ``error`` and ends the stream. A client that stops sending (closes
+        its side) still gets its watches' events, as from etcd: the stream ends when
+        the client cancels it."""
         try:
             async for req in requests:
                 kind = req.WhichOneof("request_union")
@@ -139,7 +141,6 @@ class WatchStream:
                 self.wake()
         except Exception as e:
             self.error = e
-        finally:
             self._closed = True
             self.wake()
 
