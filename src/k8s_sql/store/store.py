@@ -121,6 +121,10 @@ class Store:
         self.clock = clock
         self.revision = 0
         self.compact_revision = 0
+        # The revision of this frontend's latest commit, set as the commit is sent: a
+        # database that announces commits (PostgreSQL) may announce it before the
+        # commit's own publication, and the follower need not read it back.
+        self.committing_revision = 0
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
         self._listeners: list[CommitListener] = []
         self._writer: asyncio.Task[None] | None = None
@@ -491,6 +495,8 @@ class Store:
                     committed.extend(req.changes)
                 results.append((True, value))
             revision, compact = tx.revision, tx.compact_revision
+            if committed:
+                self.committing_revision = revision
         return revision, compact, committed, results
 
     # -- physical compaction ---------------------------------------------------------

@@ -34,7 +34,9 @@ class Follower(BackgroundLoop):
         self._news = asyncio.Event()
 
     def _heard(self, revision: int) -> None:
-        if revision > self.hub.revision:  # not this frontend's own commit, already published
+        # This frontend's own commits are published by the store itself: reading them
+        # back cost a PostgreSQL frontend a third of its write throughput.
+        if revision > max(self.hub.revision, self.store.committing_revision):
             self._news.set()
 
     async def poll_once(self) -> None:
