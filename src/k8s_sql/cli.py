@@ -11,23 +11,49 @@ import sys
 import click
 
 from k8s_sql import __version__
-from k8s_sql.config import DEFAULT_CLIENT_URL, MAX_REQUEST_BYTES, Config
+from k8s_sql.config import DEFAULT_CLIENT_URL, MAX_REQUEST_BYTES, Config, configure_logging, parse_duration
+
+# etcd's minWatchProgressInterval
+MIN_PROGRESS_INTERVAL = 0.1
 
 
 def _urls(value: str) -> list[str]:
     return [u.strip() for u in value.split(",") if u.strip()]
 
 
-def _duration(value: str) -> float:
-    """etcd-style durations: 10m, 1s, 500ms, 1h, or plain seconds."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
-        if value.endswith(suffix):
-            return float(value[: -len(suffix)]) * units[suffix]
-    return float(value)
+class Duration(click.ParamType):
+    """etcd's duration flags: Go's syntax (``1m30s``, ``500ms``, ``1.5h``, ``0``) or a
+    plain number of seconds; a bad one is a usage error with Go's message."""
+
+    name = "duration"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+def _progress_interval(seconds: float) -> float:
+    """etcd's rule (v3rpc/watch.go): zero or less keeps the default (10 minutes), and an
+    interval under 100 ms is raised to 100 ms with a warning."""
+    if seconds <= 0:
+        return 600.0
+    if seconds < MIN_PROGRESS_INTERVAL:
+        logging.getLogger("k8s_sql").warning(
+            "adjusting watch progress notify interval to the minimum period of %.0f ms", MIN_PROGRESS_INTERVAL * 1000
+        )
+        return MIN_PROGRESS_INTERVAL
+    return seconds
+
+
+@click.group(
+    invoke_without_command=True,
+    # Every flag can come from the environment as K8S_SQL_<FLAG>, as etcd's from ETCD_<FLAG>.
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "K8S_SQL"},
+)
 @click.option("--name", default="default", show_default=True, help="Human-readable name of this member (frontend).")
 @click.option(
     "--data-dir",
@@ -37,7 +63,15 @@ def _duration(value: str) -> float:
 @click.option(
     "--endpoint",
     default="",
-    help="The database: sqlite:///PATH/state.db. [default: sqlite:///${data-dir}/state.db]",
+    help="The database: sqlite:///PATH/state.db, postgres://USER:PASS@HOST:PORT/DB or "
+    "mysql://USER:PASS@tcp(HOST:PORT)/DB. A password here shows in `ps`: prefer --endpoint-file or "
+    "K8S_SQL_ENDPOINT. [default: sqlite:///${data-dir}/state.db]",
+)
+@click.option(
+    "--endpoint-file",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    default=None,
+    help="Read --endpoint from this file (its first line), so the DSN and its password stay out of argv.",
 )
 @click.option(
     "--listen-client-urls",
@@ -62,12 +96,23 @@ def _duration(value: str) -> float:
 )
 @click.option("--max-txn-ops", default=128, show_default=True, help="Most operations in one txn.")
 @click.option(
+    "--quota-backend-bytes",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Raise the NOSPACE alarm and refuse writes that add data once the database holds this many bytes "
+    "in use (etcd's flag; 0: no quota, the database's own disk is the limit).",
+)
+@click.option(
     "--watch-progress-notify-interval",
     "--experimental-watch-progress-notify-interval",
     "progress_interval",
+    envvar="K8S_SQL_WATCH_PROGRESS_NOTIFY_INTERVAL",
     default="10m",
     show_default=True,
-    help="How often idle watches with progress_notify get a progress response (e.g. 10m, 1s).",
+    type=Duration(),
+    help="How often idle watches with progress_notify get a progress response: a Go duration (10m, 1m30s, "
+    "500ms) or seconds; 0 keeps 10m, less than 100ms is raised to 100ms (etcd's rules).",
 )
 @click.option(
     "--sqlite-synchronous",
@@ -104,6 +149,7 @@ def main(
     name: str,
     data_dir: str,
     endpoint: str,
+    endpoint_file: str | None,
     listen_client_urls: str,
     advertise_client_urls: str,
     cert_file: str,
@@ -112,7 +158,8 @@ def main(
     client_cert_auth: bool,
     max_request_bytes: int,
     max_txn_ops: int,
-    progress_interval: str,
+    quota_backend_bytes: int,
+    progress_interval: float,
     sqlite_synchronous: str,
     workers: int,
     event_loop: str,
@@ -123,14 +170,14 @@ def main(
     With no arguments it serves on 127.0.0.1:2379 from an SQLite file in
     ./default.k8s-sql/. Point kube-apiserver (--etcd-servers), etcdctl or any
     etcd v3 client at it.
+
+    Every flag can also be set by an environment variable K8S_SQL_<FLAG>, as etcd's
+    by ETCD_<FLAG>: K8S_SQL_ENDPOINT, K8S_SQL_LISTEN_CLIENT_URLS, ...
     """
-    logging.basicConfig(
-        level={"warn": "WARNING"}.get(log_level.lower(), log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if ctx.invoked_subcommand is not None:
-        ctx.obj = {"data_dir": data_dir, "name": name}
-        return
+    if endpoint and endpoint_file:
+        raise click.UsageError("give --endpoint or --endpoint-file, not both")
+    if endpoint_file:
+        endpoint = _read_endpoint_file(endpoint_file)
     config = Config(
         name=name,
         data_dir=data_dir,
@@ -143,20 +190,41 @@ def main(
         client_cert_auth=client_cert_auth,
         max_request_bytes=max_request_bytes,
         max_txn_ops=max_txn_ops,
-        watch_progress_notify_interval=_duration(progress_interval),
         sqlite_synchronous=sqlite_synchronous.upper(),
         workers=workers,
         event_loop=event_loop.lower(),
+        log_level=log_level.lower(),
     )
+    configure_logging(config)
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"data_dir": data_dir, "name": name}
+        return
+    config.watch_progress_notify_interval = _progress_interval(progress_interval)
     try:
         config.validate()
     except ValueError as e:
-        raise click.UsageError(str(e)) from e
-    from k8s_sql.server import run, serve_workers
+        raise click.UsageError(str(e)) from None
+    from k8s_sql.server import StartupError, run, serve_workers
 
-    if config.workers > 1:
-        sys.exit(serve_workers(config))
-    run(config)
+    try:
+        if config.workers > 1:
+            sys.exit(serve_workers(config))
+        run(config)
+    except StartupError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _read_endpoint_file(path: str) -> str:
+    """The DSN in an --endpoint-file: its first non-empty line, stripped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {path}: {e}", param_hint="'--endpoint-file'") from None
+    endpoint = next((line for line in lines if line), "")
+    if not endpoint:
+        raise click.BadParameter(f"{path} is empty", param_hint="'--endpoint-file'")
+    return endpoint
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -10,23 +11,28 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import grpc
 
 from k8s_sql.api.common import Context, Identity
-from k8s_sql.api.decoding import DecodeErrorInterceptor
+from k8s_sql.api.interceptor import ErrorInterceptor
 from k8s_sql.api.kv import KVServicer
 from k8s_sql.api.lease import LeaseServicer
 from k8s_sql.api.maintenance import AuthServicer, ClusterServicer, MaintenanceServicer
+from k8s_sql.api.readiness import ReadinessGate
 from k8s_sql.api.watch import WatchServicer, add_to_server as add_watch_to_server
-from k8s_sql.backend import open_backend
-from k8s_sql.backend.base import Backend
+from k8s_sql.backend import migrations, open_backend
+from k8s_sql.backend.base import Backend, BackendUnavailable
 from k8s_sql.cluster import Membership
-from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, Config
+from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, Config, configure_logging
+from k8s_sql.dsn import redact, scrub, secrets
 from k8s_sql.lease.manager import LeaseExpirer
 from k8s_sql.pb import rpc_pb2_grpc
+from k8s_sql.store.space import Space
 from k8s_sql.store.store import Store
 from k8s_sql.watch.follower import Follower
 from k8s_sql.watch.hub import Hub
@@ -72,6 +78,7 @@ class Server:
     expirer: LeaseExpirer
     follower: Follower
     membership: Membership
+    space: Space
     ports: list[int]
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -80,39 +87,51 @@ class Server:
         await self.follower.stop()
         await self.watch.stop()
         await self.expirer.stop()
+        await self.space.stop()
         await self.store.stop()
         await self.backend.close()
 
 
+class StartupError(Exception):
+    """k8s-sql cannot start and retrying will not help: the message is one line for
+    the operator, without the database password."""
+
+
+# A database unreachable at start is retried: the first retry after 0.5 s, each
+# wait twice the last, at most 10 s (a frontend started before its database joins
+# within 10 s of it coming up).
+RETRY_FIRST = 0.5
+RETRY_MAX = 10.0
+
+
 async def start(config: Config) -> Server:
-    """Open the database and start serving; returns once the ports are listening."""
-    config.validate()
-    backend = open_backend(config.endpoint, sqlite_synchronous=config.sqlite_synchronous)
-    await backend.open()
-    cluster_id = await backend.meta_set_default("cluster_id", random.getrandbits(63) or 1)
-    identity = Identity(
-        cluster_id=cluster_id,
-        member_id=member_id(cluster_id, config.name, config.advertise_client_urls),
-        name=config.name,
-        client_urls=config.advertise_client_urls,
-    )
-    membership = Membership(backend, identity.member_id, identity.name, identity.client_urls)
-    await membership.join()
+    """Listen, then open the database (retrying while it is unreachable), then serve;
+    returns once requests are served.
+
+    The ports listen from the start and answer UNAVAILABLE with etcd's "database
+    unavailable" until the store is ready (:mod:`k8s_sql.api.readiness`). Errors that
+    retrying cannot fix raise :class:`StartupError`; a failed or cancelled start closes
+    everything it opened (ports, pool, tasks, threads)."""
+    try:
+        config.validate()
+        backend = open_backend(config.endpoint, sqlite_synchronous=config.sqlite_synchronous)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    gate = ReadinessGate()
     store = Store(backend, max_txn_ops=config.max_txn_ops)
-    await store.start()
     hub = Hub(backend)
-    hub.start(store.revision)
-    hub.compact_revision = lambda: store.compact_revision
-    store.on_commit(hub.publish)
+    # Servicers are registered before the database is known; the gate keeps calls from
+    # them until identity and membership below are the real ones.
     ctx = Context(
         store=store,
-        identity=identity,
-        membership=membership,
+        identity=Identity(cluster_id=0, member_id=0, name=config.name, client_urls=config.advertise_client_urls),
+        membership=Membership(backend, 0, config.name, config.advertise_client_urls),
+        space=Space(backend, 0, config.quota_backend_bytes),
         max_request_bytes=config.max_request_bytes,
         version=ETCD_VERSION,
     )
 
-    server = grpc.aio.server(options=grpc_options(config), interceptors=[DecodeErrorInterceptor()])
+    server = grpc.aio.server(options=grpc_options(config), interceptors=[gate, ErrorInterceptor()])
     watch = WatchServicer(ctx, hub, config.watch_progress_notify_interval)
     rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(ctx), server)
     add_watch_to_server(watch, server)
@@ -121,38 +140,135 @@ async def start(config: Config) -> Server:
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(ctx), server)
     rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(ctx), server)
 
+    undo: list[Callable[[], Awaitable[object]]] = [backend.close]  # run in reverse on a failed start
+    try:
+        ports = _listen(server, config)
+        await server.start()
+        undo.append(lambda: server.stop(None))
+        log.info(
+            "listening for client requests on %s; opening the database %s",
+            ", ".join(config.listen_client_urls),
+            redact(config.endpoint),
+        )
+        cluster_id, membership = await _open_database(config, backend, store)
+        undo.append(store.stop)
+        undo.append(membership.leave)
+        ctx.identity = Identity(
+            cluster_id=cluster_id,
+            member_id=membership.member_id,
+            name=config.name,
+            client_urls=config.advertise_client_urls,
+        )
+        ctx.membership = membership
+        space = ctx.space
+        space.member_id = membership.member_id
+        await space.open()
+        space.start()
+        undo.append(space.stop)
+        store.on_database_full = space.database_full
+        hub.start(store.revision)
+        hub.compact_revision = lambda: store.compact_revision
+        store.on_commit(hub.publish)
+        watch.start()
+        undo.append(watch.stop)
+        expirer = LeaseExpirer(store, interval=config.lease_check_interval, active=lambda: membership.is_leader)
+        expirer.start()
+        undo.append(expirer.stop)
+        follower = Follower(hub, store, interval=backend.follow_interval)
+        follower.start()
+        undo.append(follower.stop)
+        gate.open()
+    except BaseException:
+        for step in reversed(undo):
+            with contextlib.suppress(Exception):
+                await step()
+        raise
+    log.info(
+        "ready to serve client requests on %s (store %s, revision %d)",
+        ", ".join(config.listen_client_urls),
+        redact(config.endpoint),
+        store.revision,
+    )
+    return Server(config, backend, store, hub, server, watch, expirer, follower, membership, space, ports)
+
+
+def _listen(server: grpc.aio.Server, config: Config) -> list[int]:
+    """Add every client URL's port; a port that cannot be bound is a StartupError."""
     ports = []
     for url in config.listen_client_urls:
         u = urlparse(url)
         address = f"[{u.hostname}]:{u.port}" if ":" in (u.hostname or "") else f"{u.hostname}:{u.port}"
-        if u.scheme == "https":
-            creds = grpc.ssl_server_credentials(
-                [(_read(config.key_file), _read(config.cert_file))],
-                root_certificates=_read(config.trusted_ca_file) if config.trusted_ca_file else None,
-                require_client_auth=config.client_cert_auth,
+        try:
+            if u.scheme == "https":
+                creds = grpc.ssl_server_credentials(
+                    [(_read(config.key_file), _read(config.cert_file))],
+                    root_certificates=_read(config.trusted_ca_file) if config.trusted_ca_file else None,
+                    require_client_auth=config.client_cert_auth,
+                )
+                ports.append(server.add_secure_port(address, creds))
+            else:
+                ports.append(server.add_insecure_port(address))
+        except (OSError, RuntimeError) as e:
+            # etcd: "listen tcp 127.0.0.1:2379: bind: address already in use"
+            raise StartupError(f"cannot listen on {url}: {e}") from None
+    return ports
+
+
+async def _open_database(config: Config, backend: Backend, store: Store) -> tuple[int, Membership]:
+    """Open the database, start the store and join the members, trying again with
+    backoff for as long as the database is unreachable (BackendUnavailable), with one
+    log line per attempt. Any other error ends the start with a StartupError.
+    Returns the cluster id and the joined membership."""
+    delay = RETRY_FIRST
+    attempt = 0
+    shown = redact(config.endpoint)
+    while True:
+        attempt += 1
+        try:
+            await backend.open()
+            cluster_id = await backend.meta_set_default("cluster_id", random.getrandbits(63) or 1)
+            membership = Membership(
+                backend,
+                member_id(cluster_id, config.name, config.advertise_client_urls),
+                config.name,
+                config.advertise_client_urls,
             )
-            ports.append(server.add_secure_port(address, creds))
-        else:
-            ports.append(server.add_insecure_port(address))
-    await server.start()
-    watch.start()
-    expirer = LeaseExpirer(store, interval=config.lease_check_interval, active=lambda: membership.is_leader)
-    expirer.start()
-    follower = Follower(hub, store, interval=backend.follow_interval)
-    follower.start()
-    log.info(
-        "ready to serve client requests on %s (store %s, revision %d)",
-        ", ".join(config.listen_client_urls),
-        config.endpoint,
-        store.revision,
-    )
-    return Server(config, backend, store, hub, server, watch, expirer, follower, membership, ports)
+            await store.start()
+            await membership.join()
+            return cluster_id, membership
+        except BackendUnavailable as e:
+            log.warning("database %s unavailable (attempt %d), retrying in %.1f s: %s", shown, attempt, delay, e)
+        except migrations.SchemaTooNew as e:
+            await _close_quietly(store, backend)
+            raise StartupError(str(e)) from None
+        except Exception as e:
+            log.debug("opening the database %s failed", shown, exc_info=True)
+            await _close_quietly(store, backend)
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise StartupError(f"cannot open the database {shown}: {scrub(reason, secrets(config.endpoint))}") from None
+        except BaseException:
+            await _close_quietly(store, backend)
+            raise
+        await _close_quietly(store, backend)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)
+
+
+async def _close_quietly(store: Store, backend: Backend) -> None:
+    """Undo a failed attempt: the store's tasks (if it started), the pool (if open)."""
+    with contextlib.suppress(Exception):
+        await store.stop()
+    with contextlib.suppress(Exception):
+        await backend.close()
 
 
 def serve_workers(config: Config) -> int:
     """Run ``config.workers`` frontend processes on the same port (SO_REUSEPORT): the
     kernel spreads connections over them and the shared database keeps them one
-    store, exactly as separate frontends. Returns when they have all stopped."""
+    store, exactly as separate frontends. Returns when they have all stopped.
+
+    Workers are spawned, so they inherit no logging setup: each sets it up again from
+    the config (level, format, the password kept out), see :func:`_run_worker`."""
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for i in range(config.workers):
@@ -168,18 +284,26 @@ def serve_workers(config: Config) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    stopping = False
     while any(p.is_alive() for p in procs):
         for p in procs:
             p.join(0.5)
-            if p.exitcode not in (None, 0):  # one worker failed: stop them all
+            if p.exitcode not in (None, 0) and not stopping:  # one worker failed: stop them all
                 log.error("worker %s exited with %s; stopping", p.name, p.exitcode)
+                stopping = True
                 forward(signal.SIGTERM, None)
     return max((p.exitcode or 0) for p in procs)
 
 
 def _run_worker(config: Config) -> None:
-    logging.basicConfig(level=logging.getLogger().level or logging.INFO)
-    run(config)
+    """One --workers process: the parent's logging settings, then serve. A start-up
+    error is one line on stderr and exit status 1, as from the command itself."""
+    configure_logging(config)
+    try:
+        run(config)
+    except StartupError as e:
+        sys.stderr.write(f"Error: {config.name}: {e}\n")
+        sys.exit(1)
 
 
 def run(config: Config) -> None:
@@ -192,7 +316,7 @@ def run(config: Config) -> None:
             import uvloop
         except ImportError:
             if config.event_loop == "uvloop":
-                raise
+                raise StartupError("--event-loop uvloop: uvloop is not installed") from None
         else:
             loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
@@ -200,12 +324,26 @@ def run(config: Config) -> None:
 
 
 async def serve(config: Config) -> None:
-    """Serve until SIGINT or SIGTERM, then stop gracefully."""
-    server = await start(config)
+    """Serve until SIGINT or SIGTERM, then stop gracefully. A signal while the start
+    is still waiting for the database ends the start (closing what it opened)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(start(config))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    if starting.cancelled():
+        log.info("stopped before the database could be opened")
+        return
+    server = starting.result()  # raises the start's error
     await stop.wait()
     log.info("shutting down")
     await server.stop()

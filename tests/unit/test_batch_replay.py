@@ -33,9 +33,9 @@ def test_failure_after_a_change_undoes_only_that_request(tmp_path: Path) -> None
         modes: list[bool] = []
         run_batch = store._run_batch
 
-        async def recording(batch, savepoints):  # type: ignore[no-untyped-def]
+        async def recording(batch, savepoints, refused):  # type: ignore[no-untyped-def]
             modes.append(savepoints)
-            return await run_batch(batch, savepoints)
+            return await run_batch(batch, savepoints, refused)
 
         store._run_batch = recording  # type: ignore[method-assign]
         await store.start()
@@ -52,13 +52,86 @@ def test_failure_after_a_change_undoes_only_that_request(tmp_path: Path) -> None
             )
             assert isinstance(results[0], pb.PutResponse)
             assert isinstance(results[1], errors.EtcdError)
-            assert results[1].message == errors.KEY_NOT_FOUND.message
+            assert isinstance(results[1], errors.KeyNotFound)
             assert modes[-2:] == [False, True]  # the batch was replayed with savepoints
             assert isinstance(results[2], pb.PutResponse)
             assert [results[0].header.revision, results[2].header.revision] == [before + 1, before + 2]
             everything = await store.range(pb.RangeRequest(key=b"\0", range_end=b"\0"))
             assert [kv.key for kv in everything.kvs] == [b"a", b"b", b"x", b"y"]
             assert everything.header.revision == before + 2
+        finally:
+            await store.stop()
+            await backend.close()
+
+    asyncio.run(run())
+
+
+async def _batch(store: Store, *requests: pb.PutRequest) -> list[object]:
+    """Queue the puts together (so they are applied in one batch) and gather them."""
+    return await asyncio.gather(*(store.put(r) for r in requests), return_exceptions=True)
+
+
+def test_a_request_the_database_refuses_fails_alone(tmp_path: Path) -> None:
+    """A statement the database itself refuses (here a trigger: the same path as a
+    value it cannot store) fails only its request: the batch is replayed with a
+    savepoint per request, and the others commit with consecutive revisions."""
+
+    async def run() -> None:
+        backend = open_backend(f"sqlite://{tmp_path}/state.db")
+        await backend.open()
+        writer = backend._writer  # type: ignore[attr-defined]
+        writer.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = x'626164' BEGIN SELECT RAISE(ABORT, 'no'); END"
+        )
+        store = Store(backend)
+        await store.start()
+        try:
+            before = store.revision
+            ok1, bad, ok2 = await _batch(
+                store,
+                pb.PutRequest(key=b"x", value=b"1"),
+                pb.PutRequest(key=b"bad", value=b"2"),
+                pb.PutRequest(key=b"y", value=b"3"),
+            )
+            assert isinstance(bad, errors.RequestRejected)
+            assert isinstance(ok1, pb.PutResponse) and isinstance(ok2, pb.PutResponse)
+            assert [ok1.header.revision, ok2.header.revision] == [before + 1, before + 2]
+            everything = await store.range(pb.RangeRequest(key=b"\0", range_end=b"\0"))
+            assert [kv.key for kv in everything.kvs] == [b"x", b"y"]
+        finally:
+            await store.stop()
+            await backend.close()
+
+    asyncio.run(run())
+
+
+def test_a_full_database_fails_only_what_does_not_fit(tmp_path: Path) -> None:
+    """SQLITE_FULL (max_page_count reached) on one large value: that request gets etcd's
+    "database space exceeded" and raises the alarm; the small writes with it commit."""
+
+    async def run() -> None:
+        backend = open_backend(f"sqlite://{tmp_path}/state.db")
+        await backend.open()
+        writer = backend._writer  # type: ignore[attr-defined]
+        pages = writer.execute("PRAGMA page_count").fetchone()[0]
+        writer.execute(f"PRAGMA max_page_count = {pages + 64}")
+        store = Store(backend)
+        full: list[bool] = []
+        store.on_database_full = lambda: full.append(True)
+        await store.start()
+        try:
+            small, big, small2 = await _batch(
+                store,
+                pb.PutRequest(key=b"a", value=b"1"),
+                pb.PutRequest(key=b"big", value=b"x" * (4 << 20)),
+                pb.PutRequest(key=b"b", value=b"2"),
+            )
+            assert isinstance(big, errors.NoSpace), big
+            assert big.text == "etcdserver: mvcc: database space exceeded"
+            assert full == [True]
+            assert isinstance(small, pb.PutResponse) and isinstance(small2, pb.PutResponse)
+            got = await store.range(pb.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True))
+            assert [kv.key for kv in got.kvs] == [b"a", b"b"]
         finally:
             await store.stop()
             await backend.close()

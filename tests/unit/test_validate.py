@@ -36,7 +36,7 @@ def txn(success=(), failure=()) -> pb.RequestOp:
 def test_duplicate_keys_rejected(ops) -> None:
     with pytest.raises(errors.EtcdError) as e:
         validate.check_txn(pb.TxnRequest(success=ops), 128)
-    assert e.value is errors.DUPLICATE_KEY
+    assert type(e.value) is errors.DuplicateKey
 
 
 @pytest.mark.parametrize(
@@ -56,13 +56,13 @@ def test_allowed_txns(ops) -> None:
 def test_too_many_ops_and_empty_keys() -> None:
     with pytest.raises(errors.EtcdError) as e:
         validate.check_txn(pb.TxnRequest(success=[put(b"k%d" % i) for i in range(129)]), 128)
-    assert e.value is errors.TOO_MANY_OPS
+    assert type(e.value) is errors.TooManyOps
     with pytest.raises(errors.EtcdError) as e:
         validate.check_txn(pb.TxnRequest(compare=[pb.Compare(key=b"")]), 128)
-    assert e.value is errors.EMPTY_KEY
+    assert type(e.value) is errors.EmptyKey
     with pytest.raises(errors.EtcdError) as e:
         validate.check_txn(pb.TxnRequest(success=[pb.RequestOp()]), 128)
-    assert e.value is errors.KEY_NOT_FOUND
+    assert type(e.value) is errors.KeyNotFound
 
 
 def test_key_range_conventions() -> None:

@@ -1,24 +1,15 @@
-"""What every servicer shares: response headers and etcd's error mapping."""
+"""What every servicer shares: the response header and the request-size check."""
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import grpc
+from typing import Any
 
 from k8s_sql import errors
-from k8s_sql.backend.base import BackendUnavailable
 from k8s_sql.cluster import Membership
 from k8s_sql.pb import rpc_pb2 as pb
+from k8s_sql.store.space import Space
 from k8s_sql.store.store import Store
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -39,6 +30,7 @@ class Context:
     store: Store
     identity: Identity
     membership: Membership
+    space: Space
     max_request_bytes: int
     version: str
 
@@ -57,24 +49,4 @@ class Context:
 
     def check_size(self, request: Any) -> None:
         if request.ByteSize() > self.max_request_bytes:
-            raise errors.REQUEST_TOO_LARGE
-
-
-def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn :class:`EtcdError` into the gRPC status etcd would send, and a database
-    outage into UNAVAILABLE, which etcd clients retry."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        try:
-            return await fn(self, request, context)
-        except errors.EtcdError as e:
-            await context.abort(e.code, e.message)
-            raise  # unreachable: abort raises
-        except BackendUnavailable as e:
-            log.warning("%s: database unavailable: %s", fn.__name__, e)
-            err = errors.DATABASE_UNAVAILABLE
-            await context.abort(err.code, err.message)
-            raise  # unreachable: abort raises
-
-    return wrapper
+            raise errors.RequestTooLarge()

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from k8s_sql import errors
-from k8s_sql.api.common import Context, unary
+from k8s_sql.api.common import Context
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
+from k8s_sql.store.store import LEASE_OVERHEAD
 
 
 class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
@@ -17,14 +17,13 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
         self.ctx = ctx
         self.store = ctx.store
 
-    @unary
     async def LeaseGrant(
         self, request: pb.LeaseGrantRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseGrantResponse:
+        await self.ctx.space.check(LEASE_OVERHEAD)
         lease_id, ttl = await self.store.lease_grant(request.ID, request.TTL)
         return pb.LeaseGrantResponse(header=self.ctx.header(), ID=lease_id, TTL=ttl)
 
-    @unary
     async def LeaseRevoke(
         self, request: pb.LeaseRevokeRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseRevokeResponse:
@@ -38,13 +37,9 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
         self, request_iterator: AsyncIterator[pb.LeaseKeepAliveRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LeaseKeepAliveResponse]:
         async for req in request_iterator:
-            try:
-                ttl = await self.store.lease_keepalive(req.ID)
-            except errors.EtcdError as e:
-                await context.abort(e.code, e.message)
+            ttl = await self.store.lease_keepalive(req.ID)
             yield pb.LeaseKeepAliveResponse(header=self.ctx.header(), ID=req.ID, TTL=ttl)
 
-    @unary
     async def LeaseTimeToLive(
         self, request: pb.LeaseTimeToLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseTimeToLiveResponse:
@@ -58,7 +53,6 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
             resp.keys.extend(keys)
         return resp
 
-    @unary
     async def LeaseLeases(
         self, request: pb.LeaseLeasesRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseLeasesResponse:

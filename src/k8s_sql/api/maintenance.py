@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from k8s_sql import errors
-from k8s_sql.api.common import Context, unary
+from k8s_sql.api.common import Context
 from k8s_sql.backend.base import CompactedError, FutureRevisionError
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 
@@ -18,12 +18,25 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
         self.ctx = ctx
         self.store = ctx.store
 
-    @unary
     async def Alarm(self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext) -> pb.AlarmResponse:
-        # No alarms exist: space is the database's business, corruption its checksums'.
-        return pb.AlarmResponse(header=self.ctx.header())
+        """etcd's Alarm: GET lists the raised alarms (of one type, or all for NONE);
+        ACTIVATE and DEACTIVATE answer the alarm they changed, if any. NOSPACE is the
+        one alarm k8s-sql raises (see store/space.py); corruption is the database's
+        own checksums' business, so a CORRUPT activation changes nothing."""
+        space = self.ctx.space
+        resp = pb.AlarmResponse(header=self.ctx.header())
+        nospace = request.alarm == pb.NOSPACE
+        if request.action == pb.AlarmRequest.GET:
+            if request.alarm in (pb.NONE, pb.NOSPACE):
+                resp.alarms.extend(pb.AlarmMember(memberID=m, alarm=pb.NOSPACE) for m, _ in await space.alarms())
+        elif request.action == pb.AlarmRequest.ACTIVATE:
+            if nospace and not space.nospace:
+                await space.activate(request.memberID)
+                resp.alarms.add(memberID=space.raised_by, alarm=pb.NOSPACE)
+        elif request.action == pb.AlarmRequest.DEACTIVATE and nospace and await space.disarm(request.memberID):
+            resp.alarms.add(memberID=request.memberID, alarm=pb.NOSPACE)
+        return resp
 
-    @unary
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         rev, _ = await self.store.backend.current()
         self.store.observe_revision(rev)
@@ -39,28 +52,26 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
             raftTerm=ident.raft_term,
             raftAppliedIndex=rev,
             storageVersion=self.ctx.version.rsplit(".", 1)[0] + ".0",
+            errors=[f"memberID:{m} alarm:NOSPACE" for m, _ in await self.ctx.space.alarms()],
         )
 
-    @unary
     async def Defragment(
         self, request: pb.DefragmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DefragmentResponse:
         await self.store.backend.defragment()
         return pb.DefragmentResponse(header=self.ctx.header())
 
-    @unary
     async def Hash(self, request: pb.HashRequest, context: grpc.aio.ServicerContext) -> pb.HashResponse:
         h, _, _ = await self.store.backend.hash_kv(0)
         return pb.HashResponse(header=self.ctx.header(), hash=h)
 
-    @unary
     async def HashKV(self, request: pb.HashKVRequest, context: grpc.aio.ServicerContext) -> pb.HashKVResponse:
         try:
             h, compact, at = await self.store.backend.hash_kv(request.revision)
         except CompactedError:
-            raise errors.COMPACTED from None
+            raise errors.Compacted() from None
         except FutureRevisionError:
-            raise errors.FUTURE_REV from None
+            raise errors.FutureRevision() from None
         return pb.HashKVResponse(header=self.ctx.header(), hash=h, compact_revision=compact, hash_revision=at)
 
     async def Snapshot(
@@ -86,15 +97,13 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
                 last.version = self.ctx.version
             yield last
 
-    @unary
     async def MoveLeader(
         self, request: pb.MoveLeaderRequest, context: grpc.aio.ServicerContext
     ) -> pb.MoveLeaderResponse:
-        raise errors.NOT_CAPABLE
+        raise errors.NotCapable()
 
-    @unary
     async def Downgrade(self, request: pb.DowngradeRequest, context: grpc.aio.ServicerContext) -> pb.DowngradeResponse:
-        raise errors.NOT_CAPABLE
+        raise errors.NotCapable()
 
 
 class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
@@ -104,7 +113,6 @@ class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    @unary
     async def MemberList(
         self, request: pb.MemberListRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemberListResponse:
@@ -120,27 +128,23 @@ class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
         members.sort(key=lambda m: m.ID)
         return pb.MemberListResponse(header=self.ctx.header(), members=members)
 
-    @unary
     async def MemberAdd(self, request: pb.MemberAddRequest, context: grpc.aio.ServicerContext) -> pb.MemberAddResponse:
-        raise errors.NOT_CAPABLE
+        raise errors.NotCapable()
 
-    @unary
     async def MemberRemove(
         self, request: pb.MemberRemoveRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemberRemoveResponse:
-        raise errors.NOT_CAPABLE
+        raise errors.NotCapable()
 
-    @unary
     async def MemberUpdate(
         self, request: pb.MemberUpdateRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemberUpdateResponse:
-        raise errors.NOT_CAPABLE
+        raise errors.NotCapable()
 
-    @unary
     async def MemberPromote(
         self, request: pb.MemberPromoteRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemberPromoteResponse:
-        raise errors.NOT_CAPABLE
+        raise errors.NotCapable()
 
 
 class AuthServicer(rpc_pb2_grpc.AuthServicer):
@@ -150,7 +154,6 @@ class AuthServicer(rpc_pb2_grpc.AuthServicer):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    @unary
     async def AuthStatus(
         self, request: pb.AuthStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthStatusResponse:
@@ -158,7 +161,7 @@ class AuthServicer(rpc_pb2_grpc.AuthServicer):
 
 
 async def _auth_not_enabled(self: AuthServicer, request: object, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(errors.AUTH_NOT_ENABLED.code, errors.AUTH_NOT_ENABLED.message)
+    raise errors.AuthNotEnabled()
 
 
 for _method in (

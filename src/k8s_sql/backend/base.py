@@ -111,6 +111,13 @@ class BackendUnavailable(Exception):
     """The database cannot be reached right now; the request may be retried."""
 
 
+class DatabaseFull(Exception):
+    """The database refused to store more: its disk or file is full (SQLite's
+    SQLITE_FULL, PostgreSQL's disk_full 53100, InnoDB's "table is full" 1114 and
+    "disk full" 1021). Deletes and compaction may still succeed; the store raises
+    etcd's NOSPACE alarm."""
+
+
 class WriteTx(abc.ABC):
     """A write transaction holding the revision lock until :meth:`commit`.
 
@@ -122,6 +129,7 @@ class WriteTx(abc.ABC):
     compact_revision: int
     savepoints: bool  # give each request a savepoint (else see begin_request)
     dirty: bool  # the current request changed something
+    nospace: bool  # etcd's NOSPACE alarm is raised (read under the revision lock)
 
     @abc.abstractmethod
     async def prefetch(self, keys: Iterable[bytes], lease_ids: Iterable[int]) -> None:
@@ -171,6 +179,10 @@ class WriteTx(abc.ABC):
 
     @abc.abstractmethod
     async def set_compact_revision(self, rev: int) -> None: ...
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Write what is buffered now (so that a database refusal surfaces here)."""
 
     @abc.abstractmethod
     async def savepoint(self) -> None:
@@ -276,6 +288,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def meta_get(self, name: str) -> int | None: ...
+
+    @abc.abstractmethod
+    async def meta_set(self, name: str, value: int) -> None:
+        """Set ``name`` to ``value``, creating the row if absent."""
 
     def conflicted(self, error: BaseException) -> bool:
         """Whether the database aborted a transaction for conflicting with another one

@@ -39,6 +39,7 @@ class BufferedWriteTx(WriteTx):
         self.compact_revision = compact_revision
         self.savepoints = False  # set by the store when replaying a batch
         self.dirty = False  # changed something since begin_request()
+        self.nospace = False  # set by the backend from meta's alarm row
         self._rows: dict[bytes, Row | None] = {}  # known state of keys (None: absent)
         self._leases: dict[int, LeaseRow | None] = {}
         self._pending_kv: dict[bytes, Row | None] = {}  # to write (None: delete)

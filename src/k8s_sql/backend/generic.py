@@ -216,10 +216,12 @@ class GenericBackend(Backend):
             meta: dict[str, Any] = dict(
                 (r[0], r[1])
                 for r in await conn.fetch(
-                    "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision') FOR UPDATE"
+                    "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision', 'alarm_nospace') "
+                    "FOR UPDATE"
                 )
             )
             tx = GenericWriteTx(conn, self.q, int(meta["revision"]), int(meta["compact_revision"]))
+            tx.nospace = bool(meta.get("alarm_nospace"))
             yield tx
             await tx.finish()
 
@@ -231,6 +233,14 @@ class GenericBackend(Backend):
         async with self.autocommit_conn() as conn:
             await conn.execute(self.q.insert_meta_absent, name, value)
             return int(await conn.fetchval("SELECT value FROM meta WHERE name = ?", name))
+
+    async def meta_set(self, name: str, value: int) -> None:
+        await self.retrying(lambda: self._meta_set(name, value))
+
+    async def _meta_set(self, name: str, value: int) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(self.q.insert_meta_absent, name, value)
+            await conn.execute("UPDATE meta SET value = ? WHERE name = ?", value, name)
 
     async def heartbeat(self, member: MemberRow) -> None:
         await self.retrying(lambda: self._heartbeat(member))

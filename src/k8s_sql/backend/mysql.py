@@ -20,9 +20,10 @@ from urllib.parse import parse_qs, unquote
 import asyncmy
 import asyncmy.errors
 
-from k8s_sql.backend import migrations, sql
-from k8s_sql.backend.base import BackendUnavailable
+from k8s_sql.backend import migrations, sql, transient
+from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
 from k8s_sql.backend.generic import Conn, GenericBackend, Queries, Record
+from k8s_sql.dsn import redact, scrub, secrets
 
 MAX_KEY_BYTES = 3000
 
@@ -76,10 +77,12 @@ QUERIES = Queries(
 )
 
 ER_DUP_KEYNAME = 1061
+ER_CON_COUNT_ERROR = 1040  # too many connections: passes as others disconnect
 
 # Client error codes for a server that is down, restarting or unreachable.
 _CONNECTION_ERRORS = {1053, 1077, 1927, 2002, 2003, 2006, 2013, 2055}
 _CONFLICT_ERRORS = {1205, 1213}  # lock wait timeout, deadlock
+_FULL_ERRORS = {1021, 1114}  # ER_DISK_FULL, ER_RECORD_FILE_FULL ("The table is full")
 
 DSN = re.compile(
     r"^mysql://(?:(?P<user>[^:@/]*)(?::(?P<password>[^@/]*))?@)?"
@@ -89,15 +92,21 @@ DSN = re.compile(
 
 def parse_dsn(dsn: str) -> dict[str, Any]:
     """Connection arguments from ``mysql://user:pass@tcp(host:port)/db`` (kine's form) or
-    ``mysql://user:pass@host:port/db``; TLS from ``?ssl-ca=…&ssl-cert=…&ssl-key=…``."""
+    ``mysql://user:pass@host:port/db``; TLS from ``?ssl-ca=…&ssl-cert=…&ssl-key=…``.
+
+    ValueError, one line with the password redacted, for a DSN that names no
+    database or whose TLS files do not load."""
+    shown = redact(dsn)
     m = DSN.match(dsn)
     if not m or not m["db"]:
         raise ValueError(
-            f"invalid MySQL DSN {dsn!r}: want mysql://USER:PASS@tcp(HOST:PORT)/DB or mysql://USER:PASS@HOST:PORT/DB"
+            f"invalid MySQL DSN {shown!r}: want mysql://USER:PASS@tcp(HOST:PORT)/DB or mysql://USER:PASS@HOST:PORT/DB"
         )
     host, _, port = (m["tcp"] or m["hostport"] or "127.0.0.1:3306").rpartition(":")
     if not host:
         host, port = port, "3306"
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"invalid port {port!r} in MySQL DSN {shown!r}")
     args: dict[str, Any] = {
         "host": host.strip("[]"),
         "port": int(port or 3306),
@@ -108,12 +117,16 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
     query = {k: v[-1] for k, v in parse_qs(m["query"] or "").items()}
     ca, cert, key = query.get("ssl-ca"), query.get("ssl-cert"), query.get("ssl-key")
     if ca or cert or query.get("tls") in ("true", "skip-verify", "preferred"):
-        ctx = ssl.create_default_context(cafile=ca)
-        if query.get("tls") == "skip-verify":
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if cert:
-            ctx.load_cert_chain(cert, key)
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+            if query.get("tls") == "skip-verify":
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            if cert:
+                ctx.load_cert_chain(cert, key)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+            raise ValueError(f"MySQL DSN {shown!r}: cannot load its TLS files ({reason})") from None
         args["ssl"] = ctx
     return args
 
@@ -124,22 +137,52 @@ def _unavailable(e: BaseException) -> bool:
     return isinstance(e, asyncmy.errors.OperationalError) and bool(e.args) and e.args[0] in _CONNECTION_ERRORS
 
 
+def _full(e: BaseException) -> bool:
+    return isinstance(e, asyncmy.errors.MySQLError) and bool(e.args) and e.args[0] in _FULL_ERRORS
+
+
+def _unavailable_at_start(e: BaseException) -> bool:
+    """Whether an error opening the database may pass by trying again (see open())."""
+    if isinstance(e, BackendUnavailable):
+        return True
+    if isinstance(e, OSError) and not transient(e):
+        return False
+    if isinstance(e, asyncmy.errors.OperationalError) and e.args and e.args[0] == ER_CON_COUNT_ERROR:
+        return True
+    return _unavailable(e)
+
+
 class MyConn(Conn):
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
     async def fetch(self, query: str, *params: Any) -> list[Record]:
-        async with self.conn.cursor() as cur:
-            await cur.execute(query.replace("?", "%s"), params or None)
-            return list(await cur.fetchall())
+        try:
+            async with self.conn.cursor() as cur:
+                await cur.execute(query.replace("?", "%s"), params or None)
+                return list(await cur.fetchall())
+        except asyncmy.errors.MySQLError as e:
+            if _full(e):
+                raise DatabaseFull(str(e)) from e
+            raise
 
     async def execute(self, query: str, *params: Any) -> int:
-        async with self.conn.cursor() as cur:
-            return int(await cur.execute(query.replace("?", "%s"), params or None))
+        try:
+            async with self.conn.cursor() as cur:
+                return int(await cur.execute(query.replace("?", "%s"), params or None))
+        except asyncmy.errors.MySQLError as e:
+            if _full(e):
+                raise DatabaseFull(str(e)) from e
+            raise
 
     async def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
-        async with self.conn.cursor() as cur:
-            await cur.executemany(query.replace("?", "%s"), rows)
+        try:
+            async with self.conn.cursor() as cur:
+                await cur.executemany(query.replace("?", "%s"), rows)
+        except asyncmy.errors.MySQLError as e:
+            if _full(e):
+                raise DatabaseFull(str(e)) from e
+            raise
 
 
 class MySQLBackend(GenericBackend):
@@ -151,6 +194,7 @@ class MySQLBackend(GenericBackend):
 
     def __init__(self, dsn: str, pool_size: int = 8) -> None:
         self.args = parse_dsn(dsn)
+        self._secrets = secrets(dsn)
         self.pool_size = pool_size
         self._pool: Any = None
 
@@ -162,10 +206,22 @@ class MySQLBackend(GenericBackend):
         )
 
     async def open(self) -> None:
-        await self.retrying(self._open_schema)
-        self._pool = await asyncmy.create_pool(
-            minsize=1, maxsize=self.pool_size, autocommit=True, pool_recycle=600, **self.args
-        )
+        """Create the database and its schema if absent, then the pool.
+
+        BackendUnavailable (the caller retries) for what may pass: the server down,
+        restarting or out of connections. Any other error will not pass by asking
+        again and is raised as it is: access denied (1045, 1044), a missing TLS file,
+        a certificate that fails verification, a schema from a newer k8s-sql.
+        Either way the message holds no password."""
+        try:
+            await self.retrying(self._open_schema)
+            self._pool = await asyncmy.create_pool(
+                minsize=1, maxsize=self.pool_size, autocommit=True, pool_recycle=600, **self.args
+            )
+        except Exception as e:
+            if _unavailable_at_start(e):
+                raise BackendUnavailable(scrub(str(e), self._secrets)) from e
+            raise
 
     async def _open_schema(self) -> None:
         server = {k: v for k, v in self.args.items() if k != "database"}
@@ -181,7 +237,7 @@ class MySQLBackend(GenericBackend):
                 # Several frontends may start at once: one creates the schema.
                 await cur.execute("SELECT GET_LOCK('k8s_sql_schema', 60)")
                 if (await cur.fetchone())[0] != 1:
-                    raise RuntimeError("another frontend held the schema lock for 60 s")
+                    raise BackendUnavailable("another frontend held the schema lock for 60 s")
                 try:
                     for stmt in SCHEMA:
                         await cur.execute(stmt)

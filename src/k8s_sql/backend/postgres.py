@@ -16,9 +16,10 @@ from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
-from k8s_sql.backend import migrations, sql
-from k8s_sql.backend.base import BackendUnavailable
+from k8s_sql.backend import migrations, sql, transient
+from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
 from k8s_sql.backend.generic import Conn, GenericBackend, Queries, Record
+from k8s_sql.dsn import scrub, secrets
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
@@ -77,6 +78,22 @@ log = logging.getLogger(__name__)
 UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
 
 
+def _unavailable_at_start(e: BaseException) -> bool:
+    """Whether an error opening the database may pass by trying again (see open())."""
+    if isinstance(e, asyncpg.ClientConfigurationError):  # an InterfaceError, but a bad DSN
+        return False
+    if isinstance(e, OSError):
+        return transient(e)
+    return isinstance(
+        e,
+        (
+            *UNAVAILABLE,
+            asyncpg.OperatorInterventionError,  # 57: starting up, shutting down, admin shutdown
+            asyncpg.InsufficientResourcesError,  # 53: too many connections, out of memory/disk
+        ),
+    )
+
+
 class PgConn(Conn):
     """asyncpg with ``?`` placeholders (numbered once per statement text, then cached)."""
 
@@ -92,21 +109,35 @@ class PgConn(Conn):
         return q
 
     async def fetch(self, query: str, *params: Any) -> list[Record]:
-        return list(await self.conn.fetch(self._q(query), *params))
+        try:
+            return list(await self.conn.fetch(self._q(query), *params))
+        except asyncpg.DiskFullError as e:
+            raise DatabaseFull(str(e)) from e
 
     async def execute(self, query: str, *params: Any) -> int:
-        status = await self.conn.execute(self._q(query), *params)
+        try:
+            status = await self.conn.execute(self._q(query), *params)
+        except asyncpg.DiskFullError as e:
+            raise DatabaseFull(str(e)) from e
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0
 
     async def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self.conn.executemany(self._q(query), rows)
+        try:
+            await self.conn.executemany(self._q(query), rows)
+        except asyncpg.DiskFullError as e:
+            raise DatabaseFull(str(e)) from e
 
 
 class PostgresBackend(GenericBackend):
     """A store in a PostgreSQL database, created (with its schema) if absent."""
 
     q = QUERIES
+    # A btree entry holds at most 2704 bytes (a third of a page). Measured on PostgreSQL
+    # with incompressible keys: 2680 bytes fit both kv's primary key and log's (key, rev)
+    # index, 2690 do not ("index row size 2712 exceeds btree version 4 maximum 2704").
+    # Longer keys are refused before they reach SQL (errors.KeyTooLong).
+    max_key_bytes = 2680
 
     def __init__(self, dsn: str, pool_size: int = 8) -> None:
         self.dsn = dsn
@@ -130,6 +161,23 @@ class PostgresBackend(GenericBackend):
             await conn.close()
 
     async def open(self) -> None:
+        """Create the database and its schema if absent, then the pool.
+
+        BackendUnavailable (the caller retries) for what may pass: the server down,
+        starting up or shutting down, out of connections, unreachable. Any other
+        error will not pass by asking again and is raised as it is: a bad password
+        or a pg_hba.conf refusal (class 28), no right to create the database, a DSN
+        asyncpg cannot use, a missing TLS file, a certificate that fails
+        verification, a schema from a newer k8s-sql. Either way the message holds
+        no password."""
+        try:
+            await self._open()
+        except Exception as e:
+            if _unavailable_at_start(e):
+                raise BackendUnavailable(scrub(str(e), secrets(self.dsn)) or type(e).__name__) from e
+            raise
+
+    async def _open(self) -> None:
         try:
             conn = await asyncpg.connect(self.dsn)
         except asyncpg.InvalidCatalogNameError:

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from k8s_sql.backend import migrations, sql
 from k8s_sql.backend.base import (
     Backend,
     CompactedError,
+    DatabaseFull,
     FutureRevisionError,
     KeyRange,
     LeaseRow,
@@ -116,12 +117,42 @@ def _historical(
     return [Row(*r) for r in conn.execute(rows_sql, params)], count
 
 
+SQLITE_FULL = 13
+
+
+def is_full(e: BaseException) -> bool:
+    """SQLite's SQLITE_FULL: the disk (or max_page_count) is full."""
+    return isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == SQLITE_FULL
+
+
+async def _full(aw: Awaitable[T]) -> T:
+    """Await ``aw``, reporting SQLITE_FULL as :class:`DatabaseFull`."""
+    try:
+        return await aw
+    except sqlite3.Error as e:
+        if is_full(e):
+            raise DatabaseFull(str(e)) from e
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> Callable[[], None]:
+    def run() -> None:
+        # A failed COMMIT (a full disk) may have ended the transaction already.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    return run
+
+
 class SQLiteWriteTx(BufferedWriteTx):
     """Statements run inline: in-process SQLite answers them in microseconds."""
 
     def __init__(self, conn: sqlite3.Connection, revision: int, compact_revision: int) -> None:
         super().__init__(revision, compact_revision)
         self.conn = conn
+
+    async def flush(self) -> None:
+        await _full(super().flush())
 
     async def _db_rows(self, keys: Sequence[bytes]) -> list[Row]:
         get = f"SELECT {sql.KV_COLUMNS} FROM kv WHERE key = ?"
@@ -279,19 +310,25 @@ class SQLiteBackend(Backend):
         assert conn is not None, "backend is not open"
         async with self._write_lock:
 
-            def begin() -> tuple[int, int]:
+            def begin() -> tuple[int, int, bool]:
                 conn.execute("BEGIN IMMEDIATE")
-                return _meta(conn)
+                alarm = conn.execute("SELECT value FROM meta WHERE name = 'alarm_nospace'").fetchone()
+                return (*_meta(conn), bool(alarm and alarm[0]))
 
-            rev, compact = await self._on_writer(begin)
+            rev, compact, nospace = await _full(self._on_writer(begin))
             tx = SQLiteWriteTx(conn, rev, compact)
+            tx.nospace = nospace
             try:
                 yield tx
-                await tx.finish()
+                await _full(tx.finish())
             except BaseException:
-                await self._on_writer(lambda: conn.execute("ROLLBACK"))
+                await self._on_writer(_rollback(conn))
                 raise
-            await self._on_writer(lambda: conn.execute("COMMIT"))
+            try:
+                await _full(self._on_writer(lambda: conn.execute("COMMIT")))
+            except BaseException:
+                await self._on_writer(_rollback(conn))
+                raise
 
     # -- reads ---------------------------------------------------------------
 
@@ -383,7 +420,7 @@ class SQLiteBackend(Backend):
             return result
 
         async with self._write_lock:
-            return await self._on_writer(run)
+            return await _full(self._on_writer(run))
 
     async def heartbeat(self, member: MemberRow) -> None:
         await self._write_small(
@@ -418,6 +455,9 @@ class SQLiteBackend(Backend):
     async def meta_get(self, name: str) -> int | None:
         r = await self._read(lambda c: c.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone())
         return None if r is None else int(r[0])
+
+    async def meta_set(self, name: str, value: int) -> None:
+        await self._write_small(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value)))
 
     async def meta_set_default(self, name: str, value: int) -> int:
         def run(c: sqlite3.Connection) -> int:

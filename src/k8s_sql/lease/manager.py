@@ -37,7 +37,7 @@ class LeaseExpirer(BackgroundLoop):
             *(self.store.lease_revoke(i, only_if_expired=True) for i in ids), return_exceptions=True
         )
         for lease_id, res in zip(ids, results, strict=True):
-            if isinstance(res, errors.EtcdError) and res is errors.LEASE_NOT_FOUND:
+            if isinstance(res, errors.LeaseNotFound):
                 continue  # revoked meanwhile
             if isinstance(res, BaseException):
                 log.warning("revoking expired lease %x failed: %s", lease_id, res)

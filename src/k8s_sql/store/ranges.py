@@ -21,6 +21,9 @@ _SORT_KEY = {
 }
 
 
+UNLIMITED = 1 << 62  # a limit at or above this many keys is no limit
+
+
 def fetch_limit(r: pb.RangeRequest) -> int:
     """How many rows to ask the backend for: all of them when etcd sorts or filters
     after reading, else one more than the limit so that ``more`` can be told."""
@@ -32,7 +35,12 @@ def fetch_limit(r: pb.RangeRequest) -> int:
         or r.max_create_revision
     ):
         return 0
-    return r.limit + 1 if r.limit > 0 else 0
+    if r.limit <= 0 or r.limit >= UNLIMITED:
+        # A limit no store can reach reads everything: limit + 1 would overflow the
+        # databases' 64-bit LIMIT (SQLite: "datatype mismatch"; PostgreSQL: "bigint out
+        # of range"), failing the request -- and, inside a txn, its whole write batch.
+        return 0
+    return r.limit + 1
 
 
 def sorts_by_value(r: pb.RangeRequest) -> bool:

@@ -23,6 +23,7 @@ from k8s_sql.backend.base import (
     Backend,
     BackendUnavailable,
     CompactedError,
+    DatabaseFull,
     FutureRevisionError,
     KeyRange,
     LeaseRow,
@@ -76,10 +77,39 @@ class _Queued:
     future: asyncio.Future[Any]
     keys: list[bytes]  # single keys the request will read: the batch reads them up front
     leases: list[int]
+    adds_data: bool  # refused while the NOSPACE alarm is raised (etcd's applierV3Capped)
+
+
+KV_OVERHEAD = 256  # etcd's quota: what a key costs on top of its key and value bytes
+LEASE_OVERHEAD = 64  # etcd's quota: what a lease costs
+
+
+def put_cost(r: pb.PutRequest) -> int:
+    """etcd's costPut: the bytes a put may add, as the quota counts them."""
+    return KV_OVERHEAD + len(r.key) + len(r.value)
+
+
+def txn_cost(r: pb.TxnRequest) -> int:
+    """etcd's costTxn: the costlier branch's puts (nested txns cost nothing there, as in etcd)."""
+
+    def branch(ops: Any) -> int:
+        return sum(put_cost(op.request_put) for op in ops if op.WhichOneof("request") == "request_put")
+
+    return max(branch(r.success), branch(r.failure))
 
 
 class _Replay(Exception):
     """A request failed after changing something: redo the batch with savepoints."""
+
+
+class _Excluded(Exception):
+    """A request's failure ended the whole transaction (SQLite rolls back on
+    SQLITE_FULL; a savepoint cannot undo that): run the batch again without it."""
+
+    def __init__(self, index: int, error: errors.EtcdError) -> None:
+        super().__init__(index)
+        self.index = index
+        self.error = error
 
 
 def _txn_hints(r: pb.TxnRequest, keys: list[bytes], leases: list[int]) -> None:
@@ -132,6 +162,8 @@ class Store:
         self._compact_wanted = asyncio.Event()
         self._compacted_to = 0
         self._compact_done = asyncio.Condition()
+        # Called when the database reports that it is full (the NOSPACE alarm's raiser).
+        self.on_database_full: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -156,7 +188,7 @@ class Store:
         while not self._queue.empty():
             q = self._queue.get_nowait()
             if not q.future.done():
-                q.future.set_exception(errors.STOPPED)
+                q.future.set_exception(errors.Stopped())
 
     def on_commit(self, listener: CommitListener) -> None:
         """Call ``listener(revision, changes)`` after every commit, before answering."""
@@ -175,9 +207,9 @@ class Store:
                 kr, r.revision, ranges.fetch_limit(r), r.count_only, r.keys_only and not ranges.sorts_by_value(r)
             )
         except CompactedError:
-            raise errors.COMPACTED from None
+            raise errors.Compacted() from None
         except FutureRevisionError:
-            raise errors.FUTURE_REV from None
+            raise errors.FutureRevision() from None
         self.observe_revision(res.revision)
         return ranges.build_response(r, res.rows, res.count, res.revision)
 
@@ -188,18 +220,19 @@ class Store:
         apply: Callable[[_Request], Awaitable[Any]],
         keys: list[bytes] | None = None,
         leases: list[int] | None = None,
+        adds_data: bool = False,
     ) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Queued(apply, fut, keys or [], leases or []))
+        self._queue.put_nowait(_Queued(apply, fut, keys or [], leases or [], adds_data))
         return await fut
 
     async def put(self, r: pb.PutRequest) -> pb.PutResponse:
         async def apply(req: _Request) -> pb.PutResponse:
             if r.lease and await req.tx.lease_get(r.lease) is None:
-                raise errors.LEASE_NOT_FOUND
+                raise errors.LeaseNotFound()
             return await self._put(req, r)
 
-        return await self._submit(apply, [r.key], [r.lease] if r.lease else None)
+        return await self._submit(apply, [r.key], [r.lease] if r.lease else None, adds_data=True)
 
     async def delete_range(self, r: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
         return await self._submit(lambda req: self._delete(req, r), None if r.range_end else [r.key])
@@ -215,14 +248,14 @@ class Store:
         keys: list[bytes] = []
         leases: list[int] = []
         _txn_hints(r, keys, leases)
-        return await self._submit(apply, keys, leases)
+        return await self._submit(apply, keys, leases, adds_data=txn_cost(r) > 0)
 
     async def compact(self, r: pb.CompactionRequest) -> pb.CompactionResponse:
         async def apply(req: _Request) -> pb.CompactionResponse:
             if r.revision <= req.tx.compact_revision:
-                raise errors.COMPACTED
+                raise errors.Compacted()
             if r.revision > req.tx.revision:
-                raise errors.FUTURE_REV
+                raise errors.FutureRevision()
             await req.tx.set_compact_revision(r.revision)
             resp = pb.CompactionResponse()
             resp.header.revision = req.rev
@@ -240,7 +273,7 @@ class Store:
 
     async def lease_grant(self, lease_id: int, ttl: int) -> tuple[int, int]:
         if ttl > MAX_LEASE_TTL:
-            raise errors.LEASE_TTL_TOO_LARGE
+            raise errors.LeaseTTLTooLarge()
         ttl = max(ttl, self.min_lease_ttl)
 
         async def apply(req: _Request) -> tuple[int, int]:
@@ -251,11 +284,11 @@ class Store:
                     if await req.tx.lease_get(lid) is None:
                         break
             elif await req.tx.lease_get(lid) is not None:
-                raise errors.LEASE_EXIST
+                raise errors.LeaseExists()
             await req.tx.lease_put(LeaseRow(lid, ttl, self.clock() + ttl))
             return lid, ttl
 
-        return await self._submit(apply, None, [lease_id] if lease_id else None)
+        return await self._submit(apply, None, [lease_id] if lease_id else None, adds_data=True)
 
     async def lease_revoke(self, lease_id: int, only_if_expired: bool = False) -> int:
         """Delete the lease and its keys (one revision); return the response revision."""
@@ -263,7 +296,7 @@ class Store:
         async def apply(req: _Request) -> int:
             lease = await req.tx.lease_get(lease_id)
             if lease is None:
-                raise errors.LEASE_NOT_FOUND
+                raise errors.LeaseNotFound()
             if only_if_expired and lease.expires_at > self.clock():
                 return req.rev
             keys = await req.tx.lease_keys(lease_id)
@@ -297,7 +330,7 @@ class Store:
         tx = req.tx
         prev = await tx.get(r.key)
         if (r.ignore_value or r.ignore_lease) and prev is None:
-            raise errors.KEY_NOT_FOUND
+            raise errors.KeyNotFound()
         value = prev.value if r.ignore_value and prev is not None else r.value
         lease = prev.lease if r.ignore_lease and prev is not None else r.lease
         rev = req.new_rev
@@ -329,9 +362,9 @@ class Store:
     async def _range_in_txn(self, req: _Request, r: pb.RangeRequest) -> pb.RangeResponse:
         tx, current = req.tx, req.rev
         if r.revision > current:
-            raise errors.FUTURE_REV
+            raise errors.FutureRevision()
         if 0 < r.revision < tx.compact_revision:
-            raise errors.COMPACTED
+            raise errors.Compacted()
         kr = KeyRange.from_etcd(r.key, r.range_end)
         limit = ranges.fetch_limit(r)
         if kr.is_empty:
@@ -379,19 +412,19 @@ class Store:
             if kind == "request_range":
                 rr = op.request_range
                 if rr.revision > req.tx.revision:
-                    raise errors.FUTURE_REV
+                    raise errors.FutureRevision()
                 # etcd's checkRange compares any non-zero revision with the compaction
                 # point, which is -1 until the first compaction: a negative revision in
                 # a txn is "compacted" (a plain Range reads it as "current").
                 first = req.tx.compact_revision if req.tx.compact_revision > 0 else -1
                 if rr.revision != 0 and rr.revision < first:
-                    raise errors.COMPACTED
+                    raise errors.Compacted()
             elif kind == "request_put":
                 p = op.request_put
                 if (p.ignore_value or p.ignore_lease) and await req.tx.get(p.key) is None:
-                    raise errors.KEY_NOT_FOUND
+                    raise errors.KeyNotFound()
                 if p.lease and await req.tx.lease_get(p.lease) is None:
-                    raise errors.LEASE_NOT_FOUND
+                    raise errors.LeaseNotFound()
             elif kind == "request_txn":
                 await self._check_txn(req, op.request_txn, path)
 
@@ -425,21 +458,35 @@ class Store:
             except asyncio.CancelledError:
                 for q in batch:
                     if not q.future.done():
-                        q.future.set_exception(errors.STOPPED)
+                        q.future.set_exception(errors.Stopped())
                 raise
-            except Exception as e:  # the database failed: nothing in the batch is acknowledged
-                log.warning("write batch of %d failed: %s", len(batch), e)
-                err = e if isinstance(e, errors.EtcdError) else errors.DATABASE_UNAVAILABLE
+            except Exception as e:  # the database failed the batch as a whole: nothing in it is acknowledged
+                log.warning("write batch of %d failed: %s", len(batch), _one_line(e))
+                full = isinstance(e, DatabaseFull)
+                if full:
+                    self._database_full()
                 for q in batch:
                     if not q.future.done():
-                        q.future.set_exception(err)
+                        q.future.set_exception(errors.NoSpace() if full else errors.DatabaseUnavailable())
 
     async def _apply_batch(self, batch: list[_Queued]) -> None:
         async def attempt() -> tuple[int, int, list[LogRow], list[tuple[bool, Any]]]:
+            refused: dict[int, errors.EtcdError] = {}
             try:
-                return await self._run_batch(batch, savepoints=False)
+                return await self._run_batch(batch, False, refused)
             except _Replay:
-                return await self._run_batch(batch, savepoints=True)
+                pass
+            except Exception as e:
+                if not self._may_be_one_request(e):
+                    raise
+                # The database refused something in the batch (a constraint, a value it
+                # cannot store, a full disk): find out which request, each in a savepoint.
+                log.debug("write batch refused, replaying with savepoints: %s", _one_line(e))
+            while True:  # at most once per request: each pass excludes one more
+                try:
+                    return await self._run_batch(batch, True, refused)
+                except _Excluded as x:
+                    refused[x.index] = x.error
 
         # A transaction the database aborted as a conflict applied nothing: run it again.
         revision, compact, committed, results = await self.backend.retrying(attempt)
@@ -456,12 +503,34 @@ class Store:
             else:
                 q.future.set_exception(value)
 
+    def _may_be_one_request(self, e: BaseException) -> bool:
+        """Whether a failed batch may owe its failure to one of its requests, so that a
+        replay with savepoints lets the others commit. A lost database and a conflict
+        (retried whole by the backend) are the batch's, not a request's."""
+        return not isinstance(e, BackendUnavailable) and not self.backend.conflicted(e)
+
+    def _refused(self, e: BaseException) -> errors.EtcdError:
+        """The answer to a request the database refused on its own (savepoint replay)."""
+        if isinstance(e, DatabaseFull):
+            self._database_full()
+            return errors.NoSpace()
+        log.warning("the database refused a request: %s", _one_line(e))
+        return errors.RequestRejected()
+
+    def _database_full(self) -> None:
+        """The database is out of space: raise etcd's NOSPACE alarm (see on_database_full)."""
+        if self.on_database_full is not None:
+            self.on_database_full()
+
     async def _run_batch(
-        self, batch: list[_Queued], savepoints: bool
+        self, batch: list[_Queued], savepoints: bool, refused: dict[int, errors.EtcdError]
     ) -> tuple[int, int, list[LogRow], list[tuple[bool, Any]]]:
         """Apply the batch in one database transaction. Without savepoints, a request
         that fails after changing something raises :class:`_Replay` (the transaction
-        is rolled back); with them, each failed request is undone on its own."""
+        is rolled back), and a statement the database refuses fails the transaction;
+        with them, each request's statements run inside its own savepoint, so a failed
+        request -- an etcd error or a database refusal -- is undone on its own and the
+        rest of the batch commits as if it had been sent alone."""
         results: list[tuple[bool, Any]] = []
         committed: list[LogRow] = []
         async with self.backend.write() as tx:
@@ -470,9 +539,12 @@ class Store:
                 (k for q in batch if not q.future.done() for k in q.keys),
                 (i for q in batch if not q.future.done() for i in q.leases),
             )
-            for q in batch:
+            for index, q in enumerate(batch):
                 if q.future.done():  # the caller went away before we started
                     results.append((False, None))
+                    continue
+                if index in refused:  # its failure ended an earlier attempt's transaction
+                    results.append((False, refused[index]))
                     continue
                 req = _Request(tx, tx.revision)
                 if savepoints:
@@ -480,13 +552,27 @@ class Store:
                 else:
                     tx.begin_request()
                 try:
+                    if tx.nospace and q.adds_data:
+                        raise errors.NoSpace()  # etcd's applierV3Capped
                     value = await q.apply(req)
+                    if savepoints:
+                        await tx.flush()  # the request's statements, inside its savepoint
                 except errors.EtcdError as e:
                     if savepoints:
                         await tx.rollback_to_savepoint()
                     elif tx.dirty:
                         raise _Replay from e
                     results.append((False, e))
+                    continue
+                except Exception as e:
+                    if not savepoints or not self._may_be_one_request(e):
+                        raise
+                    answer = self._refused(e)
+                    try:
+                        await tx.rollback_to_savepoint()
+                    except Exception:
+                        raise _Excluded(index, answer) from e
+                    results.append((False, answer))
                     continue
                 if savepoints:
                     await tx.release_savepoint()
@@ -518,6 +604,10 @@ class Store:
             async with self._compact_done:
                 self._compacted_to = max(self._compacted_to, target)
                 self._compact_done.notify_all()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join((str(e) or type(e).__name__).split())[:500]
 
 
 def _compare_row(c: pb.Compare, row: Row | None) -> bool:

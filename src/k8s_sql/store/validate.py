@@ -17,23 +17,23 @@ _SORT_TARGETS = frozenset(pb.RangeRequest.SortTarget.values())
 
 def check_range(r: pb.RangeRequest) -> None:
     if not r.key:
-        raise errors.EMPTY_KEY
+        raise errors.EmptyKey()
     if r.sort_order not in _SORT_ORDERS or r.sort_target not in _SORT_TARGETS:
-        raise errors.INVALID_SORT_OPTION
+        raise errors.InvalidSortOption()
 
 
 def check_put(r: pb.PutRequest) -> None:
     if not r.key:
-        raise errors.EMPTY_KEY
+        raise errors.EmptyKey()
     if r.ignore_value and r.value:
-        raise errors.VALUE_PROVIDED
+        raise errors.ValueProvided()
     if r.ignore_lease and r.lease != 0:
-        raise errors.LEASE_PROVIDED
+        raise errors.LeaseProvided()
 
 
 def check_delete(r: pb.DeleteRangeRequest) -> None:
     if not r.key:
-        raise errors.EMPTY_KEY
+        raise errors.EmptyKey()
 
 
 def check_txn(r: pb.TxnRequest, max_ops: int) -> None:
@@ -52,10 +52,10 @@ def is_read_only(r: pb.TxnRequest) -> bool:
 def _check_txn_ops(r: pb.TxnRequest, max_ops: int) -> None:
     opc = max(len(r.compare), len(r.success), len(r.failure))
     if opc > max_ops:
-        raise errors.TOO_MANY_OPS
+        raise errors.TooManyOps()
     for c in r.compare:
         if not c.key:
-            raise errors.EMPTY_KEY
+            raise errors.EmptyKey()
     for op in (*r.success, *r.failure):
         _check_op(op, max_ops - opc)
 
@@ -71,7 +71,7 @@ def _check_op(op: pb.RequestOp, max_ops: int) -> None:
     elif kind == "request_txn":
         _check_txn_ops(op.request_txn, max_ops)
     else:
-        raise errors.KEY_NOT_FOUND
+        raise errors.KeyNotFound()
 
 
 class _Deletes:
@@ -110,11 +110,11 @@ def _intervals(ops: Iterable[pb.RequestOp]) -> tuple[set[bytes], _Deletes]:
         puts_else, dels_else = _intervals(op.request_txn.failure)
         for k in puts_then:
             if k in puts or dels.contains(k):
-                raise errors.DUPLICATE_KEY
+                raise errors.DuplicateKey()
             puts.add(k)
         for k in puts_else:
             if (k in puts and k not in puts_then) or dels.contains(k):
-                raise errors.DUPLICATE_KEY
+                raise errors.DuplicateKey()
             puts.add(k)
         dels.extend(dels_then)
         dels.extend(dels_else)
@@ -123,7 +123,7 @@ def _intervals(ops: Iterable[pb.RequestOp]) -> tuple[set[bytes], _Deletes]:
             continue
         k = op.request_put.key
         if k in puts or dels.contains(k):
-            raise errors.DUPLICATE_KEY
+            raise errors.DuplicateKey()
         puts.add(k)
     return puts, dels
 
@@ -134,7 +134,7 @@ def check_key_length(r: pb.PutRequest | pb.TxnRequest, max_key_bytes: int | None
         return
     if isinstance(r, pb.PutRequest):
         if len(r.key) > max_key_bytes:
-            raise _key_too_long(max_key_bytes)
+            raise errors.KeyTooLong(max_key_bytes)
         return
     for op in (*r.success, *r.failure):
         kind = op.WhichOneof("request")
@@ -142,9 +142,3 @@ def check_key_length(r: pb.PutRequest | pb.TxnRequest, max_key_bytes: int | None
             check_key_length(op.request_put, max_key_bytes)
         elif kind == "request_txn":
             check_key_length(op.request_txn, max_key_bytes)
-
-
-def _key_too_long(max_key_bytes: int) -> errors.EtcdError:
-    return errors.EtcdError(
-        errors.REQUEST_TOO_LARGE.code, f"etcdserver: key is too long for this database (at most {max_key_bytes} bytes)"
-    )

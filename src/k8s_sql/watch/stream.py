@@ -151,7 +151,7 @@ class WatchStream:
         wid = c.watch_id
         error = ""
         if c.start_revision < 0:
-            error = errors.COMPACTED.message  # etcd's v3rpc refuses a negative start as compacted
+            error = errors.Compacted.message  # etcd's v3rpc refuses a negative start as compacted
         elif kr.is_empty:
             error = "mvcc: watcher range is empty"
         elif wid != 0 and wid in self.watchers:
