@@ -190,6 +190,7 @@ def main(
         client_cert_auth=client_cert_auth,
         max_request_bytes=max_request_bytes,
         max_txn_ops=max_txn_ops,
+        quota_backend_bytes=quota_backend_bytes,
         sqlite_synchronous=sqlite_synchronous.upper(),
         workers=workers,
         event_loop=event_loop.lower(),

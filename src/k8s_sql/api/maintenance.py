@@ -52,7 +52,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
             raftTerm=ident.raft_term,
             raftAppliedIndex=rev,
             storageVersion=self.ctx.version.rsplit(".", 1)[0] + ".0",
-            errors=[f"memberID:{m} alarm:NOSPACE" for m, _ in await self.ctx.space.alarms()],
+            errors=[f"memberID:{m} alarm:NOSPACE " for m, _ in await self.ctx.space.alarms()],  # Go's String()
         )
 
     async def Defragment(

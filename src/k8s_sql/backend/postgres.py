@@ -271,5 +271,9 @@ class PostgresBackend(GenericBackend):
             return int(total), int(total)
 
     async def defragment(self) -> None:
+        """etcd's defrag rewrites the database compactly and blocks the member meanwhile;
+        PostgreSQL's equivalent is VACUUM FULL (a plain VACUUM makes dead rows reusable
+        but returns no space, so a quota reached would stay reached). It holds an
+        exclusive lock on each table while it rewrites it: every frontend waits."""
         async with self.autocommit_conn() as conn:
-            await conn.execute("VACUUM (ANALYZE) meta, kv, log, lease")
+            await conn.execute("VACUUM (FULL, ANALYZE) meta, kv, log, lease")
