@@ -49,7 +49,8 @@ class Config:
         if not self.data_dir:
             self.data_dir = f"{self.name}.k8s-sql"
         if not self.endpoint:
-            self.endpoint = "sqlite:///" + os.path.join(os.path.abspath(self.data_dir), "state.db")
+            # sqlite:// and an absolute path: sqlite:///var/lib/…, as documented
+            self.endpoint = "sqlite://" + os.path.join(os.path.abspath(self.data_dir), "state.db")
         if not self.advertise_client_urls:
             self.advertise_client_urls = list(self.listen_client_urls)
 
@@ -207,5 +208,8 @@ def configure_logging(config: Config) -> None:
     that keeps the endpoint's password out of every line (see :mod:`k8s_sql.dsn`).
     Called by the command and again in each --workers process."""
     handler = logging.StreamHandler()
-    handler.setFormatter(dsn.RedactingFormatter(config.log_format, dsn.secrets(config.endpoint)))
-    logging.basicConfig(level=LOG_LEVELS.get(config.log_level.lower(), logging.INFO), handlers=[handler], force=True)
+    level = LOG_LEVELS.get(config.log_level.lower(), logging.INFO)
+    handler.setFormatter(
+        dsn.RedactingFormatter(config.log_format, dsn.secrets(config.endpoint), tracebacks=level <= logging.DEBUG)
+    )
+    logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -18,6 +18,7 @@ of hiding some of the host in such odd DSNs.
 from __future__ import annotations
 
 import logging
+from typing import Any
 import re
 from urllib.parse import unquote
 
@@ -120,9 +121,22 @@ class RedactingFormatter(logging.Formatter):
     """A formatter whose every line (message, arguments, exception and stack text
     alike) has passed through :func:`scrub`."""
 
-    def __init__(self, fmt: str, hidden: list[str]) -> None:
+    def __init__(self, fmt: str, hidden: list[str], tracebacks: bool = False) -> None:
         super().__init__(fmt)
         self.hidden = list(hidden)
+        self.tracebacks = tracebacks  # full tracebacks (--log-level debug); else one line
 
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record), self.hidden)
+
+    def formatException(self, ei: Any) -> str:
+        """Libraries log expected trouble with tracebacks (asyncpg's pool, for one,
+        while the database is away): an operator gets one line per error unless
+        debugging."""
+        if self.tracebacks:
+            return super().formatException(ei)
+        e = ei[1]
+        return f"  ({type(e).__name__}: {' '.join(str(e).split())[:500]})"
+
+    def formatStack(self, stack_info: str) -> str:
+        return super().formatStack(stack_info) if self.tracebacks else ""
