@@ -11,7 +11,14 @@ import sys
 import click
 
 from k8s_sql import __version__
-from k8s_sql.config import DEFAULT_CLIENT_URL, MAX_REQUEST_BYTES, Config, configure_logging, parse_duration
+from k8s_sql.config import (
+    DEFAULT_CLIENT_URL,
+    MAX_CONCURRENT_STREAMS,
+    MAX_REQUEST_BYTES,
+    Config,
+    configure_logging,
+    parse_duration,
+)
 
 # etcd's minWatchProgressInterval
 MIN_PROGRESS_INTERVAL = 0.1
@@ -71,7 +78,7 @@ def _progress_interval(seconds: float) -> float:
     "--endpoint-file",
     type=click.Path(exists=True, dir_okay=False, readable=True),
     default=None,
-    help="Read --endpoint from this file (its first line), so the DSN and its password stay out of argv.",
+    help="Read --endpoint from this file (its first non-empty line), so the DSN and its password stay out of argv.",
 )
 @click.option(
     "--listen-client-urls",
@@ -95,6 +102,14 @@ def _progress_interval(seconds: float) -> float:
     help="Largest write request accepted (etcd's limit).",
 )
 @click.option("--max-txn-ops", default=128, show_default=True, help="Most operations in one txn.")
+@click.option(
+    "--max-concurrent-streams",
+    default=MAX_CONCURRENT_STREAMS,
+    show_default=True,
+    type=click.IntRange(min=1, max=MAX_CONCURRENT_STREAMS),
+    help="Most concurrent streams (calls) one client connection may have open; a client waits for "
+    "one to end before it opens another (etcd's flag; the default is unlimited, as etcd's).",
+)
 @click.option(
     "--quota-backend-bytes",
     default=0,
@@ -159,6 +174,7 @@ def main(
     max_request_bytes: int,
     max_txn_ops: int,
     quota_backend_bytes: int,
+    max_concurrent_streams: int,
     progress_interval: float,
     sqlite_synchronous: str,
     workers: int,
@@ -191,6 +207,7 @@ def main(
         max_request_bytes=max_request_bytes,
         max_txn_ops=max_txn_ops,
         quota_backend_bytes=quota_backend_bytes,
+        max_concurrent_streams=max_concurrent_streams,
         sqlite_synchronous=sqlite_synchronous.upper(),
         workers=workers,
         event_loop=event_loop.lower(),

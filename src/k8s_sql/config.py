@@ -16,6 +16,7 @@ DEFAULT_CLIENT_URL = "http://127.0.0.1:2379"
 ETCD_VERSION = "3.6.0"  # the etcd API version k8s-sql implements and reports
 MAX_REQUEST_BYTES = 1536 * 1024  # etcd's --max-request-bytes default
 GRPC_OVERHEAD_BYTES = 512 * 1024  # etcd allows this much on top for gRPC framing
+MAX_CONCURRENT_STREAMS = 2**32 - 1  # etcd's --max-concurrent-streams default (math.MaxUint32)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
@@ -34,6 +35,9 @@ class Config:
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_txn_ops: int = 128
     quota_backend_bytes: int = 0  # etcd's --quota-backend-bytes; 0: none (see store/space.py)
+    # etcd's --max-concurrent-streams: streams one client connection may have open at
+    # once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); etcd's default is math.MaxUint32.
+    max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
     watch_progress_notify_interval: float = 600.0
     sqlite_synchronous: str = "FULL"
     workers: int = 1
@@ -76,6 +80,8 @@ class Config:
             raise ValueError("--max-request-bytes must be positive")
         if self.max_txn_ops < 1:
             raise ValueError("--max-txn-ops must be positive")
+        if not 1 <= self.max_concurrent_streams <= MAX_CONCURRENT_STREAMS:
+            raise ValueError(f"--max-concurrent-streams must be between 1 and {MAX_CONCURRENT_STREAMS}")
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
             raise ValueError("--event-loop must be auto, uvloop or asyncio")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:

@@ -18,8 +18,8 @@ of hiding some of the host in such odd DSNs.
 from __future__ import annotations
 
 import logging
-from typing import Any
 import re
+from typing import Any
 from urllib.parse import unquote
 
 REDACTED = "***"

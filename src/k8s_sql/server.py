@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import random
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from k8s_sql.api.watch import WatchServicer, add_to_server as add_watch_to_serve
 from k8s_sql.backend import migrations, open_backend
 from k8s_sql.backend.base import Backend, BackendUnavailable
 from k8s_sql.cluster import Membership
-from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, Config, configure_logging
+from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, MAX_CONCURRENT_STREAMS, Config, configure_logging
 from k8s_sql.dsn import redact, scrub, secrets
 from k8s_sql.lease.manager import LeaseExpirer
 from k8s_sql.pb import rpc_pb2_grpc
@@ -40,8 +41,30 @@ from k8s_sql.watch.hub import Hub
 log = logging.getLogger("k8s_sql")
 
 
+# gRPC core holds the calls that have arrived but that the grpc.aio server has not yet
+# taken (it takes them one at a time per method, each a trip through the event loop) in
+# a pending queue, and with its default limits (grpc.server.max_pending_requests 1,000,
+# hard limit 3,000) rejects new calls at random above 1,000 of them: the call ends at
+# once with CANCELLED (Trailers-Only, then RST_STREAM), which a grpc.aio client writing
+# its first request reports as "INTERNAL: Internal error from Core". 5,000 Watch streams
+# opened at once on a 2-core machine lost 10,712 of 64,288 that way; etcd (gRPC-Go, one
+# goroutine per stream) none. etcd has no such queue limit: the limits below take it
+# out of the way for any realistic burst, while a waiting call is still ended after
+# gRPC's 30 s (grpc.server_max_unrequested_time_in_server) and what one connection may
+# open is --max-concurrent-streams.
+MAX_PENDING_CALLS = 1 << 20
+
+
 def grpc_options(config: Config) -> list[tuple[str, int]]:
+    streams = []
+    if config.max_concurrent_streams < MAX_CONCURRENT_STREAMS:
+        # gRPC core's default is already unlimited (2^32-1, etcd's default); the option
+        # is a C int, so only a smaller limit is passed.
+        streams = [("grpc.max_concurrent_streams", min(config.max_concurrent_streams, 2**31 - 1))]
     return [
+        *streams,
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ("grpc.max_receive_message_length", config.max_request_bytes + GRPC_OVERHEAD_BYTES),
         ("grpc.max_send_message_length", 2**31 - 1),
         # Kubernetes' client pings every 30 s, even when idle: never answer that with
@@ -117,6 +140,7 @@ async def start(config: Config) -> Server:
         backend = open_backend(config.endpoint, sqlite_synchronous=config.sqlite_synchronous)
     except ValueError as e:
         raise StartupError(str(e)) from None
+    log.debug("frontend %s starting (pid %d)", config.name, os.getpid())
     gate = ReadinessGate()
     store = Store(backend, max_txn_ops=config.max_txn_ops)
     hub = Hub(backend)
@@ -178,10 +202,13 @@ async def start(config: Config) -> Server:
         follower.start()
         undo.append(follower.stop)
         gate.open()
-    except BaseException:
+    except BaseException as e:
         for step in reversed(undo):
             with contextlib.suppress(Exception):
                 await step()
+        if isinstance(e, BackendUnavailable):  # lost between opening and serving: start again
+            reason = scrub(str(e), secrets(config.endpoint))
+            raise StartupError(f"lost the database {redact(config.endpoint)} while starting: {reason}") from None
         raise
     log.info(
         "ready to serve client requests on %s (store %s, revision %d)",
@@ -198,6 +225,7 @@ def _listen(server: grpc.aio.Server, config: Config) -> list[int]:
     for url in config.listen_client_urls:
         u = urlparse(url)
         address = f"[{u.hostname}]:{u.port}" if ":" in (u.hostname or "") else f"{u.hostname}:{u.port}"
+        _probe_bind(url, u.hostname or "", u.port or 0, config.reuse_port)
         try:
             if u.scheme == "https":
                 creds = grpc.ssl_server_credentials(
@@ -212,6 +240,26 @@ def _listen(server: grpc.aio.Server, config: Config) -> list[int]:
             # etcd: "listen tcp 127.0.0.1:2379: bind: address already in use"
             raise StartupError(f"cannot listen on {url}: {e}") from None
     return ports
+
+
+def _probe_bind(url: str, host: str, port: int, reuse_port: bool) -> None:
+    """Bind the address once ourselves, as gRPC will (SO_REUSEADDR, and SO_REUSEPORT for
+    --workers), so that a port in use or a host that is not ours is one clear line,
+    as etcd's ``listen tcp 127.0.0.1:2379: bind: address already in use``, rather than
+    gRPC's own error and its C-core log line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise StartupError(f"cannot listen on {url}: {e.strerror or e}") from None
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as e:
+                raise StartupError(f"cannot listen on {url}: bind: {e.strerror or e}") from None
 
 
 async def _open_database(config: Config, backend: Backend, store: Store) -> tuple[int, Membership]:
@@ -289,21 +337,29 @@ def serve_workers(config: Config) -> int:
         for p in procs:
             p.join(0.5)
             if p.exitcode not in (None, 0) and not stopping:  # one worker failed: stop them all
-                log.error("worker %s exited with %s; stopping", p.name, p.exitcode)
+                if p.exitcode == WORKER_START_FAILED:  # it said why in its own one line
+                    log.info("worker %s could not start; stopping the others", p.name)
+                else:
+                    log.error("worker %s exited with %s; stopping", p.name, p.exitcode)
                 stopping = True
                 forward(signal.SIGTERM, None)
-    return max((p.exitcode or 0) for p in procs)
+    codes = [p.exitcode or 0 for p in procs]
+    return 1 if WORKER_START_FAILED in codes else max(codes)
+
+
+WORKER_START_FAILED = 3  # a worker's exit status after its own one-line start-up error
 
 
 def _run_worker(config: Config) -> None:
     """One --workers process: the parent's logging settings, then serve. A start-up
-    error is one line on stderr and exit status 1, as from the command itself."""
+    error is one line on stderr, as from the command itself, and the parent stops the
+    other workers and exits with status 1."""
     configure_logging(config)
     try:
         run(config)
     except StartupError as e:
         sys.stderr.write(f"Error: {config.name}: {e}\n")
-        sys.exit(1)
+        sys.exit(WORKER_START_FAILED)
 
 
 def run(config: Config) -> None:

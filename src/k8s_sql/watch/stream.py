@@ -11,13 +11,13 @@ import asyncio
 import bisect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from k8s_sql import errors
 from k8s_sql.backend.base import DELETE, BackendUnavailable, CompactedError, KeyRange, LogRow
 from k8s_sql.pb import rpc_pb2 as pb
-from k8s_sql.watch.hub import Hub
+from k8s_sql.watch.hub import Hub, change_bytes
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,19 @@ NOPUT = pb.WatchCreateRequest.NOPUT
 NODELETE = pb.WatchCreateRequest.NODELETE
 PROGRESS_ALL = -1  # etcd's InvalidWatchID: the id of a stream-wide progress reply
 MAX_EVENTS_PER_RESPONSE = 1000
-DB_READ_LIMIT = 2000
+# What one stream holds at a time beyond gRPC's own buffers: the changes of one batch
+# (ring scan or log read), at most about this many bytes unless a single revision is
+# larger (a revision's events always go together). The responses are built from it one
+# at a time, as gRPC asks for them: a client that stops reading leaves its stream's
+# generator suspended with one batch, and its watchers fall behind the ring and later
+# catch up from the log, as etcd moves a slow watcher to its unsynced group.
+BATCH_BYTES = 4 << 20
+DB_READ_LIMIT = 2000  # rows of one log read, at most; fewer when the rows are large
+DB_FIRST_READ = 100  # rows of a watcher's first log read, before their size is known
 DB_RETRY_SECONDS = 0.5
+# Control responses (created, canceled, progress) a stream queues before it stops
+# reading the client's requests until the client reads (etcd's ctrlStreamBufLen).
+CONTROL_BUFFER = 16
 
 
 @dataclass(eq=False)
@@ -42,6 +53,7 @@ class Watcher:
     progress_notify: bool
     sent_since_tick: bool = False
     encoded_id: bytes = b""  # the watch_id field, encoded (see Hub.encoded_event)
+    db_limit: int = DB_FIRST_READ  # rows of the next log read, adapted to BATCH_BYTES
 
     def __post_init__(self) -> None:
         self.encoded_id = pb.WatchResponse(watch_id=self.id).SerializeToString()
@@ -89,6 +101,7 @@ class WatchStream:
     _closed: bool = False
     error: Exception | None = None
     _encoded_header: tuple[int, bytes] = (-1, b"")
+    _control_room: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _header_field(self, revision: int) -> bytes:
         """The header field of a response at ``revision``, encoded (see Hub.encoded_event)."""
@@ -131,6 +144,11 @@ class WatchStream:
         the client cancels it."""
         try:
             async for req in requests:
+                while len(self.control) >= CONTROL_BUFFER and not self._closed:
+                    # The client sends but does not read: stop reading its requests, so
+                    # HTTP/2 flow control holds it back, rather than queue its answers.
+                    self._control_room.clear()
+                    await self._control_room.wait()
                 kind = req.WhichOneof("request_union")
                 if kind == "create_request":
                     self.create(req.create_request)
@@ -211,7 +229,7 @@ class WatchStream:
             self._wake.clear()
             while True:
                 while self.control:
-                    yield self.control.popleft()
+                    yield self._pop_control()
                 progressed = False
                 for w in list(self.watchers.values()):
                     if w.next_rev > self.hub.revision or self.watchers.get(w.id) is not w:
@@ -220,7 +238,7 @@ class WatchStream:
                         progressed = True
                         yield resp
                         while self.control:
-                            yield self.control.popleft()
+                            yield self._pop_control()
                 if not progressed and not self.control:
                     break
             if self._progress_requested and all(self._synced(w) for w in self.watchers.values()):
@@ -229,6 +247,12 @@ class WatchStream:
                     yield self._response(self.hub.revision, watch_id=PROGRESS_ALL)
             if self._closed and not self.control:
                 return
+
+    def _pop_control(self) -> pb.WatchResponse:
+        resp = self.control.popleft()
+        if len(self.control) < CONTROL_BUFFER:
+            self._control_room.set()
+        return resp
 
     async def _pump(self, w: Watcher) -> AsyncIterator[pb.WatchResponse | bytes]:
         """Responses carrying this watcher's events from ``w.next_rev`` up to the hub's
@@ -246,7 +270,7 @@ class WatchStream:
             if w.next_rev < hub.ring_start:
                 end = hub.ring_start - 1
                 try:
-                    rows, covered = await hub.backend.changes(w.next_rev, end, [w.kr], DB_READ_LIMIT)
+                    rows, covered = await hub.backend.changes(w.next_rev, end, [w.kr], w.db_limit)
                 except CompactedError:
                     self.watchers.pop(w.id, None)
                     resp = self._response(0, watch_id=w.id, canceled=True)
@@ -258,28 +282,39 @@ class WatchStream:
                     # and catches up from the log once the database is back.
                     await asyncio.sleep(DB_RETRY_SECONDS)
                     continue
+                if rows:
+                    # the next read: as many rows as fit BATCH_BYTES at this read's size
+                    size = sum(change_bytes(ch) for ch in rows)
+                    w.db_limit = max(1, min(DB_READ_LIMIT, len(rows) * BATCH_BYTES // size))
                 changes = [ch for ch in rows if w.wants(ch)]
+                del rows
             else:
                 changes = []
                 covered = w.next_rev - 1
-                for rev, chs in hub.from_ring(w.next_rev):
-                    if len(changes) >= MAX_EVENTS_PER_RESPONSE:
+                size = 0
+                for rev, chs, _ in hub.from_ring(w.next_rev):
+                    if len(changes) >= MAX_EVENTS_PER_RESPONSE or size >= BATCH_BYTES:
                         break
-                    changes += w.wanted(chs)
+                    wanted = w.wanted(chs)
+                    if wanted:
+                        changes += wanted
+                        size += sum(change_bytes(ch) for ch in wanted)
                     covered = rev
             w.next_rev = covered + 1
             if changes:
                 for r in self._event_responses(w, covered, changes):
                     yield r
+                del changes
 
-    def _event_responses(self, w: Watcher, covered: int, changes: list[LogRow]) -> list[pb.WatchResponse | bytes]:
+    def _event_responses(self, w: Watcher, covered: int, changes: list[LogRow]) -> Iterator[pb.WatchResponse | bytes]:
         """Responses carrying ``changes`` (up to revision ``covered``) to ``w``, at most
-        about MAX_EVENTS_PER_RESPONSE events each; a revision's events stay together."""
+        about MAX_EVENTS_PER_RESPONSE events each; a revision's events stay together.
+        Each is built when asked for, so only the one being sent is held."""
         hub = self.hub
         # etcd reads prev_kv at the event's revision - 1 when it sends the event: at or
         # below the compaction point that read fails and prev_kv is left out.
         compacted = hub.compact_revision()
-        out: list[pb.WatchResponse | bytes] = []
+        w.sent_since_tick = True
         i = 0
         while i < len(changes):
             j = min(i + MAX_EVENTS_PER_RESPONSE, len(changes))
@@ -290,13 +325,11 @@ class WatchStream:
             if w.fragment:
                 resp = self._response(covered, watch_id=w.id)
                 resp.events.extend(hub.event(ch, w.prev_kv and ch.rev > compacted) for ch in batch)
-                out += self._fragments(resp)
+                yield from self._fragments(resp)
             else:
                 # header, watch_id, events: the fields in order, as a message would encode
                 events = [hub.encoded_event(ch, w.prev_kv and ch.rev > compacted) for ch in batch]
-                out.append(b"".join([self._header_field(covered), w.encoded_id, *events]))
-        w.sent_since_tick = True
-        return out
+                yield b"".join([self._header_field(covered), w.encoded_id, *events])
 
     def _fragments(self, resp: pb.WatchResponse) -> list[pb.WatchResponse]:
         """etcd's sendFragments: split a response over max-request-bytes into parts."""
