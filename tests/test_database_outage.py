@@ -48,7 +48,7 @@ def test_database_restart_is_survived(kind: str, k8s_sql_factory, tmp_path) -> N
                 "LeaseRevoke": lambda: lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=7), timeout=10),
                 "LeaseTimeToLive": lambda: lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=7), timeout=10),
                 "LeaseLeases": lambda: lease.LeaseLeases(pb.LeaseLeasesRequest(), timeout=10),
-                "LeaseKeepAlive": lambda: list(lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=7)]), timeout=10)),
+                "LeaseKeepAlive": lambda: list(lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=7)]), timeout=9)),
                 "Status": lambda: maint.Status(pb.StatusRequest(), timeout=10),
                 "HashKV": lambda: maint.HashKV(pb.HashKVRequest(), timeout=10),
                 "Hash": lambda: maint.Hash(pb.HashRequest(), timeout=10),
