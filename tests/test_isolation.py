@@ -112,3 +112,42 @@ async def test_the_longest_key_each_database_can_index(k8s_sql: ServerProcess, e
         assert [(x.key, x.mod_revision) for x in got.kvs] == [(key, put.header.revision)]
         deleted = await kv.DeleteRange(pb.DeleteRangeRequest(key=key, prev_kv=True))
         assert [x.key for x in deleted.prev_kvs] == [key]
+
+
+def _nested_txn(depth: int) -> bytes:
+    """A TxnRequest nested ``depth`` levels deep, encoded by hand: Python's protobuf
+    cannot even build one past about 50 levels (upb's depth limit of 100 messages)."""
+
+    def field(number: int, payload: bytes) -> bytes:
+        size, n = b"", len(payload)
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            size += bytes([byte | (0x80 if n else 0)])
+            if not n:
+                break
+        return bytes([number << 3 | 2]) + size + payload
+
+    txn = pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=b"deep", value=b"v"))]).SerializeToString()
+    for _ in range(depth):
+        txn = field(2, field(4, txn))  # TxnRequest.success[0].request_txn
+    return txn
+
+
+@pytest.mark.parametrize("depth", [40, 60, 200])
+async def test_deeply_nested_txns(k8s_sql: ServerProcess, depth: int) -> None:
+    """etcd's checkTxnRequest answers "too many operations" once nesting uses up the op
+    budget; a txn deeper than the decoder goes gets that answer here (not INTERNAL),
+    and a shallower one runs."""
+    async with grpc.aio.insecure_channel(k8s_sql.endpoint) as ch:
+        txn = ch.unary_unary("/etcdserverpb.KV/Txn")
+        if depth < 49:
+            reply = pb.TxnResponse.FromString(await txn(_nested_txn(depth)))
+            assert reply.succeeded
+            return
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await txn(_nested_txn(depth))
+        assert (e.value.code(), e.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "etcdserver: too many operations in txn request",
+        )
+    assert "Traceback" not in k8s_sql.log()
