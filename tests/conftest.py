@@ -253,7 +253,13 @@ def etcd(etcd_factory: Callable[..., ServerProcess]) -> ServerProcess:
 # The modules that take minutes, longest first. Collected first, so that pytest-xdist
 # (scripts/test) hands them out first and the short modules fill in around them,
 # instead of the longest one starting last and running alone.
-LONG_MODULES = ("test_storage_conformance", "test_kubernetes_e2e", "test_differential", "test_bench_smoke")
+LONG_MODULES = (
+    "test_storage_conformance",
+    "test_kubernetes_e2e",
+    "test_differential",
+    "test_linearizability",
+    "test_bench_smoke",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -270,6 +276,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from differential.test_differential import Totals
 
     totals = Totals()
+    lines: dict[str, list[str]] = {}
     for outcome in ("passed", "failed"):
         for report in terminalreporter.stats.get(outcome, []):
             if getattr(report, "when", None) != "call":
@@ -277,9 +284,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             for name, value in getattr(report, "user_properties", []):
                 if name == "differential":
                     totals.add(*value)
+                elif name in ("linearizability", "fuzz", "resources"):
+                    lines.setdefault(name, []).append(str(value))
     if totals.runs:
         terminalreporter.write_sep("=", "differential against etcd")
         terminalreporter.write_line(totals.line())
+    for name, found in sorted(lines.items()):
+        terminalreporter.write_sep("=", name)
+        for line in sorted(found):
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -52,6 +52,18 @@ class PostgresServer:
                 return "running as root but there is no 'postgres' user to run the server as"
         return None
 
+    def _exec_as_owner(self) -> list[str]:
+        """A prefix that runs the server as ``postgres`` when we are root. setpriv changes
+        user and then execs, so the child is still the server itself (signals reach it),
+        and Popen can spawn it without a plain fork: with Popen(user=...) Python forks,
+        and a fork while gRPC's threads run can abort in gRPC's fork handler before the
+        exec (seen restarting PostgreSQL under load in the linearizability suite)."""
+        if os.geteuid() != 0:
+            return []
+        setpriv = shutil.which("setpriv")
+        assert setpriv is not None, "setpriv (util-linux) runs the server as postgres"
+        return [setpriv, "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+
     def _as_owner(self) -> dict[str, object]:
         """Popen arguments that run the child as ``postgres`` when we are root (the child
         is then the server itself, so signals reach it)."""
@@ -74,6 +86,7 @@ class PostgresServer:
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(  # type: ignore[call-overload]
             [
+                *self._exec_as_owner(),
                 _find("postgres"),
                 *("-D", str(data), "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root)),
                 # a throwaway database: k8s-sql's own durability is what the tests check
@@ -84,7 +97,6 @@ class PostgresServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=self.root,
-            **self._as_owner(),
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -115,9 +127,25 @@ class PostgresServer:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill9(self) -> None:
+        """Crash the server, keeping its data: SIGKILL to its whole process group (the
+        postmaster and every backend, as a host crash would; a backend left behind would
+        hold the shared memory and stop the next start). start() recovers from the WAL."""
+        _kill_group(self.proc)
+
     def stop(self) -> None:
         self.halt()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL a server started with ``start_new_session`` and all its children."""
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 @dataclass
@@ -223,6 +251,11 @@ class MariaDBServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def kill9(self) -> None:
+        """Crash the server (SIGKILL to its process group), keeping its data; start()
+        recovers it from InnoDB's log."""
+        _kill_group(self.proc)
 
     def stop(self) -> None:
         self.halt()

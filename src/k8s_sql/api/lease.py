@@ -45,8 +45,10 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
     ) -> pb.LeaseTimeToLiveResponse:
         lease, keys = await self.store.backend.lease(request.ID)
         now = self.store.clock()
-        if lease is None or lease.expires_at <= now:
+        if lease is None:
             return pb.LeaseTimeToLiveResponse(header=self.ctx.header(), ID=request.ID, TTL=-1)
+        # A lease past its deadline exists until it is revoked (with its keys), as in
+        # etcd: its remaining TTL is 0 meanwhile.
         remaining = max(0, math.floor(lease.expires_at - now))
         resp = pb.LeaseTimeToLiveResponse(header=self.ctx.header(), ID=lease.id, TTL=remaining, grantedTTL=lease.ttl)
         if request.keys:
@@ -56,6 +58,7 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
     async def LeaseLeases(
         self, request: pb.LeaseLeasesRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseLeasesResponse:
-        now = self.store.clock()
-        leases = [pb.LeaseStatus(ID=x.id) for x in await self.store.backend.leases() if x.expires_at > now]
+        # Every lease not yet revoked, as etcd lists them (one past its deadline still
+        # holds its keys until the expirer revokes it).
+        leases = [pb.LeaseStatus(ID=x.id) for x in await self.store.backend.leases()]
         return pb.LeaseLeasesResponse(header=self.ctx.header(), leases=leases)

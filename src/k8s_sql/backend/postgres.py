@@ -75,7 +75,16 @@ RELISTEN_SECONDS = 1.0
 log = logging.getLogger(__name__)
 
 # Errors that mean "the database is away", not "the request is wrong".
-UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+# InternalClientError: a connection left mid-operation by a lost server ("cannot
+# switch to state 15; another operation is in progress", seen after a database
+# kill -9 in the linearizability suite).
+UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InternalClientError,
+)
 
 
 def _unavailable_at_start(e: BaseException) -> bool:

@@ -299,25 +299,37 @@ class Store:
                 raise errors.LeaseNotFound()
             if only_if_expired and lease.expires_at > self.clock():
                 return req.rev
-            keys = await req.tx.lease_keys(lease_id)
-            await req.tx.prefetch(keys, ())
-            for key in keys:
-                prev = await req.tx.get(key)
-                if prev is not None:
-                    await req.tx.delete(key)
-                    req.record(DELETE, Row(key, 0, req.new_rev, 0, 0, b""), prev)
-            await req.tx.lease_delete(lease_id)
+            await self._revoke(req, lease_id)
             return req.rev
 
         return await self._submit(apply, None, [lease_id])
 
+    async def _revoke(self, req: _Request, lease_id: int) -> None:
+        keys = await req.tx.lease_keys(lease_id)
+        await req.tx.prefetch(keys, ())
+        for key in keys:
+            prev = await req.tx.get(key)
+            if prev is not None:
+                await req.tx.delete(key)
+                req.record(DELETE, Row(key, 0, req.new_rev, 0, 0, b""), prev)
+        await req.tx.lease_delete(lease_id)
+
     async def lease_keepalive(self, lease_id: int) -> int:
-        """Renew the lease; its TTL, or 0 when it does not exist (or has expired)."""
+        """Renew the lease; its TTL, or 0 when it does not exist (or has expired).
+
+        An expired lease is revoked right here, in the keepalive's own revision, so
+        that "TTL 0" always means its keys are gone -- as etcd's keepalive of an
+        expired lease waits for the revocation before answering. (Answering 0 and
+        leaving the revocation to the expirer let a client see the lease gone while a
+        Put could still attach keys to it, for up to the expirer's interval.)"""
 
         async def apply(req: _Request) -> int:
             lease = await req.tx.lease_get(lease_id)
             now = self.clock()
-            if lease is None or lease.expires_at <= now:
+            if lease is None:
+                return 0
+            if lease.expires_at <= now:
+                await self._revoke(req, lease_id)
                 return 0
             await req.tx.lease_put(LeaseRow(lease.id, lease.ttl, now + lease.ttl))
             return lease.ttl
