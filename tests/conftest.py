@@ -257,7 +257,9 @@ LONG_MODULES = (
     "test_storage_conformance",
     "test_kubernetes_e2e",
     "test_differential",
+    "test_resource_bounds",
     "test_linearizability",
+    "test_fuzz",
     "test_bench_smoke",
 )
 

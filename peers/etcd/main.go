@@ -8,6 +8,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"math"
 	"net/url"
 	"os"
 	"os/signal"
@@ -44,6 +45,7 @@ func main() {
 		peerURLs     = flag.String("listen-peer-urls", "http://127.0.0.1:2380", "comma-separated peer URLs (also advertised)")
 		progress     time.Duration
 		quota        = flag.Int64("quota-backend-bytes", 0, "backend quota in bytes (0 = etcd default)")
+		maxStreams   = flag.Uint64("max-concurrent-streams", 0, "etcd's --max-concurrent-streams per client connection (0 = etcd default, unlimited)")
 		noFsync      = flag.Bool("unsafe-no-fsync", false, "disable fsync (fast, unsafe; for tests)")
 		logLevel     = flag.String("log-level", "warn", "debug, info, warn, error")
 		startTimeout = flag.Duration("start-timeout", 60*time.Second, "give up if not ready within this time")
@@ -77,6 +79,9 @@ func main() {
 	cfg.WarningUnaryRequestDuration = embed.DefaultWarningUnaryRequestDuration
 	if *quota > 0 {
 		cfg.QuotaBackendBytes = *quota
+	}
+	if *maxStreams > 0 {
+		cfg.MaxConcurrentStreams = uint32(min(*maxStreams, math.MaxUint32))
 	}
 	if progress > 0 {
 		// In 3.6 embed only reads the non-experimental field; etcdmain is
