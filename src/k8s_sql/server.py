@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import logging
@@ -362,10 +363,35 @@ def _run_worker(config: Config) -> None:
         sys.exit(WORKER_START_FAILED)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD = 256 * 1024
+
+
+def return_large_allocations() -> None:
+    """Make glibc give large blocks back to the system when they are freed.
+
+    glibc serves a block over its mmap threshold (128 KiB at first) with mmap and
+    unmaps it on free, but raises the threshold each time such a block is freed, up to
+    32 MiB: after a few big values, 1 MiB blocks come from the heap, where a freed one
+    stays in the process. Measured: four concurrent 63 MB Ranges left PostgreSQL- and
+    MariaDB-backed servers 80-90 MB larger for good. A fixed threshold keeps big
+    blocks (values, rows, responses) mapped and returned; small objects are not
+    concerned (Python's allocator serves them)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        pass
+
+
 def run(config: Config) -> None:
     """Serve on the event loop ``config.event_loop`` names. uvloop is the default where
     it is installed: gRPC's per-message work goes through the loop, and uvloop cuts the
     CPU of a streamed watch response by about a fifth (see docs/benchmarks.md)."""
+    return_large_allocations()
     loop_factory = None
     if config.event_loop != "asyncio":
         try:
