@@ -1,9 +1,7 @@
 """The status-code table (RPC x code -> count) and the lines CI shows.
 
-A test attaches its table as the user property ``fuzz`` (``record``); the root
-conftest's ``pytest_terminal_summary`` can print every table of the session with
-``terminal_summary`` (under pytest-xdist only the controller's hooks see all
-reports, and the controller loads only the root conftest).
+A test attaches its table as the user property ``fuzz`` (``record``), which the root
+conftest's ``pytest_terminal_summary`` prints at the end of the session.
 """
 
 from __future__ import annotations
@@ -64,32 +62,10 @@ def grouped(violations: list[Violation], examples: int = 2) -> list[str]:
 
 
 def record(record_property: Any, name: str, res: Results) -> None:
+    """Attach the run's table as the user property ``fuzz``: the root conftest's
+    ``pytest_terminal_summary`` prints each such property (as text) at the end of
+    the session, under pytest-xdist too, where only the controller sees every report."""
     record_property(
         "fuzz",
-        {
-            "name": name,
-            "calls": res.calls,
-            "requests": res.frames,
-            "seconds": round(res.seconds, 1),
-            "table": {f"{rpc}|{code}": n for (rpc, code), n in res.table.items()},
-        },
+        f"{name}: {res.frames} requests ({res.calls} calls) in {res.seconds:.1f}s\n{table_text(res.table)}",
     )
-
-
-def terminal_summary(terminalreporter: Any) -> None:
-    """For the root conftest's ``pytest_terminal_summary``: print every fuzz table."""
-    tables = []
-    for outcome in ("passed", "failed"):
-        for report in terminalreporter.stats.get(outcome, []):
-            if getattr(report, "when", None) != "call":
-                continue
-            for prop, value in getattr(report, "user_properties", []):
-                if prop == "fuzz":
-                    tables.append(value)
-    if not tables:
-        return
-    terminalreporter.write_sep("=", "protocol fuzzer: status codes per RPC")
-    for t in tables:
-        table = {tuple(k.split("|", 1)): n for k, n in t["table"].items()}
-        terminalreporter.write_line(f"{t['name']}: {t['requests']} requests ({t['calls']} calls) in {t['seconds']}s")
-        terminalreporter.write_line(table_text(table))
