@@ -158,3 +158,9 @@ class NoSpace(EtcdError):
 
 class WatchCanceled(EtcdError):
     message = "etcdserver: watch canceled"
+
+
+def one_line(e: BaseException, most: int = 500) -> str:
+    """An exception as one line of at most ``most`` characters, for a log or a status
+    message: driver errors can span lines (PostgreSQL's DETAIL, protobuf's paths)."""
+    return " ".join((str(e) or type(e).__name__).split())[:most]

@@ -86,18 +86,14 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, e: BaseExce
     if status is not None:
         code, message = status
         if code == grpc.StatusCode.UNAVAILABLE:
-            log.warning("%s: %s (%s)", method, message, _one_line(e))
+            log.warning("%s: %s (%s)", method, message, errors.one_line(e))
         await context.abort(code, message)
     key = (method, type(e).__name__)
     if key not in _logged_bugs:  # once per method and kind: a client cannot flood the log
         _logged_bugs.add(key)
         log.error("%s failed unexpectedly", method, exc_info=e)
-    await context.abort(grpc.StatusCode.UNKNOWN, f"k8s-sql: internal error: {_one_line(e)}")
+    await context.abort(grpc.StatusCode.UNKNOWN, f"k8s-sql: internal error: {errors.one_line(e)}")
     raise AssertionError("unreachable: abort raises")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join((str(e) or type(e).__name__).split())[:500]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

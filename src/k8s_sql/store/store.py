@@ -473,7 +473,7 @@ class Store:
                         q.future.set_exception(errors.Stopped())
                 raise
             except Exception as e:  # the database failed the batch as a whole: nothing in it is acknowledged
-                log.warning("write batch of %d failed: %s", len(batch), _one_line(e))
+                log.warning("write batch of %d failed: %s", len(batch), errors.one_line(e))
                 full = isinstance(e, DatabaseFull)
                 if full:
                     self._database_full()
@@ -493,7 +493,7 @@ class Store:
                     raise
                 # The database refused something in the batch (a constraint, a value it
                 # cannot store, a full disk): find out which request, each in a savepoint.
-                log.debug("write batch refused, replaying with savepoints: %s", _one_line(e))
+                log.debug("write batch refused, replaying with savepoints: %s", errors.one_line(e))
             while True:  # at most once per request: each pass excludes one more
                 try:
                     return await self._run_batch(batch, True, refused)
@@ -526,7 +526,7 @@ class Store:
         if isinstance(e, DatabaseFull):
             self._database_full()
             return errors.NoSpace()
-        log.warning("the database refused a request: %s", _one_line(e))
+        log.warning("the database refused a request: %s", errors.one_line(e))
         return errors.RequestRejected()
 
     def _database_full(self) -> None:
@@ -616,10 +616,6 @@ class Store:
             async with self._compact_done:
                 self._compacted_to = max(self._compacted_to, target)
                 self._compact_done.notify_all()
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join((str(e) or type(e).__name__).split())[:500]
 
 
 def _compare_row(c: pb.Compare, row: Row | None) -> bool:
