@@ -18,9 +18,11 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+from k8s_sql import errors
 from k8s_sql.backend import migrations, sql
 from k8s_sql.backend.base import (
     Backend,
+    BackendUnavailable,
     CompactedError,
     FutureRevisionError,
     KeyRange,
@@ -200,8 +202,16 @@ def snapshot_read(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
     @functools.wraps(fn)
     async def read(*args: P.args, **kwargs: P.kwargs) -> T:
         backend = args[0]
-        assert isinstance(backend, Backend)
-        return await backend.retrying(lambda: fn(*args, **kwargs))
+        assert isinstance(backend, GenericBackend)
+        try:
+            return await backend.retrying(lambda: fn(*args, **kwargs))
+        except Exception as e:
+            # Any other error the database reports on a read is the database's trouble,
+            # not the request's (seen: MariaDB losing an internal temporary table's file):
+            # a retryable UNAVAILABLE, with the database's words in the log.
+            if backend.reported_by_database(e):
+                raise BackendUnavailable(errors.one_line(e)) from e
+            raise
 
     return read
 
@@ -212,6 +222,11 @@ class GenericBackend(Backend):
     q: Queries
 
     # -- what a dialect provides -------------------------------------------------
+
+    @abc.abstractmethod
+    def reported_by_database(self, error: BaseException) -> bool:
+        """Whether ``error`` is an error the database server reported (the driver's
+        server-error classes), as opposed to one of k8s-sql's own."""
 
     @abc.abstractmethod
     def snapshot_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:

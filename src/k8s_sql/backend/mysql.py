@@ -212,6 +212,9 @@ class MySQLBackend(GenericBackend):
         self.pool_size = pool_size
         self._pool: Any = None
 
+    def reported_by_database(self, error: BaseException) -> bool:
+        return isinstance(error, asyncmy.errors.MySQLError)
+
     def conflicted(self, error: BaseException) -> bool:
         return (
             isinstance(error, asyncmy.errors.OperationalError)

@@ -241,6 +241,9 @@ class PostgresBackend(GenericBackend):
     def autocommit_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         return self._conn(autocommit=True)
 
+    def reported_by_database(self, error: BaseException) -> bool:
+        return isinstance(error, asyncpg.PostgresError)
+
     def conflicted(self, error: BaseException) -> bool:
         return isinstance(error, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
 

@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from k8s_sql import errors
 from k8s_sql.backend import migrations, sql
 from k8s_sql.backend.base import (
     Backend,
+    BackendUnavailable,
     CompactedError,
     DatabaseFull,
     FutureRevisionError,
@@ -242,7 +244,12 @@ class SQLiteBackend(Backend):
             finally:
                 conn.execute("COMMIT")
 
-        return await asyncio.get_running_loop().run_in_executor(self._reader_threads, run)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader_threads, run)
+        except sqlite3.Error as e:
+            # The file cannot be read (an I/O error, a lock held past busy_timeout): the
+            # database's trouble, not the request's -- a retryable UNAVAILABLE.
+            raise BackendUnavailable(errors.one_line(e)) from e
 
     def _read_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A read on the event loop's own connection, for single-key reads: a point
