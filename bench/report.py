@@ -2,9 +2,16 @@
 """Render benchmark results (bench/results/<ts>/results.json) as Markdown with PNG plots.
 
     bench/report.py RESULTS.json [--out docs/benchmarks.md]
+    bench/report.py SOAK-RESULTS.json [MORE.json ...] [--out docs/benchmarks.md]
 
 The plots go to a directory named after the report (docs/benchmarks.md ->
 docs/benchmarks/). bench/run calls this at the end of every run.
+
+The soak (bench/run --soak) has its own results; they render as one section of the
+report, between the markers ``<!-- soak:begin`` and ``<!-- soak:end -->``, which
+render_soak replaces (or adds, before "## Failures") leaving the rest of the file as
+it is, and which render keeps when it regenerates the rest. Several soak results files
+(e.g. one backend re-run) are merged, the later ones winning per backend.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ BACKEND_STYLE = {"sqlite-full": "-", "sqlite-normal": "-.", "postgres": "--", "m
 QUICK_NOTE = " — **quick run (tiny sizes): the numbers mean nothing**"
 NA = "\N{EN DASH}"  # an empty cell
 COLORS = {"etcd": "#777777", "kine": "#d62728", "k8s-sql": "#1f77b4"}
+SOAK_BEGIN = "<!-- soak:begin"
+SOAK_END = "<!-- soak:end -->"
+SOAK_PNG_PREFIX = "soak-"
 
 Rec = dict[str, Any]
 
@@ -244,7 +254,8 @@ def plots(res: Results, out_dir: Path, rel: str) -> dict[str, str]:
         return {"note": "(matplotlib is not installed: `pip install -e '.[bench]'` to draw the plots)"}
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):
-        old.unlink()
+        if not old.name.startswith(SOAK_PNG_PREFIX):  # the soak's section is rendered from its own run
+            old.unlink()
     images: dict[str, str] = {}
     backends = res.backends()
 
@@ -664,6 +675,11 @@ def render(results_path: Path, out_md: Path) -> None:
     else:
         lines += ["Not run.", ""]
 
+    # the soak section comes from a run of its own (bench/run --soak, render_soak): kept as it is
+    old = soak_block(out_md.read_text()) if out_md.exists() else None
+    if old:
+        lines += [old, ""]
+
     if res.failures:
         lines += ["## Failures", ""]
         for f in res.failures:
@@ -693,12 +709,428 @@ def render(results_path: Path, out_md: Path) -> None:
     out_md.write_text("\n".join(lines).rstrip() + "\n")
 
 
+# -- the soak ------------------------------------------------------------------------------
+
+
+def soak_block(text: str) -> str | None:
+    """The soak section of a rendered report (markers included), or None."""
+    i = text.find(SOAK_BEGIN)
+    j = text.find(SOAK_END, i)
+    if i < 0 or j < 0:
+        return None
+    return text[i : j + len(SOAK_END)]
+
+
+def _arrow(a: Any, b: Any, digits: int = 1) -> str:
+    return f"{fmt(a, digits)} → {fmt(b, digits)}"
+
+
+def _mins(seconds: Any) -> str:
+    return fmt(float(seconds or 0) / 60, 1)
+
+
+def soak_plots(recs: list[Rec], out_dir: Path, rel: str) -> dict[str, str]:
+    """One PNG per backend: RSS (with the fitted line), CPU and machine load, latency per window."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {"note": "(matplotlib is not installed: `pip install -e '.[bench]'` to draw the plots)"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(f"{SOAK_PNG_PREFIX}*.png"):
+        old.unlink()
+    images: dict[str, str] = {}
+    for r in recs:
+        backend = r["backend"]
+        ser = r.get("series") or {}
+        ts = [None if t is None else float(t) / 60 for t in ser.get("t", [])]
+        warm, dur = float(r.get("warmup_s", 0)) / 60, float(r.get("soak_s", 0)) / 60
+        fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 9.5), sharex=True)
+
+        def pts(key: str, _ts: list[float | None] = ts, _ser: dict[str, Any] = ser) -> tuple[list[float], list[float]]:
+            xy = [(t, v) for t, v in zip(_ts, _ser.get(key, []), strict=False) if t is not None and v is not None]
+            return [x for x, _ in xy], [float(y) for _, y in xy]
+
+        for ax in (ax1, ax2, ax3):
+            ax.axvspan(min([0.0, *[t for t in ts if t is not None]]), 0, color="#eeeeee", lw=0)
+            ax.axvspan(0, warm, color="#fff1d6", lw=0)
+            ax.grid(alpha=0.3)
+        x, y = pts("rss_mb")
+        ax1.plot(x, y, color=COLORS["k8s-sql"], lw=1.2, label="k8s-sql RSS")
+        rss = r.get("rss") or {}
+        if rss.get("slope_mb_per_h") is not None:
+            a, b = float(rss["fit_intercept_mb"]), float(rss["slope_mb_per_h"])
+            ax1.plot(
+                [warm, dur],
+                [a + b * warm / 60, a + b * dur / 60],
+                color="black",
+                ls="--",
+                lw=1,
+                label=f"fit after warm-up: {b:+.1f} ± {float(rss['slope_ci95_mb_per_h']):.1f} MB/h",
+            )
+        ax1.set_ylabel("RSS MB")
+        lo, hi = (min(y), max(y)) if y else (0.0, 1.0)
+        pad = max(5.0, 0.1 * hi, 0.25 * (hi - lo))  # small wiggles do not fill the panel
+        ax1.set_ylim(max(0.0, lo - pad), hi + pad)
+        sw = r.get("store_windows") or []
+        xy = [(float(w["t1"]) / 60, float(w["storage_size_bytes"]) / 2**20) for w in sw if w.get("storage_size_bytes")]
+        if xy:
+            ax1b = ax1.twinx()
+            ax1b.plot(
+                [a for a, _ in xy],
+                [b for _, b in xy],
+                color="#8c564b",
+                lw=0.8,
+                ls=":",
+                marker=".",
+                ms=3,
+                label="store size (Status dbSize)",
+            )
+            ax1b.set_ylabel("store MB")
+            ax1b.set_ylim(bottom=0)
+            h2, l2 = ax1b.get_legend_handles_labels()
+        else:
+            h2, l2 = [], []
+        h1, l1 = ax1.get_legend_handles_labels()
+        ax1.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+        ax1.set_title(
+            f"Soak: k8s-sql on {backend}, {dur:.0f} min (grey: setup; shaded: warm-up, excluded from the fit)",
+            fontsize=10,
+        )
+        x, y = pts("cpu_pct")
+        ax2.plot(x, y, color=COLORS["k8s-sql"], lw=0.8, label="k8s-sql CPU % of a core")
+        if "db_cpu_pct" in ser:
+            x, y = pts("db_cpu_pct")
+            ax2.plot(x, y, color="#2ca02c", lw=0.8, label=f"{backend} server CPU %")
+        x, y = pts("machine_busy_pct")
+        ax2.plot(x, y, color="#999999", lw=0.6, label="machine busy % (all cores)")
+        ax2.set_ylabel("CPU %")
+        ax2b = ax2.twinx()
+        x, y = pts("loadavg1")
+        ax2b.plot(x, y, color="#d62728", lw=0.8, ls=":", label="machine load avg (1 min)")
+        ax2b.set_ylabel("load avg")
+        ax2b.set_ylim(bottom=0)
+        h1, l1 = ax2.get_legend_handles_labels()
+        h2, l2 = ax2b.get_legend_handles_labels()
+        ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right", ncol=2)
+        wins = r.get("latency_windows") or []
+        mid = [(float(w["t0"]) + float(w["t1"])) / 120 for w in wins]
+        client = (("mutating", COLORS["k8s-sql"], "client mutating"), ("pod-list", "#9467bd", "client pod LIST"))
+        for key, color, label in client:
+            for q, style in (("p50", "-"), ("p99", "--")):
+                got = [(m, w.get(key, {}).get(q)) for m, w in zip(mid, wins, strict=True)]
+                got = [(m, v) for m, v in got if v is not None]
+                if got:
+                    ax3.plot([a for a, _ in got], [b for _, b in got], style, color=color, lw=1, label=f"{label} {q}")
+        for q, style in (("p50", "-"), ("p99", "--")):
+            got = [((float(w["t0"]) + float(w["t1"])) / 120, (w.get("etcd all") or {}).get(q)) for w in sw]
+            got = [(a, b) for a, b in got if b is not None]
+            if got:
+                xs_, ys_ = [a for a, _ in got], [b for _, b in got]
+                ax3.plot(xs_, ys_, style, color="#ff7f0e", lw=1, label=f"apiserver→store {q}")
+        ax3.set_yscale("log")
+        ax3.set_ylabel(f"ms per {float(r.get('window_s') or 60):g} s window")
+        ax3.set_xlabel("minutes since the churn started")
+        ax3.legend(fontsize=7, ncol=3, loc="upper right")
+        fig.tight_layout()
+        name = f"{SOAK_PNG_PREFIX}{backend}.png"
+        fig.savefig(out_dir / name, dpi=80)
+        plt.close(fig)
+        images[backend] = f"![Soak on {backend}: RSS, CPU and latency over time]({rel}/{name})"
+    return images
+
+
+def soak_section(docs: list[tuple[str, dict[str, Any]]], plot_dir: Path) -> list[str]:
+    """The soak section's lines, markers included, from (source path, results doc) pairs."""
+    by_backend: dict[str, tuple[Rec, dict[str, Any]]] = {}
+    failures: list[dict[str, str]] = []
+    for _, doc in docs:
+        for r in doc.get("results", []):
+            if r.get("workload") == "soak":
+                by_backend[r["backend"]] = (r, doc.get("meta", {}))
+        failures += doc.get("failures", [])
+    recs = [by_backend[b][0] for b in SQL_BACKENDS if b in by_backend]
+    metas = [by_backend[b][1] for b in SQL_BACKENDS if b in by_backend] or [docs[0][1].get("meta", {})]
+    meta = metas[0]
+    sizes = meta.get("sizes", {})
+    srcs = ", ".join(src for src, _ in docs)
+    lines = [
+        f"{SOAK_BEGIN} generated by bench/report.py from {srcs}; bench/run --soak regenerates this section -->",
+        "## Soak: k8s-sql under long kube-apiserver churn",
+        "",
+    ]
+    runs = sorted(
+        {
+            (m.get("started", "?"), m.get("command", "bench/run --soak"), bool(m.get("quick")), m.get("reanalysed"))
+            for m in metas
+        }
+    )
+    for started, command, quick, again in runs:
+        lines += [f"Run {started}: `{command}`" + (f" ({again})" if again else "") + (QUICK_NOTE if quick else "")]
+    m = meta.get("machine", {})
+    lines += [
+        "",
+        f"Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB; "
+        f"k8s-sql commit {meta.get('k8s_sql_commit', '?')}; {m.get('postgres', '')} {m.get('mariadb', '')}".rstrip(),
+        f"CPU pinning: {meta.get('pinning', '?')}.",
+        "",
+    ]
+    loads = [(r["backend"], r.get("machine", {})) for r in recs]
+    busy = [x for x in loads if float(x[1].get("loadavg1_mean") or 0) > float(m.get("cores") or 1)]
+    if loads:
+        lines += [
+            (
+                "**The machine was shared during these soaks**: other work (test suites of other sessions) ran "
+                "on the same cores, so CPU percentages and latencies carry that contention; "
+                if busy
+                else "Machine load during the soaks: "
+            )
+            + "; ".join(
+                f"{b}: load average {fmt(x.get('loadavg1_mean'))} mean, {fmt(x.get('loadavg1_max'))} max, "
+                f"{fmt(x.get('busy_pct_mean'))}% of all cores busy"
+                for b, x in loads
+            )
+            + ". The plots show the machine's load next to k8s-sql's CPU.",
+            "",
+        ]
+    lines += [
+        f"**What runs.** For each backend in turn, a fresh k8s-sql (one process, the backend's durable "
+        f"settings as in W1 to W5) serves a stock kube-apiserver v1.37.2 with "
+        f"`--event-ttl={sizes.get('soak_event_ttl')}` "
+        f"and `--etcd-compaction-interval={sizes.get('soak_compaction_interval')}`. kwok runs "
+        f"{sizes.get('soak_nodes')} fake nodes, each renewing its Lease every ~10 s, and makes pods Running "
+        f"and finishes their deletion as a kubelet would. bench/kube/loadgen's `-soak` mode fills "
+        f"{sizes.get('soak_pods')} pods, then for {fmt(sizes.get('soak_minutes'))} minutes keeps them churning "
+        f"at fixed rates: {fmt(sizes.get('soak_churn_rate'))} pods created and as many of the oldest deleted "
+        f"(gracefully) per second, each with an Event (as the scheduler and kubelet post them), and "
+        f"{fmt(sizes.get('soak_update_rate'))} metadata patches of random live pods per second; a cluster-wide "
+        f"paged LIST of pods every {sizes.get('soak_list_interval')}. Requests are open-loop (a tick that finds "
+        f"{sizes.get('soak_concurrency')} requests of its kind in flight is dropped and counted). Events expire "
+        "through their etcd leases after the TTL, so the store sees lease grants, attachments and expiry "
+        "deletes throughout, besides the pods' creates, guarded updates, deletes and kwok's status and lease "
+        "writes.",
+        "",
+        f"**What is measured.** k8s-sql's RSS and CPU (its process tree, from `/proc`; the database "
+        f"server's too) every {fmt(sizes.get('soak_sample_seconds'))} s; every request's client-side latency "
+        f"(loadgen); and every {fmt(sizes.get('soak_window_seconds'), 0)} s the apiserver's "
+        "`etcd_request_duration_seconds` (its calls to k8s-sql, all resources: the store's latency as "
+        "kube-apiserver sees it) and `apiserver_request_duration_seconds` histograms. The first "
+        f"{fmt(sizes.get('soak_warmup_minutes'))} minutes of churn are warm-up and are left out: two "
+        "compaction intervals, as kube-apiserver compacts to the revision it saw one interval earlier, so "
+        "the history the store keeps (and its size, see the plots) grows for about two intervals before it "
+        "levels off; the Event population is steady after one TTL. The slope with half that warm-up is "
+        "shown too, to show how much the choice matters. The RSS slope is a "
+        "least-squares line through the samples after warm-up (± is 1.96 standard errors, which treats "
+        "samples as independent, so it is optimistic), and CPU and latency are compared between the first "
+        f"and the last third of the rest. Memory counts as flat when the slope is within ±{fmt(FLAT_SOAK)} "
+        f"MB/h, latency as steady when the last third's p99 is at most {STEADY_SOAK}x the first third's.",
+        "",
+    ]
+    lines += [
+        "```sh",
+        f"{meta.get('command', 'bench/run --soak')}   # about 35 minutes per backend",
+        f"bench/report.py {' '.join(src for src, _ in docs)} --out docs/benchmarks.md   # re-render this section",
+        "PYTHONPATH=src:bench python3 -m harness.soak RESULTS.json   # re-analyse from the raw series",
+        "```",
+        "",
+    ]
+    if not recs:
+        lines += ["No soak has run.", ""]
+    else:
+        rows = []
+        for r in recs:
+            su, rss, cpu, ev = r.get("summary", {}), r.get("rss", {}), r.get("cpu", {}), r.get("events", {})
+            c = su.get("counts", {})
+            errs = sum((r.get("errors") or {}).values())
+            drops = sum((r.get("dropped") or {}).values())
+            slope = rss.get("slope_mb_per_h")
+            rows.append(
+                [
+                    r["backend"],
+                    f"{_mins(r.get('soak_s'))} ({_mins(r.get('analysed_s'))})",
+                    f"{c.get('pod-create', 0):,} / {c.get('pod-delete', 0):,} / {c.get('pod-update', 0):,}",
+                    f"{ev.get('created', 0):,} / {fmt(ev.get('present_end'), 0)}",
+                    f"{errs} / {drops}",
+                    _arrow(rss.get("warmup_end_mb"), rss.get("end_mb"), 0),
+                    _arrow((r.get("storage") or {}).get("warmup_end_mb"), (r.get("storage") or {}).get("end_mb")),
+                    NA if slope is None else f"{slope:+.1f} ± {float(rss.get('slope_ci95_mb_per_h') or 0):.1f}",
+                    NA if slope is None else ("flat" if rss.get("flat") else "**growing**"),
+                    NA
+                    if rss.get("slope_half_warmup_mb_per_h") is None
+                    else f"{float(rss['slope_half_warmup_mb_per_h']):+.1f} ± "
+                    f"{float(rss.get('slope_half_warmup_ci95_mb_per_h') or 0):.1f}",
+                    " → ".join(fmt(x) for x in (cpu.get("thirds_pct") or [])),
+                    " → ".join(fmt(x) for x in (cpu.get("db_thirds_pct") or [])) or NA,
+                ]
+            )
+        lines += ["**Memory and CPU** (after warm-up)", ""]
+        lines += [
+            "RSS at warm-up end and at the end are means over a minute (a sixth of the analysed time in "
+            "shorter runs); store MB is the database size k8s-sql reports in Status (`dbSize`, as "
+            "`apiserver_storage_size_bytes`): history is compacted by kube-apiserver every "
+            f"{sizes.get('soak_compaction_interval')}, so it levels off when compaction keeps pace.",
+            "",
+        ]
+        lines += table(
+            [
+                "backend",
+                "minutes (analysed)",
+                "pods created / deleted / patched",
+                "events created / present at end",
+                "errors / dropped",
+                "RSS MB warm-up end → end",
+                "store MB warm-up end → end",
+                "RSS slope MB/h",
+                "memory",
+                f"RSS slope MB/h, {fmt(float(sizes.get('soak_warmup_minutes') or 0) / 2)}-min warm-up",
+                "k8s-sql CPU % by third",
+                "DB CPU % by third",
+            ],
+            rows,
+        )
+        lines += [""]
+        rows = []
+        for r in recs:
+            cl, st = r.get("client", {}), r.get("store", {})
+            mu, li, et = cl.get("mutating", {}), cl.get("pod-list", {}), st.get("etcd all", {})
+            verdicts = [x.get("steady_verdict") for x in (mu, et) if x.get("steady_verdict") is not None]
+
+            def pair(x: dict[str, Any], q: str) -> str:
+                return _arrow(x.get("first_third", {}).get(q), x.get("last_third", {}).get(q))
+
+            rows.append(
+                [
+                    r["backend"],
+                    pair(mu, "p50"),
+                    pair(mu, "p99"),
+                    pair(et, "p50"),
+                    pair(et, "p99"),
+                    pair(li, "p99"),
+                    fmt_ratio(mu.get("p99_last_over_first")),
+                    fmt_ratio(et.get("p99_last_over_first")),
+                    NA if not verdicts else ("steady" if all(verdicts) else "**not steady**"),
+                    " → ".join(fmt(x) for x in ((r.get("machine") or {}).get("loadavg1_thirds") or [])) or NA,
+                ]
+            )
+        lines += ["**Latency, first third → last third** (after warm-up)", ""]
+        lines += table(
+            [
+                "backend",
+                "client mutating p50 ms",
+                "client mutating p99 ms",
+                "apiserver→store p50 ms",
+                "apiserver→store p99 ms",
+                "client pod LIST p99 ms",
+                "mutating p99 ratio",
+                "store p99 ratio",
+                "latency",
+                "machine load avg by third",
+            ],
+            rows,
+        )
+        for r in recs:
+            third = [float(x) for x in ((r.get("machine") or {}).get("loadavg1_thirds") or []) if x is not None]
+            if len(third) == 3 and max(third) > 1.5 * max(min(third), 0.5):
+                mu = (r.get("client") or {}).get("mutating") or {}
+                came_down = third[-1] < third[0] and mu.get("steady_verdict")
+                lines += [
+                    "",
+                    f"On {r['backend']} the machine's load average went {' → '.join(fmt(x) for x in third)} over "
+                    "the thirds (other work on the machine), and latencies follow the machine's load (see the "
+                    "plot): the ratio between thirds measures the machine as much as k8s-sql"
+                    + (
+                        "; what it does show is that latency came back down when the load did, i.e. no "
+                        "degradation accumulated over the run."
+                        if came_down
+                        else "."
+                    ),
+                ]
+        lines += [
+            "",
+            "Client mutating: every pod create, patch and delete and every Event create loadgen made (each "
+            "request's latency as the client saw it, including kube-apiserver and the machine's contention). "
+            "apiserver→store: kube-apiserver's `etcd_request_duration_seconds` over all its calls to "
+            "k8s-sql (interpolated inside the histogram's buckets, which are 5, 25, 50, 100, 200 ms … wide, "
+            "so small values are coarse).",
+            "",
+        ]
+        ops = ["pod-create", "pod-update", "pod-delete", "event-create", "pod-list"]
+        rows = []
+        for r in recs:
+            cl = r.get("client", {})
+            rows.append(
+                [r["backend"]]
+                + [
+                    f"{fmt((cl.get(op) or {}).get('steady', {}).get('p50'))} / "
+                    f"{fmt((cl.get(op) or {}).get('steady', {}).get('p99'))}"
+                    for op in ops
+                ]
+                + [", ".join(f"{k} {v:g}" for k, v in (r.get("rates_per_s") or {}).items())]
+            )
+        lines += ["**Client latency by request, p50 / p99 ms over the whole analysed period**", ""]
+        lines += table(["backend", *ops, "successful requests/s"], rows)
+        lines += [""]
+        images = soak_plots(recs, plot_dir, plot_dir.name)
+        if "note" in images:
+            lines += [images["note"], ""]
+        for r in recs:
+            if r["backend"] in images:
+                lines += [images[r["backend"]], ""]
+    # a backend that failed in one run and was soaked again in another shows its soak only
+    soak_fail = [f for f in failures if "soak" in f.get("workload", "") and f.get("backend") not in by_backend]
+    if soak_fail:
+        lines += ["**Soak failures**", ""]
+        for f in soak_fail:
+            err = f.get("error", "").strip().splitlines()
+            lines += [f"- {f.get('backend')}: `{(err or ['?'])[0][:300]}`"]
+        lines += [""]
+    lines += [SOAK_END]
+    return lines
+
+
+FLAT_SOAK = 5.0  # MB/h; the harness' FLAT_MB_PER_HOUR, repeated here as the report has no harness import
+STEADY_SOAK = 1.5
+
+
+def render_soak(results_paths: list[Path], out_md: Path) -> None:
+    """Render soak results into ``out_md``'s soak section (replaced, or added before
+    "## Failures"/"## Exact commands"; a new file if there is none)."""
+    docs = []
+    for path in results_paths:
+        try:
+            src = os.path.relpath(Path(path).resolve(), ROOT)
+        except ValueError:
+            src = str(path)
+        docs.append((src, json.loads(Path(path).read_text())))
+    block = "\n".join(soak_section(docs, out_md.with_suffix("")))
+    text = out_md.read_text() if out_md.exists() else ""
+    old = soak_block(text)
+    if old:
+        text = text.replace(old, block)
+    elif text:
+        cut = [i for i in (text.find("\n## Failures"), text.find("\n## Exact commands")) if i >= 0]
+        at = min(cut) + 1 if cut else len(text)
+        text = text[:at].rstrip("\n") + "\n\n" + block + "\n\n" + text[at:]
+    else:
+        text = "# Soak: k8s-sql under kube-apiserver churn\n\n" + block + "\n"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(text.rstrip() + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("results", type=Path)
+    ap.add_argument("results", type=Path, nargs="+", help="results.json (several: soak results only)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks.md")
     args = ap.parse_args()
-    render(args.results, args.out)
+    modes = {json.loads(p.read_text()).get("meta", {}).get("mode") for p in args.results}
+    if modes == {"soak"}:
+        render_soak(args.results, args.out)
+    elif len(args.results) == 1:
+        render(args.results[0], args.out)
+    else:
+        raise SystemExit("several results files: only soak results can be merged")
     print(args.out)
 
 

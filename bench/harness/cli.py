@@ -20,6 +20,7 @@ from typing import Any
 from . import machine
 from .procs import Group, Sampler
 from .servers import BACKENDS, DURABILITY, ETCD_BACKEND, ROOT, SERVERS, Databases, Launcher, Proc
+from .soak import describe as describe_soak, run_soak
 
 WORKLOADS = ("w1", "w2", "w3", "w4", "w5")
 
@@ -54,6 +55,24 @@ class Sizes:
     # add kine with --set w5_servers=k8s-sql,etcd,kine
     w5_servers: list[str] = field(default_factory=lambda: ["k8s-sql", "etcd"])
     w5_backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    # The soak (bench/run --soak, harness/soak.py): kube-apiserver + kwok churn against k8s-sql
+    # on each backend in turn, for soak_minutes each (--soak-minutes).
+    soak_backends: list[str] = field(default_factory=lambda: ["sqlite-full", "postgres", "mariadb"])
+    soak_minutes: float = 30.0
+    # Left out of the slope and the thirds: two compaction intervals. kube-apiserver compacts to
+    # the revision it saw one interval earlier, so the history kept (and the store's size) grows
+    # for about two intervals before it levels off; Events reach their steady number after one TTL.
+    soak_warmup_minutes: float = 10.0
+    soak_nodes: int = 100
+    soak_pods: int = 1000  # the steady population
+    soak_concurrency: int = 8  # at most this many requests of each kind in flight
+    soak_churn_rate: float = 4.0  # pods created and as many deleted per second, an Event each
+    soak_update_rate: float = 8.0  # pod patches per second
+    soak_event_ttl: str = "3m"  # kube-apiserver --event-ttl: Events expire through leases during the run
+    soak_compaction_interval: str = "5m"  # kube-apiserver --etcd-compaction-interval (its default)
+    soak_list_interval: str = "30s"  # a cluster-wide paged LIST of pods this often
+    soak_sample_seconds: float = 5.0  # RSS/CPU sampling period
+    soak_window_seconds: float = 60.0  # latency percentiles and apiserver /metrics per window
 
 
 QUICK = Sizes(
@@ -75,6 +94,19 @@ QUICK = Sizes(
     w5_pods=10,
     w5_servers=["k8s-sql"],
     w5_backends=["sqlite-full"],
+    soak_backends=["sqlite-full"],
+    soak_minutes=1.0,
+    soak_warmup_minutes=0.25,
+    soak_nodes=5,
+    soak_pods=40,
+    soak_concurrency=4,
+    soak_churn_rate=3.0,
+    soak_update_rate=5.0,
+    soak_event_ttl="15s",
+    soak_compaction_interval="20s",
+    soak_list_interval="5s",
+    soak_sample_seconds=1.0,
+    soak_window_seconds=10.0,
 )
 
 
@@ -89,6 +121,8 @@ def _set_size(sizes: Sizes, assignment: str) -> None:
         setattr(sizes, key, [int(v) for v in items] if current and isinstance(current[0], int) else items)
     elif isinstance(current, int):
         setattr(sizes, key, int(value))
+    elif isinstance(current, float):
+        setattr(sizes, key, float(value))
     else:
         setattr(sizes, key, value)
 
@@ -484,6 +518,28 @@ class Run:
         return 1 if self.failures else 0
 
 
+class SoakRun(Run):
+    """bench/run --soak: k8s-sql alone, one long kube-apiserver + kwok churn per backend
+    (harness/soak.py). bench/kube/run.sh builds what it needs (kube-apiserver, kwok, loadgen)."""
+
+    def build(self) -> None:
+        pass
+
+    def run_target(self, launcher: Launcher, server: str, backend: str) -> None:
+        run_soak(self, launcher, backend)
+
+    def record(self, recs: list[dict[str, Any]]) -> None:
+        self.results += recs
+        for r in recs:
+            print(describe_soak(r), flush=True)
+        self.save()
+
+    def document(self) -> dict[str, Any]:
+        doc = super().document()
+        doc["meta"]["mode"] = "soak"
+        return doc
+
+
 def _last_line(argv: list[str], what: str) -> str:
     res = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
     if res.returncode != 0 or not res.stdout.strip():
@@ -507,6 +563,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "mariadb) and workloads (w1..w5); each named dimension is narrowed, the others are kept. "
         "etcd runs unless only SQL backends are named.",
     )
+    p.add_argument(
+        "--soak",
+        action="store_true",
+        help="the soak instead of the workloads: kube-apiserver + kwok churn against k8s-sql for --soak-minutes "
+        "on each of soak_backends in turn, RSS/CPU/latency over time (harness/soak.py); with --quick, one minute "
+        "on SQLite",
+    )
+    p.add_argument("--soak-minutes", type=float, help="soak length per backend (default 30; 1 with --quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size (see Sizes)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2)
     p.add_argument("--out", help="results directory (default bench/results/<UTC timestamp>)")
@@ -530,13 +594,21 @@ def main(argv: list[str] | None = None) -> int:
     sizes = dataclasses.replace(QUICK) if args.quick else Sizes()
     for a in args.set:
         _set_size(sizes, a)
+    if args.soak_minutes is not None:
+        sizes.soak_minutes = args.soak_minutes
     if len(sizes.w1_clients) != len(sizes.w1_total):
         raise SystemExit("w1_clients and w1_total need the same number of entries")
-    sel = Selection.parse(args.only)
+    if args.soak:
+        bad = [b for b in sizes.soak_backends if b not in BACKENDS]
+        if bad or not sizes.soak_backends or args.only:
+            raise SystemExit(f"--soak: soak_backends {bad or sizes.soak_backends} (from {list(BACKENDS)}); no --only")
+        sel = Selection(["k8s-sql"], list(sizes.soak_backends), ["soak"])
+    else:
+        sel = Selection.parse(args.only)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out_dir = Path(args.out or ROOT / "bench/results" / stamp).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(args, sizes, sel, out_dir)
+    run = (SoakRun if args.soak else Run)(args, sizes, sel, out_dir)
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -563,10 +635,15 @@ def main(argv: list[str] | None = None) -> int:
     report = args.report
     if report is None:
         everything = not args.only and not args.quick and not args.set
+        if args.soak:  # the soak section of docs/benchmarks.md, from a full-length soak
+            everything = not args.quick and sizes.soak_minutes >= 30
         report = str(ROOT / "docs/benchmarks.md") if everything else str(out_dir / "report.md")
     if report != "none":
-        from report import render  # bench/report.py (bench/ is on sys.path)
+        from report import render, render_soak  # bench/report.py (bench/ is on sys.path)
 
-        render(out_dir / "results.json", Path(report))
+        if args.soak:
+            render_soak([out_dir / "results.json"], Path(report))
+        else:
+            render(out_dir / "results.json", Path(report))
         print(f"report: {report}", flush=True)
     return rc

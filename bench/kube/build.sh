@@ -85,16 +85,14 @@ else
   log "wrote $(grep -c '^kind: Stage' "$bin/kwok-stages.yaml") kwok stages"
 fi
 
-# 3. The load generator, a module of its own.
+# 3. The load generator, a module of its own. Judged by the hash of its sources, not
+# by file times: the bin dir is shared by every checkout on the machine, and a fresh
+# clone's files are all newer than a binary built from another tree's sources (a clone
+# without the soak mode once replaced the binary in the middle of a soak run).
+# shellcheck source=../../scripts/lib/go-build-cached.sh
+source "$here/../../scripts/lib/go-build-cached.sh"
 lg="$here/loadgen"
-if up_to_date "$bin/loadgen" "$script" "$lg/go.mod" "$lg/go.sum" "$lg"/*.go; then
-  log "loadgen up to date"
-else
-  log "building loadgen"
-  start=$SECONDS
-  (cd "$lg" && go build -trimpath -buildvcs=false -ldflags="-s -w" -o "$bin/.loadgen.tmp" . >&2)
-  mv -f "$bin/.loadgen.tmp" "$bin/loadgen"
-  log "built loadgen in $((SECONDS - start))s"
-fi
+mapfile -t lg_inputs < <(go_module_inputs "$lg")
+GO_LDFLAGS="-s -w" go_build_cached bench-kube "$bin" loadgen "$lg" . "${lg_inputs[@]}" "$script"
 
 echo "$bin"

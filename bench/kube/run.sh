@@ -13,7 +13,10 @@
 #   bench/kube/run.sh --etcd-servers http://127.0.0.1:2379 --out w5.json \
 #       [--nodes 100] [--pods 3000] [--concurrency 20] [--label NAME] \
 #       [--namespaces 5] [--list-interval 5s] [--timeout 30m] [--keep] \
-#       [--apiserver-arg=--watch-cache=false ...]
+#       [--apiserver-arg=--watch-cache=false ...] [--loadgen-arg=-soak=30m ...]
+#
+# --loadgen-arg passes a flag to loadgen as is: the soak (bench/harness/soak.py)
+# runs loadgen's -soak mode this way, with --apiserver-arg=--event-ttl=3m.
 #
 # The endpoint must hold no earlier run's objects (use a fresh etcd / database).
 # Everything started here is stopped on exit, also on failure; the work dir
@@ -21,7 +24,9 @@
 #
 # Environment: KUBE_VERSION (v1.37.2) and K8S_SQL_KUBE_CACHE as for
 # conformance/build.sh; KWOK_VERSION and K8S_SQL_BENCH_KUBE_CACHE as for
-# bench/kube/build.sh; TMPDIR for the work dir.
+# bench/kube/build.sh; K8S_SQL_BENCH_LOADGEN, a loadgen binary to run instead
+# of build.sh's (the soak builds its own from this tree: the bin dir is shared
+# by every checkout on the machine); TMPDIR for the work dir.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,6 +36,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; ex
 
 etcd="" out="" label="" nodes=100 pods=3000 concurrency=20 namespaces=5 interval=5s timeout=30m keep=0
 extra=()  # more kube-apiserver flags
+lgextra=()  # more loadgen flags
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --etcd-servers) etcd="$2"; shift 2 ;;
@@ -45,6 +51,8 @@ while [[ $# -gt 0 ]]; do
     --keep) keep=1; shift ;;
     --apiserver-arg) extra+=("$2"); shift 2 ;;
     --apiserver-arg=*) extra+=("${1#--apiserver-arg=}"); shift ;;
+    --loadgen-arg) lgextra+=("$2"); shift 2 ;;
+    --loadgen-arg=*) lgextra+=("${1#--loadgen-arg=}"); shift ;;
     -h|--help) usage ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage ;;
   esac
@@ -167,10 +175,10 @@ kwok_pid=$!
 
 log "loadgen: $nodes nodes, $pods pods, $concurrency workers"
 rc=0
-"$bench_bin/loadgen" \
+"${K8S_SQL_BENCH_LOADGEN:-$bench_bin/loadgen}" \
   -server="$server" -token="$token" -out="$out" -label="$label" -etcd-servers="$etcd" \
   -nodes="$nodes" -pods="$pods" -concurrency="$concurrency" -namespaces="$namespaces" \
-  -list-interval="$interval" -timeout="$timeout" || rc=$?
+  -list-interval="$interval" -timeout="$timeout" ${lgextra[@]+"${lgextra[@]}"} || rc=$?
 kill -0 "$kwok_pid" 2>/dev/null || log "kwok exited during the run"
 [[ $rc == 0 ]] || { log "loadgen failed ($rc); partial result in $out"; exit "$rc"; }
 ok=1

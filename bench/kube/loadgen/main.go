@@ -6,6 +6,9 @@
 // latencies, reads the apiserver's own request-duration histogram at the end
 // and writes one JSON result record (a one-element array) to -out.
 //
+// With -soak DURATION it runs the soak instead (soak.go): a steady churn of
+// pods, updates and Events for DURATION, logged over time.
+//
 // bench/kube/run.sh starts the apiserver and kwok and runs this; see there.
 package main
 
@@ -68,6 +71,13 @@ func main() {
 	flag.IntVar(&c.namespaces, "namespaces", 5, "namespaces the pods are spread over")
 	flag.DurationVar(&c.listInterval, "list-interval", 5*time.Second, "pause between rounds of cluster-wide pod LISTs")
 	flag.DurationVar(&c.timeout, "timeout", 30*time.Minute, "give up waiting for the pods after this")
+	var sc soakConfig
+	flag.DurationVar(&sc.duration, "soak", 0, "soak mode (soak.go): keep -pods pods churning for this long instead of W5")
+	flag.Float64Var(&sc.churnRate, "churn-rate", 4, "soak: pods created and deleted per second")
+	flag.Float64Var(&sc.updateRate, "update-rate", 8, "soak: pod patches per second")
+	flag.DurationVar(&sc.window, "window", time.Minute, "soak: how often /metrics is read into -windows")
+	flag.StringVar(&sc.samplesPath, "samples", "", "soak: CSV of every request (t,op,ms,ok)")
+	flag.StringVar(&sc.windowPath, "windows", "", "soak: JSON lines, one per -window")
 	flag.Parse()
 	if c.server == "" || c.out == "" || c.nodes < 1 || c.pods < 1 || c.concurrency < 1 || c.namespaces < 1 {
 		flag.Usage()
@@ -75,6 +85,24 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if sc.duration > 0 {
+		if sc.samplesPath == "" || sc.windowPath == "" || sc.window <= 0 {
+			flag.Usage()
+			os.Exit(2)
+		}
+		res, err := runSoak(ctx, c, sc)
+		if res != nil {
+			if werr := writeJSON(c.out, []*soakResult{res}); werr != nil {
+				fmt.Fprintln(os.Stderr, "loadgen:", werr)
+				os.Exit(1)
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "loadgen:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	res, err := run(ctx, c)
 	if res != nil {
 		if werr := writeJSON(c.out, []*result{res}); werr != nil {
