@@ -863,17 +863,28 @@ def soak_section(docs: list[tuple[str, dict[str, Any]]], plot_dir: Path) -> list
     ]
     runs = sorted(
         {
-            (m.get("started", "?"), m.get("command", "bench/run --soak"), bool(m.get("quick")), m.get("reanalysed"))
+            (
+                m.get("started", "?"),
+                m.get("command", "bench/run --soak"),
+                bool(m.get("quick")),
+                m.get("reanalysed"),
+                m.get("k8s_sql_commit", "?"),
+                ", ".join(r.get("backend", "?") for r in recs if by_backend[r["backend"]][1] is m),
+            )
             for m in metas
         }
     )
-    for started, command, quick, again in runs:
-        lines += [f"Run {started}: `{command}`" + (f" ({again})" if again else "") + (QUICK_NOTE if quick else "")]
+    for started, command, quick, again, commit, which in runs:
+        lines += [
+            f"Run {started} ({which or 'no soak record'}; k8s-sql commit {commit}): `{command}`"
+            + (f" ({again})" if again else "")
+            + (QUICK_NOTE if quick else ""),
+            "",
+        ]
     m = meta.get("machine", {})
     lines += [
-        "",
         f"Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB; "
-        f"k8s-sql commit {meta.get('k8s_sql_commit', '?')}; {m.get('postgres', '')} {m.get('mariadb', '')}".rstrip(),
+        f"{m.get('postgres', '')}; {m.get('mariadb', '')}".rstrip("; "),
         f"CPU pinning: {meta.get('pinning', '?')}.",
         "",
     ]
@@ -991,6 +1002,18 @@ def soak_section(docs: list[tuple[str, dict[str, Any]]], plot_dir: Path) -> list
             rows,
         )
         lines += [""]
+        for r in recs:
+            rss = r.get("rss") or {}
+            if rss.get("flat") is False and rss.get("slope_last_half_mb_per_h") is not None:
+                lines += [
+                    f"On {r['backend']} the fit over the analysed {_mins(r.get('analysed_s'))} minutes is "
+                    f"{float(rss['slope_mb_per_h']):+.1f} ± {float(rss['slope_ci95_mb_per_h']):.1f} MB/h; over "
+                    f"its last half alone it is {float(rss['slope_last_half_mb_per_h']):+.1f} ± "
+                    f"{float(rss['slope_last_half_ci95_mb_per_h']):.1f} MB/h (RSS by third: "
+                    + " → ".join(fmt(x) for x in (rss.get("thirds_mean_mb") or []))
+                    + " MB).",
+                    "",
+                ]
         rows = []
         for r in recs:
             cl, st = r.get("client", {}), r.get("store", {})

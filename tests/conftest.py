@@ -261,6 +261,7 @@ LONG_MODULES = (
     "test_linearizability",
     "test_fuzz",
     "test_bench_smoke",
+    "test_soak_smoke",
 )
 
 

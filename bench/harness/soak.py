@@ -289,6 +289,14 @@ def analyse(
     if fit_half:
         rss["slope_half_warmup_mb_per_h"] = round(fit_half["slope"], 2)
         rss["slope_half_warmup_ci95_mb_per_h"] = round(1.96 * fit_half["stderr"], 2)
+    late = steady_idx(warmup_s + span / 2, dur)  # a step early on, or growth that goes on?
+    fit_late = linear_fit(
+        [float(series["t"][i]) / 3600 for i in late],  # type: ignore[arg-type]
+        [float(series["rss_mb"][i]) for i in late],  # type: ignore[arg-type]
+    )
+    if fit_late:
+        rss["slope_last_half_mb_per_h"] = round(fit_late["slope"], 2)
+        rss["slope_last_half_ci95_mb_per_h"] = round(1.96 * fit_late["stderr"], 2)
     if fit:
         rss.update(
             slope_mb_per_h=round(fit["slope"], 2),
