@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
+
 from k8s_sql.backend.base import PUT, LogRow, Row
 from k8s_sql.pb import rpc_pb2 as pb
+from k8s_sql.watch import stream as stream_module
 from k8s_sql.watch.hub import Hub, _Cache, change_bytes
 from k8s_sql.watch.stream import CONTROL_BUFFER, WatchStream
 
@@ -85,3 +88,38 @@ async def test_a_stream_stops_reading_requests_while_its_answers_wait() -> None:
             await asyncio.sleep(0)
     await reader
     assert [a.watch_id for a in answers] == list(range(100)) and all(a.created for a in answers)
+
+
+class _Log:
+    """A backend whose log holds one change per revision, 1..3000."""
+
+    async def changes(self, start: int, end: int, ranges: object, limit: int) -> tuple[list[LogRow], int]:
+        last = min(end, start + limit - 1)
+        return [_change(rev, 10) for rev in range(start, last + 1)], last
+
+
+async def test_no_events_after_the_canceled_response(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel read while a watcher's batch of responses is being sent ends that batch:
+    after the canceled response the client sees no event of the watcher, as from etcd.
+    (The fuzzer caught k8s-sql sending the rest of a catch-up batch read from the log:
+    up to 2,000 changes, two responses.)"""
+    monkeypatch.setattr(stream_module, "MAX_EVENTS_PER_RESPONSE", 10)  # several responses per log read
+    hub = Hub(backend=_Log())  # type: ignore[arg-type]
+    hub.start(3000)  # the ring starts after 3000: a watch from 1 catches up from the log
+    stream = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
+    stream.create(pb.WatchCreateRequest(key=b"/k/", range_end=b"/k0", start_revision=1))
+    wid = next(iter(stream.watchers))
+    stream.wake()
+    out = stream.responses()
+    seen: list[pb.WatchResponse] = []
+    while not any(r.canceled for r in seen):
+        raw = await asyncio.wait_for(out.__anext__(), 5)
+        resp = raw if isinstance(raw, pb.WatchResponse) else pb.WatchResponse.FromString(raw)
+        seen.append(resp)
+        if resp.events and wid in stream.watchers:
+            stream.cancel(wid)  # the client's cancel arrives after the first response with events
+    assert len([r for r in seen if r.events]) == 1
+    stream._closed = True
+    stream.wake()
+    rest = [r async for r in out]
+    assert not any((r if isinstance(r, pb.WatchResponse) else pb.WatchResponse.FromString(r)).events for r in rest)

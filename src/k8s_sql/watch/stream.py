@@ -303,6 +303,11 @@ class WatchStream:
             w.next_rev = covered + 1
             if changes:
                 for r in self._event_responses(w, covered, changes):
+                    # A cancel read while this batch was being sent has been answered
+                    # (the canceled response goes out between two of these): nothing
+                    # more for this watcher, as from etcd (found by the fuzzer).
+                    if self.watchers.get(w.id) is not w:
+                        return
                     yield r
                 del changes
 
