@@ -17,10 +17,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from k8s_sql.backend.base import Backend, MemberRow
+from k8s_sql.backend.base import ClusterTable, MemberRow
 from k8s_sql.background import BackgroundLoop
 
 log = logging.getLogger(__name__)
+LEADER_ROWS = ("leader", "leader_until")  # the leader's member id; its term's end, in ms
 
 
 class Membership(BackgroundLoop):
@@ -28,7 +29,7 @@ class Membership(BackgroundLoop):
 
     def __init__(
         self,
-        backend: Backend,
+        backend: ClusterTable,
         member_id: int,
         name: str,
         client_urls: list[str],
@@ -55,7 +56,7 @@ class Membership(BackgroundLoop):
         now = self.clock()
         await self.backend.heartbeat(MemberRow(self.member_id, self.name, ",".join(self.client_urls), now))
         until = now + self.term
-        leader = await self.backend.try_lead(self.member_id, now, until)
+        leader = await self.try_lead(now, until)
         if leader == self.member_id:
             if self.leader_id != self.member_id:
                 log.info("this frontend (%x) is now the leader", self.member_id)
@@ -74,7 +75,23 @@ class Membership(BackgroundLoop):
         with contextlib.suppress(Exception):
             await self.backend.remove_member(self.member_id)
             if self.is_leader:  # hand over at once instead of after the term lapses
-                await self.backend.try_lead(self.member_id, self.clock(), 0.0)
+                await self.try_lead(self.clock(), 0.0)
+
+    async def try_lead(self, now: float, until: float) -> int:
+        """Become (or stay) leader until ``until`` unless another frontend holds an
+        unexpired term; the leader's member id either way. The term is two ``meta``
+        rows, taken with a compare-and-set on what was read, so of frontends trying at
+        once exactly one wins (the others see the winner on their next read)."""
+        for _ in range(3):
+            held = await self.backend.meta(LEADER_ROWS)
+            leader, leader_until_ms = held.get("leader", 0), held.get("leader_until", 0)
+            if leader not in (0, self.member_id) and leader_until_ms / 1000 > now:
+                return leader
+            taken = {"leader": self.member_id, "leader_until": int(until * 1000)}
+            if await self.backend.meta_compare_and_set({"leader": leader, "leader_until": leader_until_ms}, taken):
+                return self.member_id
+        # Lost three races in a row: claim nothing this tick (the winner shows next tick).
+        return leader if leader != self.member_id else 0
 
     async def live_members(self) -> list[MemberRow]:
         return await self.backend.members(self.clock() - self.term)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from k8s_sql import errors
 from k8s_sql.api.common import Context
+from k8s_sql.backend import snapshot
 from k8s_sql.backend.base import CompactedError, FutureRevisionError
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 
@@ -80,22 +80,14 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
         """Stream a consistent copy of the store: an SQLite database file followed, as
         etcd does, by the SHA-256 of its bytes (etcdctl checks it is there).
         ``k8s-sql restore`` verifies the digest and turns the file into a data directory."""
-        async with self.store.backend.snapshot() as (size, chunks):
-            digest = hashlib.sha256()
-            remaining = size + digest.digest_size
+        async with self.store.backend.snapshot() as path:
             first = True
-            async for chunk in chunks:
-                digest.update(chunk)
-                remaining -= len(chunk)
-                resp = pb.SnapshotResponse(header=self.ctx.header(), remaining_bytes=remaining, blob=chunk)
+            async for remaining, blob in snapshot.frames(path):
+                resp = pb.SnapshotResponse(header=self.ctx.header(), remaining_bytes=remaining, blob=blob)
                 if first:
                     resp.version = self.ctx.version
                     first = False
                 yield resp
-            last = pb.SnapshotResponse(header=self.ctx.header(), remaining_bytes=0, blob=digest.digest())
-            if first:
-                last.version = self.ctx.version
-            yield last
 
     async def MoveLeader(
         self, request: pb.MoveLeaderRequest, context: grpc.aio.ServicerContext

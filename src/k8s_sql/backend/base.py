@@ -1,7 +1,11 @@
-"""The one small interface every database dialect implements.
+"""What the store asks of a database: row types, the write transaction, and the
+backend's roles (etcd's maintenance server depends on role interfaces in the same way).
 
 The store above speaks in rows of plain Python values (bytes and ints); a backend
-knows SQL and its driver, never protobuf. Reads are coarse-grained (one call = one
+knows SQL and its driver, never protobuf. Each role is a small protocol
+(:class:`KeyValueLog`, :class:`LeaseTable`, :class:`ClusterTable`,
+:class:`Maintenance`), so a consumer names the one it uses; one implementation
+(engine.py) serves every database. Reads are coarse-grained (one call = one
 consistent snapshot) because a snapshot costs a thread hop or a network round trip;
 writes happen inside a :class:`WriteTx` that holds the revision lock until commit.
 """
@@ -9,15 +13,12 @@ writes happen inside a :class:`WriteTx` that holds the revision lock until commi
 from __future__ import annotations
 
 import abc
-import asyncio
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 T = TypeVar("T")
-CONFLICT_RETRIES = 6  # attempts of a transaction aborted as a conflict
 
 
 class Row(NamedTuple):
@@ -195,34 +196,28 @@ class WriteTx(abc.ABC):
     async def rollback_to_savepoint(self) -> None: ...
 
 
-class Backend(abc.ABC):
-    """A database holding one k8s-sql store."""
+class KeyValueLog(Protocol):
+    """The keys, their history and the revision counter: what the store reads and writes."""
 
-    max_key_bytes: int | None = None  # the longest key the database can index, if limited
-    # How often other frontends' commits are looked for (see watch/follower.py): the
-    # longest a watcher on one frontend waits for a change written through another,
-    # unless the database announces commits (follow_commits).
-    follow_interval: float = 0.025
+    @property
+    def max_key_bytes(self) -> int | None:
+        """The longest key the database can index, if limited."""
 
-    @abc.abstractmethod
-    async def open(self) -> None:
-        """Connect, create the schema if absent, migrate it forward."""
+    @property
+    def follow_interval(self) -> float:
+        """How often other frontends' commits are looked for (see watch/follower.py): the
+        longest a watcher on one frontend waits for a change written through another,
+        unless the database announces commits (follow_commits)."""
 
-    @abc.abstractmethod
-    async def close(self) -> None: ...
-
-    @abc.abstractmethod
     def write(self) -> AbstractAsyncContextManager[WriteTx]:
         """A write transaction; it commits durably on a clean exit and rolls back otherwise.
 
         The revision stored in ``meta`` is set to ``tx.revision`` at commit.
         """
 
-    @abc.abstractmethod
     async def current(self) -> tuple[int, int]:
         """``(revision, compact_revision)``."""
 
-    @abc.abstractmethod
     async def range(self, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool) -> RangeResult:
         """Rows (at most ``limit``, 0 = all) and total count of the range at ``rev``
         (0 = current), from one consistent snapshot.
@@ -230,7 +225,6 @@ class Backend(abc.ABC):
         Raises :class:`CompactedError` / :class:`FutureRevisionError`.
         """
 
-    @abc.abstractmethod
     async def changes(
         self, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None, limit: int
     ) -> tuple[list[LogRow], int]:
@@ -241,84 +235,82 @@ class Backend(abc.ABC):
         Raises :class:`CompactedError` when ``start_rev`` is below the compaction point.
         """
 
-    @abc.abstractmethod
-    async def leases(self) -> list[LeaseRow]: ...
-
-    @abc.abstractmethod
-    async def lease(self, lease_id: int) -> tuple[LeaseRow | None, list[bytes]]:
-        """A lease and the keys attached to it."""
-
-    @abc.abstractmethod
-    async def expired_leases(self, now: float, limit: int) -> list[int]: ...
-
-    @abc.abstractmethod
-    async def compact_log(self, below_rev: int, batch_revs: int) -> int:
-        """Delete log rows with ``rev < below_rev`` in batches; return rows deleted."""
-
-    @abc.abstractmethod
-    async def size(self) -> tuple[int, int]:
-        """``(bytes on disk, bytes in use)``."""
-
-    @abc.abstractmethod
-    async def defragment(self) -> None: ...
-
-    @abc.abstractmethod
-    def snapshot(self) -> AbstractAsyncContextManager[tuple[int, AsyncIterator[bytes]]]:
-        """A consistent backup: its total size and its bytes, streamed."""
-
-    @abc.abstractmethod
-    async def hash_kv(self, rev: int) -> tuple[int, int, int]:
-        """``(crc32 of the store's history up to rev, compact_revision, hash revision)``."""
-
-    @abc.abstractmethod
-    async def heartbeat(self, member: MemberRow) -> None:
-        """Record that this frontend is alive (insert or refresh its ``member`` row)."""
-
-    @abc.abstractmethod
-    async def members(self, alive_since: float) -> list[MemberRow]:
-        """Frontends whose last heartbeat is at or after ``alive_since``."""
-
-    @abc.abstractmethod
-    async def remove_member(self, member_id: int) -> None: ...
-
-    @abc.abstractmethod
-    async def try_lead(self, member_id: int, now: float, until: float) -> int:
-        """Become (or stay) leader until ``until`` if nobody else holds an unexpired
-        leadership; return the leader's member id either way."""
-
-    @abc.abstractmethod
-    async def meta_get(self, name: str) -> int | None: ...
-
-    @abc.abstractmethod
-    async def meta_set(self, name: str, value: int) -> None:
-        """Set ``name`` to ``value``, creating the row if absent."""
-
     def conflicted(self, error: BaseException) -> bool:
         """Whether the database aborted a transaction for conflicting with another one
         (a deadlock or serialization failure): nothing of it was applied, and running it
         again may well succeed."""
-        return False
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run a small transaction of its own, again if the database aborts it as a
-        conflict (see :meth:`Backend.conflicted`): InnoDB can report a deadlock when
-        frontends starting together insert and lock ``meta`` rows at once."""
-        for n in range(CONFLICT_RETRIES):
-            try:
-                return await attempt()
-            except Exception as e:
-                if n == CONFLICT_RETRIES - 1 or not self.conflicted(e):
-                    raise
-                await asyncio.sleep(random.uniform(0, 0.01 * 2**n))
-        raise AssertionError("unreachable")
+        """Run ``attempt`` again (a few times, with jitter) while it fails as a conflict."""
 
     async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
         """Call ``on_commit(revision)`` soon after any frontend commits ``revision``,
         until cancelled, for databases that can tell (PostgreSQL's LISTEN/NOTIFY).
         Returns at once where they cannot: the follower then relies on polling alone.
         Notifications only hurry the follower; a lost one costs one poll interval."""
-        return
 
-    @abc.abstractmethod
+
+class LeaseTable(Protocol):
+    """Leases as rows (grants, revocations and attachments are written in write txs)."""
+
+    async def leases(self) -> list[LeaseRow]: ...
+
+    async def lease(self, lease_id: int) -> tuple[LeaseRow | None, list[bytes]]:
+        """A lease and the keys attached to it."""
+
+    async def expired_leases(self, now: float, limit: int) -> list[int]: ...
+
+
+class ClusterTable(Protocol):
+    """The frontends sharing the database, and the ``meta`` rows they coordinate through."""
+
+    async def heartbeat(self, member: MemberRow) -> None:
+        """Record that this frontend is alive (insert or refresh its ``member`` row)."""
+
+    async def members(self, alive_since: float) -> list[MemberRow]:
+        """Frontends whose last heartbeat is at or after ``alive_since``."""
+
+    async def remove_member(self, member_id: int) -> None: ...
+
+    async def meta(self, names: Sequence[str]) -> dict[str, int]:
+        """The named ``meta`` rows that exist, read in one snapshot."""
+
+    async def meta_get(self, name: str) -> int | None: ...
+
+    async def meta_set(self, name: str, value: int) -> None:
+        """Set ``name`` to ``value``, creating the row if absent."""
+
     async def meta_set_default(self, name: str, value: int) -> int:
         """Set ``name`` unless it is set; return the stored value."""
+
+    async def meta_compare_and_set(self, expect: dict[str, int], new: dict[str, int]) -> bool:
+        """Atomically: if every row of ``expect`` holds its value (an absent row holds 0),
+        set the rows of ``new``; whether it did."""
+
+
+class Maintenance(Protocol):
+    """What etcd's maintenance service asks of the storage (and the compactor)."""
+
+    async def compact_log(self, below_rev: int, batch_revs: int) -> int:
+        """Delete log rows with ``rev < below_rev`` in batches; return rows deleted."""
+
+    async def size(self) -> tuple[int, int]:
+        """``(bytes on disk, bytes in use)``."""
+
+    async def defragment(self) -> None: ...
+
+    def snapshot(self) -> AbstractAsyncContextManager[str]:
+        """A consistent backup: the path of a file in k8s-sql's snapshot format
+        (backend/snapshot.py, without its digest trailer), removed afterwards."""
+
+    async def hash_kv(self, rev: int) -> tuple[int, int, int]:
+        """``(crc32 of the store's history up to rev, compact_revision, hash revision)``."""
+
+
+class Backend(KeyValueLog, LeaseTable, ClusterTable, Maintenance, Protocol):
+    """A database holding one k8s-sql store: every role, and its lifetime."""
+
+    async def open(self) -> None:
+        """Connect, create the schema if absent, migrate it forward."""
+
+    async def close(self) -> None: ...

@@ -20,10 +20,12 @@ from urllib.parse import parse_qs, unquote
 
 import asyncmy
 import asyncmy.errors
+from asyncmy.cursors import SSCursor
 
 from k8s_sql.backend import migrations, sql, transient
 from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
-from k8s_sql.backend.generic import Conn, GenericBackend, Queries, Record
+from k8s_sql.backend.network import NetworkBackend
+from k8s_sql.backend.plans import Conn, Record
 from k8s_sql.dsn import redact, scrub, secrets
 
 MAX_KEY_BYTES = 3000
@@ -65,17 +67,6 @@ SCHEMA = [
         urls TEXT NOT NULL,
         heartbeat DOUBLE NOT NULL) ENGINE=InnoDB""",
 ]
-
-QUERIES = Queries(
-    sql.MYSQL,
-    upsert_kv=f"INSERT INTO kv ({sql.MYSQL.kv_columns}) VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE "
-    "create_rev = VALUES(create_rev), mod_rev = VALUES(mod_rev), version = VALUES(version), "
-    "lease = VALUES(lease), value = VALUES(value)",
-    upsert_lease="INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?) "
-    "ON DUPLICATE KEY UPDATE ttl = VALUES(ttl), expires_at = VALUES(expires_at)",
-    # (not INSERT IGNORE, which would also hide other errors, as warnings)
-    insert_meta_absent="INSERT INTO meta (name, value) VALUES (?, ?) ON DUPLICATE KEY UPDATE name = name",
-)
 
 ER_DUP_KEYNAME = 1061
 ER_CON_COUNT_ERROR = 1040  # too many connections: passes as others disconnect
@@ -169,8 +160,9 @@ def _unavailable_at_start(e: BaseException) -> bool:
 class MyConn(Conn):
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self._scans: list[Any] = []  # unbuffered cursors still open (see close_scans)
 
-    async def fetch(self, query: str, *params: Any) -> list[Record]:
+    async def fetch(self, query: str, params: Sequence[Any]) -> list[Record]:
         try:
             async with self.conn.cursor() as cur:
                 await cur.execute(query.replace("?", "%s"), params or None)
@@ -180,7 +172,7 @@ class MyConn(Conn):
                 raise DatabaseFull(str(e)) from e
             raise
 
-    async def execute(self, query: str, *params: Any) -> int:
+    async def execute(self, query: str, params: Sequence[Any]) -> int:
         try:
             async with self.conn.cursor() as cur:
                 return int(await cur.execute(query.replace("?", "%s"), params or None))
@@ -198,11 +190,32 @@ class MyConn(Conn):
                 raise DatabaseFull(str(e)) from e
             raise
 
+    async def scan(self, query: str, params: Sequence[Any]) -> Any:
+        """An unbuffered cursor: rows come from the server as they are fetched."""
+        cur = self.conn.cursor(SSCursor)
+        self._scans.append(cur)
+        await cur.execute(query.replace("?", "%s"), params or None)
+        return cur
 
-class MySQLBackend(GenericBackend):
+    async def next(self, cursor: Any, size: int) -> list[Record]:
+        rows = list(await cursor.fetchmany(size))
+        if not rows:
+            await cursor.close()
+            self._scans.remove(cursor)
+        return rows
+
+    async def close_scans(self) -> None:
+        """Read out and close cursors a plan left open (it failed half way): the
+        connection cannot run another statement while one has rows unread."""
+        for cur in self._scans:
+            await cur.close()
+        self._scans.clear()
+
+
+class MySQLBackend(NetworkBackend):
     """A store in a MySQL or MariaDB database, created (with its schema) if absent."""
 
-    q = QUERIES
+    dialect = sql.MYSQL
     max_key_bytes = MAX_KEY_BYTES
     follow_interval = 0.010  # no commit announcements: one small query per look
 
@@ -293,13 +306,18 @@ class MySQLBackend(GenericBackend):
             async with self._pool.acquire() as raw:
                 conn = MyConn(raw)
                 if begin is None:
-                    yield conn
+                    try:
+                        yield conn
+                    finally:
+                        await conn.close_scans()
                     return
-                await conn.execute(begin)
+                await conn.execute(begin, ())
                 try:
                     yield conn
+                    await conn.close_scans()
                 except BaseException:
                     with contextlib.suppress(Exception):
+                        await conn.close_scans()
                         await raw.rollback()
                     raise
                 await raw.commit()
@@ -325,22 +343,23 @@ class MySQLBackend(GenericBackend):
         async with self.autocommit_conn() as conn:
             for table in ("INNODB_SYS_TABLESPACES", "INNODB_TABLESPACES"):  # MariaDB, MySQL 8
                 try:
-                    row = await conn.fetchrow(
+                    (row,) = await conn.fetch(
                         f"SELECT COUNT(*), COALESCE(SUM(FILE_SIZE), 0), COALESCE(SUM(ALLOCATED_SIZE), 0) "
-                        f"FROM information_schema.{table} WHERE NAME LIKE CONCAT(DATABASE(), '/%')"
+                        f"FROM information_schema.{table} WHERE NAME LIKE CONCAT(DATABASE(), '/%')",
+                        (),
                     )
                 except asyncmy.errors.MySQLError:
                     continue
-                if row is not None and row[0]:
+                if row[0]:
                     return int(row[1]), int(row[2])
-            row = await conn.fetchrow(
+            (row,) = await conn.fetch(
                 "SELECT COALESCE(SUM(data_length + index_length + data_free), 0), "
                 "COALESCE(SUM(data_length + index_length), 0) "
-                "FROM information_schema.tables WHERE table_schema = DATABASE()"
+                "FROM information_schema.tables WHERE table_schema = DATABASE()",
+                (),
             )
-            assert row is not None
             return int(row[0]), int(row[1])
 
     async def defragment(self) -> None:
         async with self.autocommit_conn() as conn:
-            await conn.fetch("OPTIMIZE TABLE meta, kv, log, lease")
+            await conn.fetch("OPTIMIZE TABLE meta, kv, log, lease", ())

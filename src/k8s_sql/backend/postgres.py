@@ -18,7 +18,8 @@ import asyncpg
 
 from k8s_sql.backend import migrations, sql, transient
 from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
-from k8s_sql.backend.generic import Conn, GenericBackend, Queries, Record
+from k8s_sql.backend.network import NetworkBackend
+from k8s_sql.backend.plans import Conn, Record
 from k8s_sql.dsn import scrub, secrets
 
 SCHEMA = [
@@ -58,16 +59,6 @@ SCHEMA = [
         urls TEXT NOT NULL,
         heartbeat DOUBLE PRECISION NOT NULL)""",
 ]
-
-QUERIES = Queries(
-    sql.POSTGRES,
-    upsert_kv=f"INSERT INTO kv ({sql.KV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-    "create_rev = EXCLUDED.create_rev, mod_rev = EXCLUDED.mod_rev, version = EXCLUDED.version, "
-    "lease = EXCLUDED.lease, value = EXCLUDED.value",
-    upsert_lease="INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (id) DO UPDATE SET ttl = EXCLUDED.ttl, expires_at = EXCLUDED.expires_at",
-    insert_meta_absent="INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-)
 
 COMMIT_CHANNEL = "k8s_sql_commit"  # see migration 4
 RELISTEN_SECONDS = 1.0
@@ -117,13 +108,13 @@ class PgConn(Conn):
             q = self._numbered[query] = sql.numbered(query)
         return q
 
-    async def fetch(self, query: str, *params: Any) -> list[Record]:
+    async def fetch(self, query: str, params: Sequence[Any]) -> list[Record]:
         try:
             return list(await self.conn.fetch(self._q(query), *params))
         except asyncpg.DiskFullError as e:
             raise DatabaseFull(str(e)) from e
 
-    async def execute(self, query: str, *params: Any) -> int:
+    async def execute(self, query: str, params: Sequence[Any]) -> int:
         try:
             status = await self.conn.execute(self._q(query), *params)
         except asyncpg.DiskFullError as e:
@@ -137,11 +128,17 @@ class PgConn(Conn):
         except asyncpg.DiskFullError as e:
             raise DatabaseFull(str(e)) from e
 
+    async def scan(self, query: str, params: Sequence[Any]) -> Any:
+        return await self.conn.cursor(self._q(query), *params)
 
-class PostgresBackend(GenericBackend):
+    async def next(self, cursor: Any, size: int) -> list[Record]:
+        return list(await cursor.fetch(size))
+
+
+class PostgresBackend(NetworkBackend):
     """A store in a PostgreSQL database, created (with its schema) if absent."""
 
-    q = QUERIES
+    dialect = sql.POSTGRES
     # A btree entry holds at most 2704 bytes (a third of a page). Measured on PostgreSQL
     # with incompressible keys: 2680 bytes fit both kv's primary key and log's (key, rev)
     # index, 2690 do not ("index row size 2712 exceeds btree version 4 maximum 2704").
@@ -277,10 +274,11 @@ class PostgresBackend(GenericBackend):
 
     async def size(self) -> tuple[int, int]:
         async with self.autocommit_conn() as conn:
-            total = await conn.fetchval(
-                "SELECT SUM(pg_total_relation_size(c)) FROM unnest(ARRAY['meta', 'kv', 'log', 'lease']::regclass[]) c"
+            rows = await conn.fetch(
+                "SELECT SUM(pg_total_relation_size(c)) FROM unnest(ARRAY['meta', 'kv', 'log', 'lease']::regclass[]) c",
+                (),
             )
-            return int(total), int(total)
+            return int(rows[0][0]), int(rows[0][0])
 
     async def defragment(self) -> None:
         """etcd's defrag rewrites the database compactly and blocks the member meanwhile;
@@ -288,4 +286,4 @@ class PostgresBackend(GenericBackend):
         but returns no space, so a quota reached would stay reached). It holds an
         exclusive lock on each table while it rewrites it: every frontend waits."""
         async with self.autocommit_conn() as conn:
-            await conn.execute("VACUUM (FULL, ANALYZE) meta, kv, log, lease")
+            await conn.execute("VACUUM (FULL, ANALYZE) meta, kv, log, lease", ())

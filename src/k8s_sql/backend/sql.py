@@ -1,15 +1,17 @@
-"""Generic SQL shared by every dialect: the queries are the same, only placeholders,
-types and a few literals differ.
+"""What differs between the SQL dialects, and the statement text every dialect shares.
 
-Statements are written with ``?`` placeholders; a dialect whose driver wants
-``$1, $2, …`` passes them through :func:`numbered`.
+Statements are written once, with ``?`` placeholders; a driver whose database wants
+``$1, $2, …`` (PostgreSQL) or ``%s`` (MySQL) converts them (see :func:`numbered`).
+A :class:`Dialect` holds only what really differs: quoting, the upsert syntax, an
+index hint and row locking -- the way kine's ``pkg/drivers/generic`` lets each
+driver override a handful of statements and nothing else.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from k8s_sql.backend.base import DELETE, KeyRange, LogRow, Row
@@ -19,16 +21,42 @@ LOG_COLUMNS = (
     "rev, sub, key, kind, create_rev, version, lease, value, "
     "prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value"
 )
-# MySQL reserves KEY as a word: its dialect writes the column as `key`.
+# The tables a snapshot copies, with their columns (see backend/snapshot.py).
+TABLES: tuple[tuple[str, str], ...] = (
+    ("meta", "name, value"),
+    ("kv", KV_COLUMNS),
+    ("log", LOG_COLUMNS),
+    ("lease", "id, ttl, expires_at"),
+)
 
-Params = list[Any]
+Params = Sequence[Any]
+
+# SQLite (3.24+) and PostgreSQL share the standard upsert; MySQL writes its own.
+_UPSERT_KV = (
+    "INSERT INTO kv ({kv}) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+    "create_rev = excluded.create_rev, mod_rev = excluded.mod_rev, version = excluded.version, "
+    "lease = excluded.lease, value = excluded.value"
+)
+_UPSERT_LEASE = (
+    "INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET ttl = excluded.ttl, expires_at = excluded.expires_at"
+)
+_INSERT_META_ABSENT = "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
 
 
 @dataclass(frozen=True)
 class Dialect:
+    name: str  # as migrations.py names it
     empty_blob: str  # an empty byte string literal
     key: str = "key"  # the key column, quoted if the dialect needs it
     count_from: str = "kv"  # the table expression counts read (an index hint, where needed)
+    # Appended to a SELECT that must lock the rows it reads until commit. SQLite has one
+    # writer at a time (BEGIN IMMEDIATE), so it locks nothing row by row.
+    for_update: str = " FOR UPDATE"
+    upsert_kv_sql: str = _UPSERT_KV
+    upsert_lease: str = _UPSERT_LEASE
+    insert_meta_absent: str = _INSERT_META_ABSENT  # (name, value) unless name exists
+    _in_lists: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kv_columns(self) -> str:
@@ -38,12 +66,53 @@ class Dialect:
     def log_columns(self) -> str:
         return LOG_COLUMNS.replace("key", self.key, 1)
 
+    @property
+    def upsert_kv(self) -> str:
+        return self.upsert_kv_sql.format(kv=self.kv_columns)
 
-SQLITE = Dialect(empty_blob="x''")
-POSTGRES = Dialect(empty_blob="''::bytea")
+    @property
+    def get_kv(self) -> str:
+        return f"SELECT {self.kv_columns} FROM kv WHERE {self.key} = ?"
+
+    def get_kv_many(self, n: int) -> str:
+        q = self._in_lists.get(n)
+        if q is None:
+            q = self._in_lists[n] = f"SELECT {self.kv_columns} FROM kv WHERE {self.key} IN ({marks(n)})"
+        return q
+
+    @property
+    def lease_keys(self) -> str:
+        # "lease <> 0" repeats the partial index's condition: with only "lease = ?" the
+        # planner cannot tell that the parameter is not 0, and scans the whole table
+        # (every value) per lease.
+        return f"SELECT {self.key} FROM kv WHERE lease = ? AND lease <> 0 ORDER BY {self.key}"
+
+    @property
+    def insert_log(self) -> str:
+        return f"INSERT INTO log ({self.log_columns}) VALUES ({marks(13)})"
+
+
+SQLITE = Dialect(name="sqlite", empty_blob="x''", for_update="")
+POSTGRES = Dialect(name="postgres", empty_blob="''::bytea")
 # InnoDB would count through the clustered primary key, reading every value; the
 # keys-only index (schema version 3) is a twentieth of the size.
-MYSQL = Dialect(empty_blob="x''", key="`key`", count_from="kv FORCE INDEX (kv_keys)")
+MYSQL = Dialect(
+    name="mysql",
+    empty_blob="x''",
+    key="`key`",  # MySQL reserves KEY as a word
+    count_from="kv FORCE INDEX (kv_keys)",
+    upsert_kv_sql="INSERT INTO kv ({kv}) VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE "
+    "create_rev = VALUES(create_rev), mod_rev = VALUES(mod_rev), version = VALUES(version), "
+    "lease = VALUES(lease), value = VALUES(value)",
+    upsert_lease="INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?) "
+    "ON DUPLICATE KEY UPDATE ttl = VALUES(ttl), expires_at = VALUES(expires_at)",
+    # (not INSERT IGNORE, which would also hide other errors, as warnings)
+    insert_meta_absent="INSERT INTO meta (name, value) VALUES (?, ?) ON DUPLICATE KEY UPDATE name = name",
+)
+
+
+def marks(n: int) -> str:
+    return ", ".join("?" * n)
 
 
 def numbered(sql: str) -> str:
@@ -52,7 +121,7 @@ def numbered(sql: str) -> str:
     return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
 
 
-def range_where(kr: KeyRange, column: str = "key") -> tuple[str, Params]:
+def range_where(kr: KeyRange, column: str = "key") -> tuple[str, list[Any]]:
     """Condition and parameters selecting the keys of ``kr``."""
     if kr.end is None:
         return f"{column} = ?", [kr.key]
@@ -61,7 +130,7 @@ def range_where(kr: KeyRange, column: str = "key") -> tuple[str, Params]:
     return f"{column} >= ? AND {column} < ?", [kr.key, kr.end]
 
 
-def head_queries(d: Dialect, kr: KeyRange, limit: int, keys_only: bool) -> tuple[str, str, Params]:
+def head_queries(d: Dialect, kr: KeyRange, limit: int, keys_only: bool) -> tuple[str, str, list[Any]]:
     """(count SQL, rows SQL, params) for the current state of a range."""
     k = d.key
     where, params = range_where(kr, k)
@@ -72,7 +141,7 @@ def head_queries(d: Dialect, kr: KeyRange, limit: int, keys_only: bool) -> tuple
     return f"SELECT COUNT(*) FROM {d.count_from} WHERE {where}", rows, params
 
 
-def historical_queries(d: Dialect, kr: KeyRange, rev: int, limit: int, keys_only: bool) -> tuple[str, str, Params]:
+def historical_queries(d: Dialect, kr: KeyRange, rev: int, limit: int, keys_only: bool) -> tuple[str, str, list[Any]]:
     """(count SQL, rows SQL, params) for a range as of an older revision ``rev``.
 
     The state at ``rev`` is the ``kv`` rows unchanged since ``rev`` plus, for every key
@@ -99,20 +168,25 @@ def historical_queries(d: Dialect, kr: KeyRange, rev: int, limit: int, keys_only
     return f"SELECT COUNT(*) FROM ({union}) AS state", rows, [*params, rev, *params, rev]
 
 
-def changes_query(
-    d: Dialect, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None
-) -> tuple[str, Params] | None:
+def changes_where(
+    start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None, key: str
+) -> tuple[str, list[Any]] | None:
     """(WHERE clause, params) for log rows in ``[start_rev, end_rev]`` touching ``ranges``;
     None when the ranges select nothing."""
     where = "rev >= ? AND rev <= ?"
-    params: Params = [start_rev, end_rev]
+    params: list[Any] = [start_rev, end_rev]
     if ranges is not None:
-        parts = [range_where(kr, d.key) for kr in ranges if not kr.is_empty]
+        parts = [range_where(kr, key) for kr in ranges if not kr.is_empty]
         if not parts:
             return None
         where += " AND (" + " OR ".join(f"({p[0]})" for p in parts) + ")"
         params += [x for p in parts for x in p[1]]
     return where, params
+
+
+def to_row(r: Sequence[Any]) -> Row:
+    """A ``kv`` row (in KV_COLUMNS order); drivers may hand back bytes-like values."""
+    return Row(bytes(r[0]), r[1], r[2], r[3], r[4], bytes(r[5]))
 
 
 def log_row(r: Sequence[Any]) -> LogRow:

@@ -1,4 +1,5 @@
-"""A write transaction that talks to the database once per batch, not once per request.
+"""The write transaction of a batch: one implementation for every database, talking
+to it once per batch, not once per request.
 
 A batch of Kubernetes-shaped txns (compare one key's mod revision, put it) would
 cost a network database about five round trips per request: a savepoint, two
@@ -16,76 +17,47 @@ class cuts that to a handful per *batch*:
   Requests fail before changing anything in every case etcd itself does not panic
   on, so the replay is a rare path.
 
-Subclasses provide the statements (the ``_db_*`` methods); a subclass for a
-database where a statement costs microseconds (SQLite) runs them inline.
+Statements are plans (plans.py) handed to the backend's :class:`Runner`, with a
+``slow`` flag on those whose cost grows with the data (a range without a limit, a
+count, a historical read, a lease's keys): SQLite runs the others inline on the
+event loop (microseconds each) and the slow ones on its writer thread.
 """
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, Protocol, TypeVar
 
-from k8s_sql.backend import sql
+from k8s_sql.backend import plans, sql
 from k8s_sql.backend.base import KeyRange, LeaseRow, LogRow, Row, WriteTx
+from k8s_sql.backend.plans import Plan
+from k8s_sql.backend.sql import Dialect
 
+T = TypeVar("T")
 _MISSING = object()
+# A range read in a write txn with at most this many rows runs inline; more may take
+# milliseconds (an unbounded range of a big prefix: seconds), so they go to a thread.
+INLINE_ROWS = 64
 
 
-class BufferedWriteTx(WriteTx):
-    def __init__(self, revision: int, compact_revision: int) -> None:
+class Runner(Protocol):
+    def __call__(self, plan: Plan[T], slow: bool = False) -> Awaitable[T]: ...
+
+
+class SQLWriteTx(WriteTx):
+    def __init__(self, d: Dialect, run: Runner, revision: int, compact_revision: int, nospace: bool) -> None:
+        self.d = d
+        self._run = run
         self.revision = revision
         self._stored_revision = revision  # the revision in meta when the transaction began
         self.compact_revision = compact_revision
         self.savepoints = False  # set by the store when replaying a batch
         self.dirty = False  # changed something since begin_request()
-        self.nospace = False  # set by the backend from meta's alarm row
+        self.nospace = nospace
         self._rows: dict[bytes, Row | None] = {}  # known state of keys (None: absent)
         self._leases: dict[int, LeaseRow | None] = {}
         self._pending_kv: dict[bytes, Row | None] = {}  # to write (None: delete)
         self._pending_log: list[tuple[Any, ...]] = []
-
-    # -- what a dialect provides --------------------------------------------------
-
-    @abc.abstractmethod
-    async def _db_rows(self, keys: Sequence[bytes]) -> list[Row]: ...
-
-    @abc.abstractmethod
-    async def _db_leases(self, ids: Sequence[int]) -> list[LeaseRow]: ...
-
-    @abc.abstractmethod
-    async def _db_range(self, kr: KeyRange, limit: int) -> list[Row]: ...
-
-    @abc.abstractmethod
-    async def _db_count(self, kr: KeyRange) -> int: ...
-
-    @abc.abstractmethod
-    async def _db_range_at(self, kr: KeyRange, rev: int, limit: int) -> tuple[list[Row], int]: ...
-
-    @abc.abstractmethod
-    async def _db_upsert_rows(self, rows: Sequence[Row]) -> None: ...
-
-    @abc.abstractmethod
-    async def _db_delete_rows(self, keys: Sequence[bytes]) -> None: ...
-
-    @abc.abstractmethod
-    async def _db_insert_log(self, rows: Sequence[tuple[Any, ...]]) -> None: ...
-
-    @abc.abstractmethod
-    async def _db_lease_put(self, lease: LeaseRow) -> None: ...
-
-    @abc.abstractmethod
-    async def _db_lease_delete(self, lease_id: int) -> None: ...
-
-    @abc.abstractmethod
-    async def _db_lease_keys(self, lease_id: int) -> list[bytes]: ...
-
-    @abc.abstractmethod
-    async def _db_set_meta(self, name: str, value: int) -> None: ...
-
-    @abc.abstractmethod
-    async def _db_execute(self, statement: str) -> None:
-        """Run a parameterless statement (savepoints)."""
 
     # -- batch and request boundaries ------------------------------------------------
 
@@ -94,12 +66,12 @@ class BufferedWriteTx(WriteTx):
         find them in memory."""
         want = [k for k in dict.fromkeys(keys) if k not in self._rows]
         if want:
-            found = {r.key: r for r in await self._db_rows(want)}
+            found = {r.key: r for r in await self._run(plans.get_rows(self.d, want))}
             for k in want:
                 self._rows[k] = found.get(k)
         ids = [i for i in dict.fromkeys(lease_ids) if i not in self._leases]
         if ids:
-            found_leases = {lease.id: lease for lease in await self._db_leases(ids)}
+            found_leases = {lease.id: lease for lease in await self._run(plans.get_leases(ids))}
             for i in ids:
                 self._leases[i] = found_leases.get(i)
 
@@ -108,19 +80,19 @@ class BufferedWriteTx(WriteTx):
 
     async def savepoint(self) -> None:
         await self.flush()  # so that a rollback only has to forget this request's buffer
-        await self._db_execute("SAVEPOINT request")
+        await self._run(plans.statement("SAVEPOINT request"))
         self.dirty = False
 
     async def release_savepoint(self) -> None:
-        await self._db_execute("RELEASE SAVEPOINT request")
+        await self._run(plans.statement("RELEASE SAVEPOINT request"))
 
     async def rollback_to_savepoint(self) -> None:
         self._pending_kv.clear()
         self._pending_log.clear()
         self._rows.clear()  # may hold this request's changes: read again from the database
         self._leases.clear()
-        await self._db_execute("ROLLBACK TO SAVEPOINT request")
-        await self._db_execute("RELEASE SAVEPOINT request")
+        await self._run(plans.statement("ROLLBACK TO SAVEPOINT request"))
+        await self._run(plans.statement("RELEASE SAVEPOINT request"))
 
     async def flush(self) -> None:
         """Write the buffered changes (before a read the cache cannot answer, and at commit)."""
@@ -128,26 +100,24 @@ class BufferedWriteTx(WriteTx):
             puts = [r for r in self._pending_kv.values() if r is not None]
             deletes = [k for k, r in self._pending_kv.items() if r is None]
             self._pending_kv.clear()
-            if deletes:
-                await self._db_delete_rows(deletes)
-            if puts:
-                await self._db_upsert_rows(puts)
+            # A batch writes a few hundred rows at most: inline, like every point write.
+            await self._run(plans.write_kv(self.d, puts, deletes))
         if self._pending_log:
             rows, self._pending_log = self._pending_log, []
-            await self._db_insert_log(rows)
+            await self._run(plans.insert_log(self.d, rows))
 
     async def finish(self) -> None:
         """Everything the commit needs: the buffered changes and the new revision."""
         await self.flush()
         if self.revision != self._stored_revision:  # a batch of failed compares changes nothing
-            await self._db_set_meta("revision", self.revision)
+            await self._run(plans.set_meta("revision", self.revision))
 
     # -- WriteTx -------------------------------------------------------------------------
 
     async def get(self, key: bytes) -> Row | None:
         row = self._rows.get(key, _MISSING)
         if row is _MISSING:
-            found = await self._db_rows([key])
+            found = await self._run(plans.get_rows(self.d, [key]))
             row = self._rows[key] = found[0] if found else None
         return row  # type: ignore[return-value]
 
@@ -156,17 +126,18 @@ class BufferedWriteTx(WriteTx):
             row = await self.get(kr.key)
             return [] if row is None else [row]
         await self.flush()
-        return await self._db_range(kr, limit)
+        slow = limit <= 0 or limit > INLINE_ROWS
+        return (await self._run(plans.head(self.d, kr, limit), slow))[0]
 
     async def count(self, kr: KeyRange) -> int:
         if kr.end is None:
             return 0 if await self.get(kr.key) is None else 1
         await self.flush()
-        return await self._db_count(kr)
+        return (await self._run(plans.head(self.d, kr, 0, count_only=True), True))[1]
 
     async def range_at(self, kr: KeyRange, rev: int, limit: int = 0) -> tuple[list[Row], int]:
         await self.flush()  # the historical query reads this transaction's log rows too
-        return await self._db_range_at(kr, rev, limit)
+        return await self._run(plans.historical(self.d, kr, rev, limit), True)
 
     async def put(self, row: Row) -> None:
         self.dirty = True
@@ -183,25 +154,25 @@ class BufferedWriteTx(WriteTx):
     async def lease_get(self, lease_id: int) -> LeaseRow | None:
         lease = self._leases.get(lease_id, _MISSING)
         if lease is _MISSING:
-            found = await self._db_leases([lease_id])
+            found = await self._run(plans.get_leases([lease_id]))
             lease = self._leases[lease_id] = found[0] if found else None
         return lease  # type: ignore[return-value]
 
     async def lease_put(self, lease: LeaseRow) -> None:
         self.dirty = True
-        await self._db_lease_put(lease)
+        await self._run(plans.lease_put(self.d, lease))
         self._leases[lease.id] = lease
 
     async def lease_delete(self, lease_id: int) -> None:
         self.dirty = True
-        await self._db_lease_delete(lease_id)
+        await self._run(plans.lease_delete(lease_id))
         self._leases[lease_id] = None
 
     async def lease_keys(self, lease_id: int) -> list[bytes]:
         await self.flush()
-        return await self._db_lease_keys(lease_id)
+        return await self._run(plans.lease_keys(self.d, lease_id), True)
 
     async def set_compact_revision(self, rev: int) -> None:
         self.dirty = True
-        await self._db_set_meta("compact_revision", rev)
+        await self._run(plans.set_meta("compact_revision", rev))
         self.compact_revision = rev

@@ -1,0 +1,160 @@
+"""One SQL engine for every database: each operation is a plan (plans.py) run by the
+database's driver, so a query, a policy or a retry is written once.
+
+A database's backend provides only how statements run:
+
+- :meth:`SQLBackend._read`: a plan in one consistent snapshot (SQLite: a reader
+  thread; a server: a read-only repeatable-read transaction, taken again when the
+  database aborts it as a conflict);
+- :meth:`SQLBackend._statement`: a one-statement plan with no transaction around it;
+- :meth:`SQLBackend._write`: a small write transaction of its own (membership,
+  leadership, meta rows, a compaction step), retried on conflicts;
+- :meth:`SQLBackend.write`: the write batch's transaction (writetx.py);
+
+plus what is physical: its schema, size, defragmentation and snapshot.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
+
+from k8s_sql.backend import plans
+from k8s_sql.backend.base import KeyRange, LeaseRow, LogRow, MemberRow, RangeResult, WriteTx
+from k8s_sql.backend.plans import Plan
+from k8s_sql.backend.sql import Dialect
+
+T = TypeVar("T")
+CONFLICT_RETRIES = 6  # attempts of a transaction aborted as a conflict
+PlanFactory = Callable[[], Plan[T]]  # a plan made afresh for each attempt
+
+
+class SQLBackend(abc.ABC):
+    """Every role of :class:`~k8s_sql.backend.base.Backend`, over four hooks."""
+
+    dialect: Dialect
+    max_key_bytes: int | None = None
+    follow_interval: float = 0.025
+
+    # -- what a database provides ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _read(self, make: PlanFactory[T], cheap: bool = False) -> T:
+        """Run a plan in one consistent snapshot. ``cheap``: a point read that takes
+        microseconds (SQLite may run it on the event loop)."""
+
+    @abc.abstractmethod
+    async def _statement(self, make: PlanFactory[T]) -> T:
+        """Run a plan of one statement outside any transaction (its own snapshot)."""
+
+    @abc.abstractmethod
+    async def _write(self, make: PlanFactory[T]) -> T:
+        """Run a plan in a small write transaction of its own, committed at its end."""
+
+    @abc.abstractmethod
+    def write(self) -> AbstractAsyncContextManager[WriteTx]: ...
+
+    @abc.abstractmethod
+    async def size(self) -> tuple[int, int]: ...
+
+    @abc.abstractmethod
+    async def defragment(self) -> None: ...
+
+    @abc.abstractmethod
+    def snapshot(self) -> AbstractAsyncContextManager[str]: ...
+
+    def conflicted(self, error: BaseException) -> bool:
+        return False
+
+    async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
+        return
+
+    # -- written once ------------------------------------------------------------------
+
+    async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run a transaction again if the database aborts it as a conflict (see
+        :meth:`conflicted`): InnoDB can report a deadlock when frontends starting
+        together insert and lock ``meta`` rows at once, and Galera a certification
+        failure. Backs off with jitter: 0-10 ms, doubling."""
+        for n in range(CONFLICT_RETRIES):
+            try:
+                return await attempt()
+            except Exception as e:
+                if n == CONFLICT_RETRIES - 1 or not self.conflicted(e):
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.01 * 2**n))
+        raise AssertionError("unreachable")
+
+    async def current(self) -> tuple[int, int]:
+        # One statement reads one snapshot: no transaction (and its two extra round
+        # trips) needed. Other frontends' followers call this many times a second.
+        return await self._statement(plans.current)
+
+    async def range(self, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool) -> RangeResult:
+        d = self.dialect
+        return await self._read(
+            lambda: plans.range_(d, kr, rev, limit, count_only, keys_only), cheap=kr.end is None and rev <= 0
+        )
+
+    async def changes(
+        self, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None, limit: int
+    ) -> tuple[list[LogRow], int]:
+        d = self.dialect
+        return await self._read(lambda: plans.changes(d, start_rev, end_rev, ranges, limit))
+
+    async def hash_kv(self, rev: int) -> tuple[int, int, int]:
+        d = self.dialect
+        return await self._read(lambda: plans.hash_kv(d, rev))
+
+    async def leases(self) -> list[LeaseRow]:
+        return await self._read(plans.leases)
+
+    async def lease(self, lease_id: int) -> tuple[LeaseRow | None, list[bytes]]:
+        d = self.dialect
+        return await self._read(lambda: plans.lease(d, lease_id))
+
+    async def expired_leases(self, now: float, limit: int) -> list[int]:
+        return await self._read(lambda: plans.expired_leases(now, limit))
+
+    async def heartbeat(self, member: MemberRow) -> None:
+        await self._write(lambda: plans.heartbeat(member))
+
+    async def members(self, alive_since: float) -> list[MemberRow]:
+        return await self._read(lambda: plans.members(alive_since))
+
+    async def remove_member(self, member_id: int) -> None:
+        await self._write(lambda: plans.remove_member(member_id))
+
+    async def meta(self, names: Sequence[str]) -> dict[str, int]:
+        return await self._read(lambda: plans.meta_get(names))
+
+    async def meta_get(self, name: str) -> int | None:
+        return (await self.meta([name])).get(name)
+
+    async def meta_set(self, name: str, value: int) -> None:
+        d = self.dialect
+        await self._write(lambda: plans.meta_set(d, name, value))
+
+    async def meta_set_default(self, name: str, value: int) -> int:
+        d = self.dialect
+        return await self._write(lambda: plans.meta_set_default(d, name, value))
+
+    async def meta_compare_and_set(self, expect: dict[str, int], new: dict[str, int]) -> bool:
+        d = self.dialect
+        return await self._write(lambda: plans.meta_compare_and_set(d, expect, new))
+
+    async def compact_log(self, below_rev: int, batch_revs: int) -> int:
+        total = 0
+        while n := await self._write(lambda: plans.compact_step(below_rev, batch_revs)):
+            total += n
+        return total

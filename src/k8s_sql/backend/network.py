@@ -1,0 +1,108 @@
+"""The engine's hooks for server databases (PostgreSQL, MySQL), reached over the network.
+
+Plans run by :func:`plans.run_async` on a pooled connection. A dialect module
+(postgres.py, mysql.py) supplies the connections -- a snapshot transaction, a
+read-write transaction, autocommit -- its driver's adapter (:class:`plans.Conn`), its
+schema, and which of its driver's errors mean "conflict" or "reported by the server".
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypeVar
+
+from k8s_sql import errors
+from k8s_sql.backend import plans, snapshot
+from k8s_sql.backend.base import BackendUnavailable, WriteTx
+from k8s_sql.backend.engine import PlanFactory, SQLBackend
+from k8s_sql.backend.plans import Conn, Plan
+from k8s_sql.backend.writetx import SQLWriteTx
+
+T = TypeVar("T")
+
+
+class NetworkBackend(SQLBackend):
+    """A backend on a server database, given a dialect's connections."""
+
+    # -- what a dialect provides -------------------------------------------------
+
+    @abc.abstractmethod
+    def reported_by_database(self, error: BaseException) -> bool:
+        """Whether ``error`` is an error the database server reported (the driver's
+        server-error classes), as opposed to one of k8s-sql's own."""
+
+    @abc.abstractmethod
+    def snapshot_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        """A connection inside a read-only transaction that reads one consistent snapshot."""
+
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        """A connection inside a read-write transaction, committed on a clean exit."""
+
+    @abc.abstractmethod
+    def autocommit_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]: ...
+
+    # -- the engine's hooks ------------------------------------------------------------
+
+    async def _read(self, make: PlanFactory[T], cheap: bool = False) -> T:
+        """A read in a snapshot of its own, taken again if the database aborts it as a
+        conflict: MySQL answers 1412 "Table definition has changed, please retry
+        transaction" to a snapshot that meets a table rebuilt since it began (a
+        defragmentation's OPTIMIZE TABLE; the fuzzer found it as an UNKNOWN)."""
+
+        async def attempt() -> T:
+            async with self.snapshot_conn() as conn:
+                return await plans.run_async(conn, make())
+
+        try:
+            return await self.retrying(attempt)
+        except Exception as e:
+            # Any other error the database reports on a read is the database's trouble,
+            # not the request's (seen: MariaDB losing an internal temporary table's file):
+            # a retryable UNAVAILABLE, with the database's words in the log.
+            if self.reported_by_database(e):
+                raise BackendUnavailable(errors.one_line(e)) from e
+            raise
+
+    async def _statement(self, make: PlanFactory[T]) -> T:
+        async with self.autocommit_conn() as conn:
+            return await plans.run_async(conn, make())
+
+    async def _write(self, make: PlanFactory[T]) -> T:
+        async def attempt() -> T:
+            async with self.transaction() as conn:
+                return await plans.run_async(conn, make())
+
+        return await self.retrying(attempt)
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[WriteTx]:
+        async with self.transaction() as conn:
+
+            def run(plan: Plan[T], slow: bool = False) -> Any:
+                return plans.run_async(conn, plan)
+
+            tx = SQLWriteTx(self.dialect, run, *await plans.run_async(conn, plans.begin_write(self.dialect)))
+            yield tx
+            await tx.finish()
+
+    # -- maintenance -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[str]:
+        """A copy in k8s-sql's snapshot format, read in steps from one snapshot of the
+        database through a server-side cursor, and written on a thread."""
+        d = self.dialect
+        async with snapshot.temporary_path() as path:
+            async with self.snapshot_conn() as conn:
+
+                async def rows(table: str, columns: str) -> AsyncIterator[Sequence[Sequence[Any]]]:
+                    src = {"kv": d.kv_columns, "log": d.log_columns}.get(table, columns)
+                    cursor = await conn.scan(f"SELECT {src} FROM {table}", ())
+                    while step := await conn.next(cursor, plans.SCAN_ROWS):
+                        yield step
+
+                await snapshot.write(path, rows)
+            yield path  # streamed after the database's snapshot is released

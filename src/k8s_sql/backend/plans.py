@@ -1,0 +1,413 @@
+"""Every read and write of the store, written once for every database, with no I/O.
+
+A *plan* is a generator that yields statements -- :class:`Fetch`, :class:`Execute`,
+:class:`ExecuteMany`, or :class:`Scan` and :class:`Next` for results too big to hold --
+and is sent back each statement's result: the sans-IO pattern of h11 and httpcore.
+A plan decides what to ask and what the answers mean; a *driver* runs it:
+:func:`run_sync` on an SQLite connection (on SQLite's threads, so one call is one
+snapshot and one thread hop), :func:`run_async` on a server database's connection
+(PostgreSQL, MySQL). So a query exists once, whatever runs it, and a plan can be
+tested by feeding it rows.
+
+Plans take a :class:`~k8s_sql.backend.sql.Dialect` for what differs in the text.
+"""
+
+from __future__ import annotations
+
+import abc
+import sqlite3
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from k8s_sql.backend import sql
+from k8s_sql.backend.base import (
+    CompactedError,
+    FutureRevisionError,
+    KeyRange,
+    LeaseRow,
+    LogRow,
+    MemberRow,
+    RangeResult,
+    Row,
+)
+from k8s_sql.backend.hashing import StateHash
+from k8s_sql.backend.sql import Dialect
+
+T = TypeVar("T")
+Record = Sequence[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Rows of a query."""
+
+    sql: str
+    params: Sequence[Any] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """A statement; its result is the number of rows it changed."""
+
+    sql: str
+    params: Sequence[Any] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteMany:
+    sql: str
+    rows: Sequence[Sequence[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """Open a cursor over a query whose rows may not fit in memory at once; the result
+    is a handle for :class:`Next`. Only inside a snapshot (a read transaction)."""
+
+    sql: str
+    params: Sequence[Any] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """Up to ``size`` more rows of a :class:`Scan`; an empty list at the end."""
+
+    cursor: Any
+    size: int = 1000
+
+
+Statement = Fetch | Execute | ExecuteMany | Scan | Next
+Plan = Generator[Statement, Any, T]
+
+# What a scan reads per step: 1,000 rows of a few KiB is a few MiB, and a step's CPU
+# (decoding, hashing) stays around a millisecond on the event loop.
+SCAN_ROWS = 1000
+
+
+# -- drivers --------------------------------------------------------------------------
+
+
+def run_sync(conn: sqlite3.Connection, plan: Plan[T]) -> T:
+    """Run a plan on an SQLite connection, in the calling thread."""
+    result: Any = None
+    try:
+        while True:
+            st = plan.send(result)
+            if isinstance(st, Fetch):
+                result = conn.execute(st.sql, st.params).fetchall()
+            elif isinstance(st, Execute):
+                result = conn.execute(st.sql, st.params).rowcount
+            elif isinstance(st, ExecuteMany):
+                conn.executemany(st.sql, st.rows)
+                result = None
+            elif isinstance(st, Scan):
+                result = conn.execute(st.sql, st.params)
+            else:
+                result = st.cursor.fetchmany(st.size)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+class Conn(abc.ABC):
+    """One server-database connection, taking ``?`` placeholders whatever the driver uses."""
+
+    @abc.abstractmethod
+    async def fetch(self, query: str, params: Sequence[Any]) -> list[Record]: ...
+
+    @abc.abstractmethod
+    async def execute(self, query: str, params: Sequence[Any]) -> int:
+        """Run a statement; return the number of rows it changed."""
+
+    @abc.abstractmethod
+    async def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    @abc.abstractmethod
+    async def scan(self, query: str, params: Sequence[Any]) -> Any:
+        """A server-side cursor (inside the connection's transaction)."""
+
+    @abc.abstractmethod
+    async def next(self, cursor: Any, size: int) -> list[Record]: ...
+
+
+async def run_async(conn: Conn, plan: Plan[T]) -> T:
+    """Run a plan on a server database's connection."""
+    result: Any = None
+    try:
+        while True:
+            st = plan.send(result)
+            if isinstance(st, Fetch):
+                result = await conn.fetch(st.sql, st.params)
+            elif isinstance(st, Execute):
+                result = await conn.execute(st.sql, st.params)
+            elif isinstance(st, ExecuteMany):
+                await conn.executemany(st.sql, st.rows)
+                result = None
+            elif isinstance(st, Scan):
+                result = await conn.scan(st.sql, st.params)
+            else:
+                result = await conn.next(st.cursor, st.size)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+# -- meta -------------------------------------------------------------------------------
+
+
+def current() -> Plan[tuple[int, int]]:
+    """``(revision, compact_revision)``, in one statement."""
+    rows = yield Fetch("SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')")
+    held = {r[0]: r[1] for r in rows}
+    return int(held["revision"]), int(held["compact_revision"])
+
+
+def meta_get(names: Sequence[str]) -> Plan[dict[str, int]]:
+    """The named meta rows that exist."""
+    rows = yield Fetch(f"SELECT name, value FROM meta WHERE name IN ({sql.marks(len(names))})", list(names))
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def meta_set(d: Dialect, name: str, value: int) -> Plan[None]:
+    yield Execute(d.insert_meta_absent, (name, value))
+    yield Execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))
+
+
+def meta_set_default(d: Dialect, name: str, value: int) -> Plan[int]:
+    """Set ``name`` unless it is set; the stored value. (Frontends or --workers starting
+    together race here: one insert wins.)"""
+    yield Execute(d.insert_meta_absent, (name, value))
+    rows = yield Fetch("SELECT value FROM meta WHERE name = ?", (name,))
+    return int(rows[0][0])
+
+
+def meta_compare_and_set(d: Dialect, expect: dict[str, int], new: dict[str, int]) -> Plan[bool]:
+    """Set the ``new`` values if the rows hold the ``expect``-ed ones (an absent row
+    holds 0), atomically: the rows are locked (or the database is, on SQLite) until the
+    transaction running this plan commits."""
+    names = sorted({*expect, *new})
+    for name in names:  # rows must exist to be locked; frontends starting together may both insert
+        yield Execute(d.insert_meta_absent, (name, 0))
+    rows = yield Fetch(f"SELECT name, value FROM meta WHERE name IN ({sql.marks(len(names))}){d.for_update}", names)
+    held = {str(r[0]): int(r[1]) for r in rows}
+    if any(held.get(name, 0) != value for name, value in expect.items()):
+        return False
+    for name, value in new.items():
+        yield Execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))
+    return True
+
+
+def begin_write(d: Dialect) -> Plan[tuple[int, int, bool]]:
+    """The revision lock of a write batch: ``(revision, compact_revision, nospace)``, the
+    rows locked until commit so that commits happen in revision order (compact_revision
+    is locked along with it: only writers change it; the NOSPACE alarm is read under
+    the same lock, so a batch never writes past an alarm raised before it began)."""
+    rows = yield Fetch(
+        "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision', 'alarm_nospace')" + d.for_update
+    )
+    held = {r[0]: r[1] for r in rows}
+    return int(held["revision"]), int(held["compact_revision"]), bool(held.get("alarm_nospace"))
+
+
+# -- ranges ----------------------------------------------------------------------------------
+
+
+def head(
+    d: Dialect, kr: KeyRange, limit: int, keys_only: bool = False, count_only: bool = False
+) -> Plan[tuple[list[Row], int]]:
+    """Rows (at most ``limit``, 0 = all) and count of the range's current state."""
+    count_sql, rows_sql, params = sql.head_queries(d, kr, limit, keys_only)
+    if count_only:
+        return [], int((yield Fetch(count_sql, params))[0][0])
+    rows = [sql.to_row(r) for r in (yield Fetch(rows_sql, params))]
+    if limit <= 0 or len(rows) < limit:
+        return rows, len(rows)  # every row of the range is here: no need to count
+    return rows, int((yield Fetch(count_sql, params))[0][0])
+
+
+def historical(
+    d: Dialect, kr: KeyRange, rev: int, limit: int, keys_only: bool = False, count_only: bool = False
+) -> Plan[tuple[list[Row], int]]:
+    """Rows and count of the range as of an older revision ``rev``."""
+    count_sql, rows_sql, params = sql.historical_queries(d, kr, rev, limit, keys_only)
+    count = int((yield Fetch(count_sql, params))[0][0])
+    if count_only or count == 0:
+        return [], count
+    return [sql.to_row(r) for r in (yield Fetch(rows_sql, params))], count
+
+
+def range_(d: Dialect, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool) -> Plan[RangeResult]:
+    """etcd's Range in one snapshot (mvcc's ``rangeKeys``): the revision checks, then
+    the current state or a historical one."""
+    now, compact = yield from current()
+    if rev > now:
+        raise FutureRevisionError
+    if 0 < rev < compact:
+        raise CompactedError
+    if kr.is_empty:
+        return RangeResult([], 0, now, compact)
+    if rev <= 0 or rev == now:
+        rows, count = yield from head(d, kr, limit, keys_only, count_only)
+    else:
+        rows, count = yield from historical(d, kr, rev, limit, keys_only, count_only)
+    return RangeResult(rows, count, now, compact)
+
+
+def changes(
+    d: Dialect, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None, limit: int
+) -> Plan[tuple[list[LogRow], int]]:
+    """Log rows in ``[start_rev, end_rev]`` (in ranges, if given), whole revisions only,
+    about ``limit`` of them, and the highest revision the answer covers."""
+    _, compact = yield from current()
+    if start_rev < compact:
+        raise CompactedError
+    query = sql.changes_where(start_rev, end_rev, ranges, d.key)
+    if query is None:
+        return [], end_rev
+    where, params = query
+    base = f"SELECT {d.log_columns} FROM log WHERE {where} ORDER BY rev, sub"
+    rows = yield Fetch(base + f" LIMIT {int(limit) + 1}", params)
+    if len(rows) <= limit:
+        return [sql.log_row(r) for r in rows], end_rev
+    last = rows[-1][0]
+    kept = [r for r in rows if r[0] != last]
+    if kept:
+        return [sql.log_row(r) for r in kept], kept[-1][0]
+    # one revision with more than `limit` matching rows: take all of it
+    rows = yield Fetch(base, [last, last, *params[2:]])
+    return [sql.log_row(r) for r in rows], last
+
+
+def hash_kv(d: Dialect, rev: int) -> Plan[tuple[int, int, int]]:
+    """etcd's HashKV over the history up to ``rev`` (see hashing.py), read in steps."""
+    now, compact = yield from current()
+    at = now if rev <= 0 else rev
+    if at > now:
+        raise FutureRevisionError
+    if at < compact:
+        raise CompactedError
+    h = StateHash()
+    cursor = yield Scan(f"SELECT {d.log_columns} FROM log WHERE rev >= ? AND rev <= ? ORDER BY rev, sub", (compact, at))
+    while rows := (yield Next(cursor, SCAN_ROWS)):
+        for r in rows:
+            h.add_change(sql.log_row(r))
+    _, rows_sql, params = sql.historical_queries(d, KeyRange(b"\0", b""), at, 0, False)
+    cursor = yield Scan(rows_sql, params)
+    while rows := (yield Next(cursor, SCAN_ROWS)):
+        for r in rows:
+            h.add_row(sql.to_row(r))
+    return h.value, compact, at
+
+
+# -- inside a write transaction --------------------------------------------------------------
+
+
+def _in_chunks(items: Sequence[Any], size: int = 64) -> Iterable[list[Any]]:
+    """Chunks of at most ``size``, the last padded (repeating its last item) to a power
+    of two, so an ``IN (?, …)`` statement comes in a handful of shapes that drivers
+    can keep prepared."""
+    for i in range(0, len(items), size):
+        chunk = list(items[i : i + size])
+        width = 1 << (len(chunk) - 1).bit_length()
+        yield chunk + [chunk[-1]] * (width - len(chunk))
+
+
+def get_rows(d: Dialect, keys: Sequence[bytes]) -> Plan[list[Row]]:
+    if len(keys) == 1:
+        return [sql.to_row(r) for r in (yield Fetch(d.get_kv, (keys[0],)))]
+    out: list[Row] = []
+    for chunk in _in_chunks(keys):
+        out += [sql.to_row(r) for r in (yield Fetch(d.get_kv_many(len(chunk)), chunk))]
+    return out
+
+
+def get_leases(ids: Sequence[int]) -> Plan[list[LeaseRow]]:
+    out: list[LeaseRow] = []
+    for chunk in _in_chunks(ids):
+        rows = yield Fetch(f"SELECT id, ttl, expires_at FROM lease WHERE id IN ({sql.marks(len(chunk))})", chunk)
+        out += [LeaseRow(int(r[0]), int(r[1]), float(r[2])) for r in rows]
+    return out
+
+
+def write_kv(d: Dialect, puts: Sequence[Row], deletes: Sequence[bytes]) -> Plan[None]:
+    for chunk in _in_chunks(deletes):
+        yield Execute(f"DELETE FROM kv WHERE {d.key} IN ({sql.marks(len(chunk))})", chunk)
+    if puts:
+        yield ExecuteMany(d.upsert_kv, puts)
+
+
+def insert_log(d: Dialect, rows: Sequence[tuple[Any, ...]]) -> Plan[None]:
+    yield ExecuteMany(d.insert_log, rows)
+
+
+def lease_put(d: Dialect, lease: LeaseRow) -> Plan[None]:
+    yield Execute(d.upsert_lease, tuple(lease))
+
+
+def lease_delete(lease_id: int) -> Plan[None]:
+    yield Execute("DELETE FROM lease WHERE id = ?", (lease_id,))
+
+
+def lease_keys(d: Dialect, lease_id: int) -> Plan[list[bytes]]:
+    return [bytes(r[0]) for r in (yield Fetch(d.lease_keys, (lease_id,)))]
+
+
+def set_meta(name: str, value: int) -> Plan[None]:
+    """Update an existing meta row (inside a write batch: the row is locked)."""
+    yield Execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))
+
+
+def statement(text: str) -> Plan[None]:
+    """A parameterless statement (savepoints)."""
+    yield Execute(text)
+
+
+# -- leases, members, compaction -----------------------------------------------------------
+
+
+def leases() -> Plan[list[LeaseRow]]:
+    rows = yield Fetch("SELECT id, ttl, expires_at FROM lease ORDER BY id")
+    return [LeaseRow(int(r[0]), int(r[1]), float(r[2])) for r in rows]
+
+
+def lease(d: Dialect, lease_id: int) -> Plan[tuple[LeaseRow | None, list[bytes]]]:
+    rows = yield Fetch("SELECT id, ttl, expires_at FROM lease WHERE id = ?", (lease_id,))
+    if not rows:
+        return None, []
+    r = rows[0]
+    keys = yield from lease_keys(d, lease_id)
+    return LeaseRow(int(r[0]), int(r[1]), float(r[2])), keys
+
+
+def expired_leases(now: float, limit: int) -> Plan[list[int]]:
+    rows = yield Fetch(f"SELECT id FROM lease WHERE expires_at <= ? ORDER BY expires_at LIMIT {int(limit)}", (now,))
+    return [int(r[0]) for r in rows]
+
+
+def heartbeat(member: MemberRow) -> Plan[None]:
+    """Insert or refresh this frontend's ``member`` row."""
+    changed = yield Execute(
+        "UPDATE member SET name = ?, urls = ?, heartbeat = ? WHERE id = ?",
+        (member.name, member.client_urls, member.heartbeat, member.id),
+    )
+    if changed == 0:
+        yield Execute("INSERT INTO member (id, name, urls, heartbeat) VALUES (?, ?, ?, ?)", tuple(member))
+
+
+def members(alive_since: float) -> Plan[list[MemberRow]]:
+    rows = yield Fetch("SELECT id, name, urls, heartbeat FROM member WHERE heartbeat >= ? ORDER BY id", (alive_since,))
+    return [MemberRow(int(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
+
+
+def remove_member(member_id: int) -> Plan[None]:
+    yield Execute("DELETE FROM member WHERE id = ?", (member_id,))
+
+
+def compact_step(below_rev: int, batch_revs: int) -> Plan[int]:
+    """Delete the log rows of the oldest ``batch_revs`` revisions below ``below_rev``; the
+    rows deleted (0: nothing is left below it). Small steps keep each transaction, and
+    the locks it holds, short."""
+    rows = yield Fetch("SELECT MIN(rev) FROM log")
+    lowest = rows[0][0]
+    if lowest is None or lowest >= below_rev:
+        return 0
+    return int((yield Execute("DELETE FROM log WHERE rev < ?", (min(below_rev, int(lowest) + batch_revs),))))
