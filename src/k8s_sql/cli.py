@@ -61,52 +61,93 @@ def _progress_interval(seconds: float) -> float:
     # Every flag can come from the environment as K8S_SQL_<FLAG>, as etcd's from ETCD_<FLAG>.
     context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "K8S_SQL"},
 )
-@click.option("--name", default="default", show_default=True, help="Human-readable name of this member (frontend).")
+@click.option(
+    "--name",
+    default="default",
+    show_default=True,
+    metavar="NAME",
+    help="This member's name in MemberList (with --workers N, members NAME-0 ... NAME-N-1); "
+    "also names the default --data-dir.",
+)
 @click.option(
     "--data-dir",
     default="",
-    help="Directory for the SQLite database (state.db); created on first start. [default: ${name}.k8s-sql]",
+    metavar="DIR",
+    help="Directory of the default SQLite database, DIR/state.db, created on first start; "
+    "not used when --endpoint names a database. [default: ${name}.k8s-sql]",
 )
 @click.option(
     "--endpoint",
     default="",
-    help="The database: sqlite:///PATH/state.db, postgres://USER:PASS@HOST:PORT/DB or "
-    "mysql://USER:PASS@tcp(HOST:PORT)/DB. A password here shows in `ps`: prefer --endpoint-file or "
-    "K8S_SQL_ENDPOINT. [default: sqlite:///${data-dir}/state.db]",
+    metavar="DSN",
+    help="The database, SQLite, PostgreSQL or MySQL/MariaDB: sqlite:///PATH/state.db, "
+    "postgres://USER:PASS@HOST:PORT/DB (or postgresql://; libpq's ?sslmode=, sslrootcert=, ...), "
+    "mysql://USER:PASS@tcp(HOST:PORT)/DB or mysql://USER:PASS@HOST:PORT/DB (?ssl-ca=, tls=, ...). "
+    "The database and its tables are created if absent. A password here shows in `ps`: prefer "
+    "--endpoint-file or K8S_SQL_ENDPOINT (docs/operations.md). [default: sqlite:///${data-dir}/state.db]",
 )
 @click.option(
     "--endpoint-file",
     type=click.Path(exists=True, dir_okay=False, readable=True),
     default=None,
-    help="Read --endpoint from this file (its first non-empty line), so the DSN and its password stay out of argv.",
+    metavar="PATH",
+    help="Read --endpoint from this file (its first non-empty line), so the DSN and its password stay "
+    "out of argv. Not together with --endpoint.",
 )
 @click.option(
     "--listen-client-urls",
     default=DEFAULT_CLIENT_URL,
     show_default=True,
-    help="Comma-separated http(s)://HOST:PORT URLs to serve the etcd v3 API on.",
+    metavar="URLS",
+    help="Comma-separated http(s)://HOST:PORT URLs to serve the etcd v3 API on; "
+    "https needs --cert-file and --key-file.",
 )
 @click.option(
     "--advertise-client-urls",
     default="",
-    help="Comma-separated client URLs to advertise in MemberList. [default: the listen URLs]",
+    metavar="URLS",
+    help="Comma-separated client URLs this member advertises in MemberList. [default: the listen URLs]",
 )
-@click.option("--cert-file", default="", help="TLS certificate for https client URLs.")
-@click.option("--key-file", default="", help="TLS private key for https client URLs.")
-@click.option("--trusted-ca-file", default="", help="CA bundle to verify client certificates.")
-@click.option("--client-cert-auth", is_flag=True, help="Refuse clients without a certificate signed by the trusted CA.")
+@click.option(
+    "--cert-file",
+    default="",
+    metavar="PATH",
+    help="TLS certificate (PEM) for https client URLs; needs --key-file.",
+)
+@click.option("--key-file", default="", metavar="PATH", help="TLS private key (PEM, unencrypted) of --cert-file.")
+@click.option(
+    "--trusted-ca-file",
+    default="",
+    metavar="PATH",
+    help="CA certificates (PEM) that client certificates are verified against on https client URLs.",
+)
+@click.option(
+    "--client-cert-auth",
+    is_flag=True,
+    help="Refuse https clients without a certificate signed by a CA in --trusted-ca-file (which this flag needs).",
+)
 @click.option(
     "--max-request-bytes",
     default=MAX_REQUEST_BYTES,
     show_default=True,
-    help="Largest write request accepted (etcd's limit).",
+    metavar="BYTES",
+    help="Largest client request accepted (etcd's flag; a larger one gets `etcdserver: request is too large`); "
+    "watch responses over it are split when the watcher asked for fragments.",
 )
-@click.option("--max-txn-ops", default=128, show_default=True, help="Most operations in one txn.")
+@click.option(
+    "--max-txn-ops",
+    default=128,
+    show_default=True,
+    metavar="N",
+    help="Most compares, or operations in either branch, of one txn request; nested txns use up the same "
+    "budget (etcd's flag).",
+)
 @click.option(
     "--max-concurrent-streams",
     default=MAX_CONCURRENT_STREAMS,
     show_default=True,
     type=click.IntRange(min=1, max=MAX_CONCURRENT_STREAMS),
+    metavar="N",
     help="Most concurrent streams (calls) one client connection may have open; a client waits for "
     "one to end before it opens another (etcd's flag; the default is unlimited, as etcd's).",
 )
@@ -115,6 +156,7 @@ def _progress_interval(seconds: float) -> float:
     default=0,
     show_default=True,
     type=click.IntRange(min=0),
+    metavar="BYTES",
     help="Raise the NOSPACE alarm and refuse writes that add data once the database holds this many bytes "
     "in use (etcd's flag; 0: no quota, the database's own disk is the limit).",
 )
@@ -134,28 +176,33 @@ def _progress_interval(seconds: float) -> float:
     default="FULL",
     show_default=True,
     type=click.Choice(["OFF", "NORMAL", "FULL", "EXTRA"], case_sensitive=False),
-    help="SQLite's synchronous setting. FULL makes every acknowledged write durable; "
-    "NORMAL (kine's default) can lose the last writes on power loss.",
+    help="SQLite's synchronous setting (SQLite only; ?synchronous= in the --endpoint DSN wins over it). "
+    "FULL makes every acknowledged write durable; NORMAL (kine's default) is faster but can lose the last "
+    "acknowledged writes on power loss (not on a process crash).",
 )
 @click.option(
     "--workers",
     default=1,
     show_default=True,
-    help="Frontend processes serving the same port (SO_REUSEPORT) and database, to use every core.",
+    metavar="N",
+    help="Frontend processes serving the same ports (SO_REUSEPORT) from the same database, so that one host "
+    "uses every core.",
 )
 @click.option(
     "--event-loop",
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "uvloop", "asyncio"], case_sensitive=False),
-    help="The asyncio event loop: uvloop (auto, when installed) costs gRPC about a fifth less CPU per "
-    "message than the standard loop.",
+    help="The asyncio event loop: auto is uvloop when it is installed (it costs gRPC about a fifth less CPU "
+    "per message), else asyncio's own loop.",
 )
 @click.option(
     "--log-level",
     default="info",
     show_default=True,
     type=click.Choice(["debug", "info", "warn", "error"], case_sensitive=False),
+    help="Log lines of this level and above go to stderr; at debug, logged errors carry their full tracebacks "
+    "(else one line each). Passwords are redacted at every level.",
 )
 @click.version_option(__version__, "--version", prog_name="k8s-sql")
 @click.pass_context
@@ -245,9 +292,16 @@ def _read_endpoint_file(path: str) -> str:
     return endpoint
 
 
-@main.command()
+@main.command(short_help="Create a data directory from an `etcdctl snapshot save` file.")
 @click.argument("snapshot", type=click.Path(exists=True, dir_okay=False))
-@click.option("--data-dir", "target_dir", default="", help="Data directory to create. [default: ${name}.k8s-sql]")
+@click.option(
+    "--data-dir",
+    "target_dir",
+    default="",
+    metavar="DIR",
+    help="The SQLite data directory to create; it must not hold a state.db yet. "
+    "[default: the command's --data-dir, else ${name}.k8s-sql]",
+)
 @click.pass_context
 def restore(ctx: click.Context, snapshot: str, target_dir: str) -> None:
     """Create a data directory from a snapshot taken with `etcdctl snapshot save`."""
