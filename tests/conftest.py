@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 import pytest
-from databases import MariaDBServer, PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # testing/, shared with the benchmark harness
+
+from testing.databases import MariaDBServer, PostgresServer  # noqa: E402
+from testing.servers import (  # noqa: E402  (the test modules import these from here)
+    ServerProcess as ServerProcess,
+    etcd_argv,
+    free_port as free_port,
+    k8s_sql_argv as k8s_sql_argv,
+    wait_for_grpc as wait_for_grpc,
+)
+
 STRICT = os.environ.get("K8S_SQL_STRICT", "") not in ("", "0", "false")
 PEERS_VERSION = "v3.6.16"
 PEERS_BIN = Path(os.environ.get("K8S_SQL_PEERS_BIN", Path.home() / ".cache/k8s-sql/peers" / PEERS_VERSION))
@@ -33,97 +38,6 @@ def missing(what: str) -> None:
     if STRICT:
         pytest.fail(f"{what} (strict mode: nothing may be skipped)")
     pytest.skip(what)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_grpc(endpoint: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until a server answers Maintenance.Status (not merely accepts TCP)."""
-    from k8s_sql.pb import rpc_pb2, rpc_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
-        try:
-            with grpc.insecure_channel(endpoint) as ch:
-                rpc_pb2_grpc.MaintenanceStub(ch).Status(rpc_pb2.StatusRequest(), timeout=1)
-            return
-        except grpc.RpcError as e:
-            last = e
-            time.sleep(0.05)
-    raise TimeoutError(f"{endpoint} not ready after {timeout}s: {last}")
-
-
-@dataclass
-class ServerProcess:
-    """A server started as a child process on a free loopback port."""
-
-    endpoint: str  # host:port
-    data_dir: Path
-    argv: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.endpoint}"
-
-    def start(self, timeout: float = 30.0) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
-        try:
-            wait_for_grpc(self.endpoint, timeout, self.proc)
-        except Exception:
-            self.stop()
-            raise RuntimeError(f"{self.argv[0]} did not start; log:\n{self.log()}") from None
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-20000:]
-        except FileNotFoundError:
-            return ""
-
-
-def k8s_sql_argv(port: int, data_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "k8s_sql",
-        "--data-dir",
-        str(data_dir),
-        "--listen-client-urls",
-        f"http://127.0.0.1:{port}",
-        "--log-level",
-        "warn",
-        *extra,
-    ]
 
 
 @pytest.fixture
@@ -208,22 +122,6 @@ def etcdctl(peers_bin: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
-def etcd_argv(peers_bin: Path, client_port: int, peer_port: int, data_dir: Path, *extra: str) -> list[str]:
-    return [
-        str(peers_bin / "etcd"),
-        "--name",
-        "oracle",
-        "--data-dir",
-        str(data_dir),
-        "--listen-client-urls",
-        f"http://127.0.0.1:{client_port}",
-        "--listen-peer-urls",
-        f"http://127.0.0.1:{peer_port}",
-        "--unsafe-no-fsync",
-        *extra,
-    ]
-
-
 @pytest.fixture
 def etcd_factory(peers_bin: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start real etcd servers (the differential oracle)."""
@@ -232,9 +130,8 @@ def etcd_factory(peers_bin: Path, tmp_path: Path) -> Iterator[Callable[..., Serv
     def make(*extra: str) -> ServerProcess:
         port, peer = free_port(), free_port()
         d = tmp_path / f"etcd-{len(servers)}"
-        s = ServerProcess(
-            f"127.0.0.1:{port}", d, etcd_argv(peers_bin, port, peer, d, *extra), tmp_path / f"etcd-{port}.log"
-        )
+        argv = etcd_argv(peers_bin, port, peer, d, "--unsafe-no-fsync", *extra, name="oracle")
+        s = ServerProcess(f"127.0.0.1:{port}", d, argv, tmp_path / f"etcd-{port}.log")
         servers.append(s)
         s.start()
         return s

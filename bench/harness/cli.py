@@ -19,7 +19,7 @@ from typing import Any
 
 from . import machine
 from .procs import Group, Sampler
-from .servers import BACKENDS, DURABILITY, ETCD_BACKEND, ROOT, SERVERS, Databases, Launcher, Proc
+from .servers import BACKENDS, DURABILITY, ETCD_BACKEND, ROOT, SERVERS, Databases, Launcher, ServerProcess
 from .soak import describe as describe_soak, run_soak
 
 WORKLOADS = ("w1", "w2", "w3", "w4", "w5")
@@ -218,7 +218,7 @@ class Run:
 
     # -- running -------------------------------------------------------------------------
 
-    def groups(self, procs: list[Proc], backend: str) -> dict[str, Group]:
+    def groups(self, procs: list[ServerProcess], backend: str) -> dict[str, Group]:
         groups = {"server": Group([p.pid for p in procs])}
         db = self.dbs.db_pid(backend)
         if db is not None:
@@ -226,7 +226,7 @@ class Run:
         return groups
 
     def drive(
-        self, server: str, backend: str, procs: list[Proc], kind: str, args: list[str], scenario: str
+        self, server: str, backend: str, procs: list[ServerProcess], kind: str, args: list[str], scenario: str
     ) -> list[dict[str, Any]]:
         """Run one bench-driver invocation while sampling the servers; one record per result."""
         assert self.bench_bin is not None

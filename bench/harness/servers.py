@@ -4,18 +4,15 @@ they use, each started fresh on free loopback ports."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from databases import MariaDBServer, PostgresServer  # noqa: E402  (the tests' throwaway servers)
+sys.path.insert(0, str(ROOT))  # testing/: the processes and database servers the tests start too
+from testing.databases import MariaDBServer, PostgresServer, find_binary  # noqa: E402
+from testing.servers import ServerProcess, etcd_argv, free_port, k8s_sql_argv  # noqa: E402
 
 SERVERS = ("etcd", "kine", "k8s-sql")
 BACKENDS = ("sqlite-full", "sqlite-normal", "postgres", "mariadb")
@@ -41,90 +38,6 @@ DURABILITY = {
     ("k8s-sql", "mariadb"): "MariaDB InnoDB `innodb_flush_log_at_trx_commit=1`: every acknowledged write durable",
     ("kine", "mariadb"): "MariaDB InnoDB `innodb_flush_log_at_trx_commit=1`: every acknowledged write durable",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(endpoint: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
-    """Wait until a server answers a KV Range (every peer implements it; kine has no Status)."""
-    import grpc
-
-    from k8s_sql.pb import rpc_pb2, rpc_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before it was ready")
-        try:
-            with grpc.insecure_channel(endpoint) as ch:
-                rpc_pb2_grpc.KVStub(ch).Range(  # type: ignore[no-untyped-call]
-                    rpc_pb2.RangeRequest(key=b"/bench-ready", limit=1), timeout=1
-                )
-            return
-        except grpc.RpcError as e:
-            last = e
-            time.sleep(0.1)
-    raise TimeoutError(f"{endpoint} not ready after {timeout}s: {last}")
-
-
-@dataclass
-class Proc:
-    """One server process on a loopback port."""
-
-    name: str
-    argv: list[str]
-    endpoint: str  # host:port
-    log_path: Path
-    cwd: Path
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.endpoint}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.cwd.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.cwd,
-            env={**os.environ, **self.env},
-            start_new_session=True,
-        )
-        log.close()
-        try:
-            wait_ready(self.endpoint, timeout, self.proc)
-        except Exception as e:
-            self.stop()
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{self.name} did not start ({e}); log tail:\n{tail}") from None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 class Databases:
@@ -178,12 +91,10 @@ class Databases:
 
     def versions(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        from databases import _find
-
-        pg = _find("postgres")
+        pg = find_binary("postgres")
         if pg:
             out["postgres"] = _run([pg, "--version"])
-        maria = MariaDBServer._server()
+        maria = MariaDBServer.server_binary()
         if maria:
             out["mariadb"] = _run([maria, "--version"])
         return out
@@ -216,7 +127,7 @@ class Launcher:
     def _taskset(self, cores: str | None) -> list[str]:
         return ["taskset", "-c", cores] if cores else []
 
-    def launch(self, server: str, backend: str, frontends: int = 1, spread: bool = False) -> list[Proc]:
+    def launch(self, server: str, backend: str, frontends: int = 1, spread: bool = False) -> list[ServerProcess]:
         """Start ``frontends`` processes of ``server`` sharing one fresh store on ``backend``.
         Pinned runs put every server on ``server_cores``; with ``spread``, frontend i goes
         on core i instead (the first shares its core with the database, the second with
@@ -233,7 +144,7 @@ class Launcher:
                 if backend == "postgres"
                 else f"mysql://root@tcp({hostport})/{db}"
             )
-        procs: list[Proc] = []
+        procs: list[ServerProcess] = []
         try:
             for i in range(frontends):
                 port = free_port()
@@ -241,9 +152,19 @@ class Launcher:
                 if cores and spread:
                     cores = str(i % (os.cpu_count() or 1))
                 argv = [*self._taskset(cores), *self._argv(server, backend, port, store, i, shared)]
-                p = Proc(f"{tag}-{i}", argv, f"127.0.0.1:{port}", self.log_dir / f"{tag}-{i}.log", store / f"fe{i}")
+                p = ServerProcess(
+                    f"127.0.0.1:{port}",
+                    store / f"fe{i}",
+                    argv,
+                    self.log_dir / f"{tag}-{i}.log",
+                    name=f"{tag}-{i}",
+                    cwd=store / f"fe{i}",
+                    probe="range",  # kine has no Maintenance.Status
+                    stop_timeout=15,
+                    group=True,  # stop() signals its process group: the server and all it started
+                )
                 procs.append(p)
-                p.start()
+                p.start(timeout=60)
         except Exception:
             for p in procs:
                 p.stop()
@@ -253,18 +174,9 @@ class Launcher:
     def _argv(self, server: str, backend: str, port: int, store: Path, i: int, shared: str | None) -> list[str]:
         if server == "etcd":
             assert self.peers_bin is not None
-            return [
-                str(self.peers_bin / "etcd"),
-                *("--name", "bench", "--data-dir", str(store / "etcd")),
-                *("--listen-client-urls", f"http://127.0.0.1:{port}"),
-                *("--listen-peer-urls", f"http://127.0.0.1:{free_port()}"),
-            ]
+            return etcd_argv(self.peers_bin, port, free_port(), store / "etcd", name="bench")
         if server == "k8s-sql":
-            argv = [
-                sys.executable,
-                *("-m", "k8s_sql", "--name", f"fe{i}", "--data-dir", str(store / f"fe{i}")),
-                *("--listen-client-urls", f"http://127.0.0.1:{port}", "--log-level", "warn"),
-            ]
+            argv = k8s_sql_argv(port, store / f"fe{i}", "--name", f"fe{i}")
             if backend.startswith("sqlite"):
                 argv += ["--endpoint", f"sqlite://{store}/state.db"]
                 argv += ["--sqlite-synchronous", "full" if backend == "sqlite-full" else "normal"]
@@ -286,7 +198,3 @@ class Launcher:
             # sqlite-normal: no --endpoint, i.e. kine's own default (./db/state.db in its directory)
             return argv
         raise ValueError(server)
-
-
-def which(binary: str) -> str | None:
-    return shutil.which(binary)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .procs import MIB, Group
-from .servers import ROOT, Launcher, Proc
+from .servers import ROOT, Launcher, ServerProcess
 
 # A latency third is "steady" when its p99 is at most this many times the first third's.
 STEADY_P99_RATIO = 1.5
@@ -460,7 +460,7 @@ def run_soak(run: Any, launcher: Launcher, backend: str) -> None:
     script = ROOT / "bench/kube/run.sh"
     print(f"== soak: k8s-sql on {backend}, {s.soak_minutes:g} minutes", flush=True)
     try:
-        procs: list[Proc] = launcher.launch("k8s-sql", backend, 1)
+        procs: list[ServerProcess] = launcher.launch("k8s-sql", backend, 1)
     except Exception as e:
         run.fail("k8s-sql", backend, "soak start", e)
         return

@@ -36,8 +36,8 @@ class Fault:
 class Faults:
     """Injects ``kinds`` in turn, evenly spread over [begin, end] seconds after ``run``."""
 
-    frontends: list[Any]  # conftest.ServerProcess
-    db: Any | None  # databases.PostgresServer / MariaDBServer
+    frontends: list[Any]  # testing.servers.ServerProcess
+    db: Any | None  # testing.databases.PostgresServer / MariaDBServer
     kinds: list[str]
     seed: int
     injected: list[Fault] = field(default_factory=list)

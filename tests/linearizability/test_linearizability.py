@@ -30,7 +30,7 @@ SECONDS = float(os.environ.get("K8S_SQL_LINEARIZABILITY_SECONDS", "12"))
 
 FRONTEND_FAULTS = ["sigstop-frontend", "kill9-frontend"]
 DB_FAULTS = ["kill9-frontend", "restart-db", "sigstop-frontend", "kill9-db"]
-PG_FAULTS = DB_FAULTS  # (PostgresServer.start spawns through setpriv: see tests/databases.py)
+PG_FAULTS = DB_FAULTS  # (PostgresServer.start spawns through setpriv: see testing/databases.py)
 
 
 def _targets() -> list[str]:
@@ -43,8 +43,10 @@ def _targets() -> list[str]:
 @pytest.mark.timeout(300 + 4 * SECONDS)
 @pytest.mark.parametrize("target", _targets())
 def test_linearizable_under_faults(target: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    from conftest import free_port, missing
-    from databases import MariaDBServer, PostgresServer
+    from conftest import missing
+
+    from testing.databases import MariaDBServer, PostgresServer
+    from testing.servers import free_port
 
     started = time.monotonic()
     db = None

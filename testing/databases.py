@@ -1,0 +1,238 @@
+"""Throwaway database servers started from the installed binaries, for the tests and the
+benchmark harness (bench/harness/servers.py, which makes them durable).
+
+PostgreSQL refuses to run as root, so when the tests run as root (as CI does) the
+server runs as the ``postgres`` system user in a temporary directory it owns.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testing.servers import start_logged, stop_process, wait_until
+
+
+def find_binary(binary: str) -> str | None:
+    found = shutil.which(binary)
+    if found:
+        return found
+    lib = Path("/usr/lib/postgresql")
+    if lib.is_dir():
+        for version in sorted(lib.iterdir(), reverse=True):
+            candidate = version / "bin" / binary
+            if candidate.exists():
+                return str(candidate)
+    return None
+
+
+def _wait_started(
+    what: str, ready: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Wait for a database server to be ready; if it exits or times out, say so with its log."""
+    try:
+        wait_until(ready, timeout, proc, 0.1)
+    except (RuntimeError, TimeoutError) as e:
+        raise RuntimeError(f"{what} did not start ({e}):\n{log.read_text()}") from None
+
+
+@dataclass
+class PostgresServer:
+    port: int
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-pg-")))
+    proc: subprocess.Popen[bytes] | None = None
+    settings: dict[str, str] = field(default_factory=dict)  # extra postgres -c settings
+    hba: str | None = None  # pg_hba.conf to use instead of initdb's (trust for everyone)
+    _databases: int = 0
+
+    @staticmethod
+    def available() -> str | None:
+        """Why PostgreSQL cannot be started here, or None."""
+        if find_binary("initdb") is None or find_binary("postgres") is None:
+            return "PostgreSQL server binaries (initdb, postgres) are not installed (apt-get install postgresql)"
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                return "running as root but there is no 'postgres' user to run the server as"
+        return None
+
+    def _exec_as_owner(self) -> list[str]:
+        """A prefix that runs the server as ``postgres`` when we are root. setpriv changes
+        user and then execs, so the child is still the server itself (signals reach it),
+        and Popen can spawn it without a plain fork: with Popen(user=...) Python forks,
+        and a fork while gRPC's threads run can abort in gRPC's fork handler before the
+        exec (seen restarting PostgreSQL under load in the linearizability suite)."""
+        if os.geteuid() != 0:
+            return []
+        setpriv = shutil.which("setpriv")
+        assert setpriv is not None, "setpriv (util-linux) runs the server as postgres"
+        return [setpriv, "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+
+    def _as_owner(self) -> dict[str, object]:
+        """Popen arguments that run the child as ``postgres`` when we are root (the child
+        is then the server itself, so signals reach it)."""
+        return {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+
+    def start(self) -> None:
+        data = self.root / "data"
+        if not data.exists():
+            if os.geteuid() == 0:
+                shutil.chown(self.root, "postgres", "postgres")
+            subprocess.run(
+                [find_binary("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+                check=True,
+                capture_output=True,
+                cwd=self.root,
+                **self._as_owner(),  # type: ignore[call-overload]
+            )
+        if self.hba is not None:
+            (data / "pg_hba.conf").write_text(self.hba)
+        self.proc = start_logged(
+            [
+                *self._exec_as_owner(),
+                str(find_binary("postgres")),
+                *("-D", str(data), "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root)),
+                # a throwaway database: k8s-sql's own durability is what the tests check
+                *("-c", "fsync=off", "-c", "max_connections=300"),
+                *[x for k, v in self.settings.items() for x in ("-c", f"{k}={v}")],
+            ],
+            self.root / "server.log",
+            cwd=self.root,
+        )
+
+        def ready() -> bool:
+            ok = subprocess.run(
+                ["pg_isready", "-h", "127.0.0.1", "-p", str(self.port)] if shutil.which("pg_isready") else ["true"],
+                capture_output=True,
+            )
+            return ok.returncode == 0 and (self.root / f".s.PGSQL.{self.port}").exists()
+
+        _wait_started("PostgreSQL", ready, 30, self.proc, self.root / "server.log")
+
+    def new_dsn(self) -> str:
+        """A DSN naming a database that does not exist yet (k8s-sql creates it)."""
+        self._databases += 1
+        return f"postgres://postgres@127.0.0.1:{self.port}/k8s_sql_{os.getpid()}_{self._databases}"
+
+    def halt(self) -> None:
+        """Stop the server (fast shutdown: open connections are cut), keeping its data."""
+        stop_process(self.proc, signal.SIGINT, timeout=20)
+
+    def kill9(self) -> None:
+        """Crash the server, keeping its data: SIGKILL to its whole process group (the
+        postmaster and every backend, as a host crash would; a backend left behind would
+        hold the shared memory and stop the next start). start() recovers from the WAL."""
+        stop_process(self.proc, signal.SIGKILL, group=True)
+
+    def stop(self) -> None:
+        self.halt()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class MariaDBServer:
+    """A throwaway MariaDB server (no grant tables: the tests connect as root without a password)."""
+
+    port: int
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-mariadb-")))
+    proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+    grant_tables: bool = False  # enforce accounts (root then only logs in over the socket)
+    _databases: int = 0
+
+    @staticmethod
+    def server_binary() -> str | None:
+        return (
+            shutil.which("mariadbd")
+            or shutil.which("mysqld")
+            or ("/usr/sbin/mariadbd" if Path("/usr/sbin/mariadbd").exists() else None)
+        )
+
+    @classmethod
+    def available(cls) -> str | None:
+        if cls.server_binary() is None or shutil.which("mariadb-install-db") is None:
+            return "MariaDB server binaries are not installed (apt-get install mariadb-server)"
+        return None
+
+    @staticmethod
+    def _install(data: Path, user: list[str]) -> None:
+        """mariadb-install-db, once more on a clean directory if it fails: in CI it
+        once failed for one of three pytest-xdist workers, with the others fine."""
+        for attempt in (1, 2):
+            res = subprocess.run(
+                ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--skip-test-db", *user],
+                capture_output=True,
+                text=True,
+            )
+            if res.returncode == 0:
+                return
+            shutil.rmtree(data, ignore_errors=True)
+            warnings.warn(f"mariadb-install-db failed, attempt {attempt}: {res.stderr[-3000:]}", stacklevel=2)
+            if attempt == 2:
+                raise RuntimeError(f"mariadb-install-db failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+
+    def start(self) -> None:
+        data = self.root / "data"
+        user = ["--user=root"] if os.geteuid() == 0 else []
+        if not data.exists():
+            self._install(data, user)
+        self.proc = start_logged(
+            [
+                str(self.server_binary()),
+                "--no-defaults",
+                f"--datadir={data}",
+                f"--socket={self.root / 'mysqld.sock'}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                *([] if self.grant_tables else ["--skip-grant-tables"]),
+                "--innodb-flush-log-at-trx-commit=2",  # a throwaway database: speed over its own durability
+                "--max-connections=500",
+                *self.extra_args,
+                *user,
+            ],
+            self.root / "server.log",
+        )
+
+        def ready() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        _wait_started("MariaDB", ready, 60, self.proc, self.root / "server.log")
+
+    def new_dsn(self) -> str:
+        self._databases += 1
+        return f"mysql://root@tcp(127.0.0.1:{self.port})/k8s_sql_{os.getpid()}_{self._databases}"
+
+    def sql(self, statement: str) -> str:
+        """Run a statement as the database's root over its socket."""
+        client = shutil.which("mariadb") or "mysql"
+        res = subprocess.run(
+            [client, "--no-defaults", f"--socket={self.root / 'mysqld.sock'}", "-u", "root", "-N", "-e", statement],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return res.stdout
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (start() brings it back)."""
+        stop_process(self.proc, timeout=30)
+
+    def kill9(self) -> None:
+        """Crash the server (SIGKILL to its process group), keeping its data; start()
+        recovers it from InnoDB's log."""
+        stop_process(self.proc, signal.SIGKILL, group=True)
+
+    def stop(self) -> None:
+        self.halt()
+        shutil.rmtree(self.root, ignore_errors=True)
