@@ -152,6 +152,17 @@ def test_workers_share_one_port(k8s_sql_factory, backend_args) -> None:
     They start together on a database that does not exist yet, so they also race to
     create it, its schema and its first rows."""
     server = k8s_sql_factory("--workers", "2", *backend_args)
+    # The factory saw one worker answer; the other may still be opening the database
+    # (answering UNAVAILABLE meanwhile, as a frontend does): wait until both answer.
+    ready: set[int] = set()
+    deadline = time.monotonic() + 30
+    while len(ready) < 2:
+        assert time.monotonic() < deadline, f"only workers {ready} became ready"
+        with grpc.insecure_channel(server.endpoint, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            try:
+                ready.add(rpc_pb2_grpc.MaintenanceStub(ch).Status(pb.StatusRequest(), timeout=5).header.member_id)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
     seen: set[int] = set()
     revisions = []
     for i in range(24):

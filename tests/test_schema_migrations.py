@@ -79,8 +79,7 @@ async def _set_version(dsn: str, version: int) -> None:
     backend = open_backend(dsn)
     await backend.open()
     try:
-        async with backend.write() as tx:
-            await tx._db_set_meta("schema_version", version)  # type: ignore[attr-defined]
+        await backend.meta_set("schema_version", version)
     finally:
         await backend.close()
 

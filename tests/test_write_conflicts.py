@@ -15,7 +15,7 @@ import asyncmy
 import grpc
 import pytest
 
-from k8s_sql.backend.base import CONFLICT_RETRIES
+from k8s_sql.backend.engine import CONFLICT_RETRIES
 from k8s_sql.backend.mysql import parse_dsn
 from k8s_sql.backend.sqlite import SQLiteBackend
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import sqlite3
 import sys
 
 import click
@@ -305,47 +302,11 @@ def _read_endpoint_file(path: str) -> str:
 @click.pass_context
 def restore(ctx: click.Context, snapshot: str, target_dir: str) -> None:
     """Create a data directory from a snapshot taken with `etcdctl snapshot save`."""
+    from k8s_sql.backend.snapshot import SnapshotError, restore as restore_snapshot
+
     data_dir = target_dir or ctx.obj["data_dir"] or f"{ctx.obj['name']}.k8s-sql"
-    target = os.path.join(data_dir, "state.db")
-    if os.path.exists(target):
-        raise click.ClickException(f"{target} exists; restore into a new --data-dir")
-    os.makedirs(data_dir, exist_ok=True)
-    partial = target + ".part"
     try:
-        _copy_verified(snapshot, partial)
-        conn = sqlite3.connect(f"file:{os.path.abspath(partial)}?mode=ro", uri=True)
-        try:
-            ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
-            rev = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
-        except sqlite3.DatabaseError as e:
-            raise click.ClickException(f"{snapshot} is not a k8s-sql snapshot: {e}") from e
-        finally:
-            conn.close()
-        if ok != "ok" or rev is None:
-            raise click.ClickException(f"{snapshot} is not a valid k8s-sql snapshot ({ok})")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    click.echo(f"restored {snapshot} (revision {rev[0]}) into {target}")
-
-
-def _copy_verified(snapshot: str, dest: str) -> None:
-    """Copy the database part of a snapshot, checking the SHA-256 that ends it."""
-    size = os.path.getsize(snapshot)
-    if size % 512 != 32:
-        raise click.ClickException(f"{snapshot} has no SHA-256 trailer: not a complete snapshot")
-    digest = hashlib.sha256()
-    with open(snapshot, "rb") as src, open(dest, "wb") as out:
-        left = size - 32
-        while left:
-            chunk = src.read(min(left, 1 << 20))
-            if not chunk:
-                raise click.ClickException(f"{snapshot} is truncated")
-            digest.update(chunk)
-            out.write(chunk)
-            left -= len(chunk)
-        if src.read(32) != digest.digest():
-            raise click.ClickException(f"{snapshot} is corrupt: SHA-256 mismatch")
-        out.flush()
-        os.fsync(out.fileno())
+        target, revision = restore_snapshot(snapshot, data_dir)
+    except SnapshotError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"restored {snapshot} (revision {revision}) into {target}")

@@ -193,13 +193,13 @@ async def start(config: Config) -> Server:
         store.on_database_full = space.database_full
         hub.start(store.revision)
         hub.compact_revision = lambda: store.compact_revision
-        store.on_commit(hub.publish)
+        store.subscribe(hub.publish)
         watch.start()
         undo.append(watch.stop)
         expirer = LeaseExpirer(store, interval=config.lease_check_interval, active=lambda: membership.is_leader)
         expirer.start()
         undo.append(expirer.stop)
-        follower = Follower(hub, store, interval=backend.follow_interval)
+        follower = Follower(hub, store, interval=store.follow_interval)
         follower.start()
         undo.append(follower.stop)
         gate.open()

@@ -31,13 +31,13 @@ def test_failure_after_a_change_undoes_only_that_request(tmp_path: Path) -> None
         await backend.open()
         store = Store(backend)
         modes: list[bool] = []
-        run_batch = store._run_batch
+        run_batch = store.commits._run_batch
 
         async def recording(batch, savepoints, refused):  # type: ignore[no-untyped-def]
             modes.append(savepoints)
             return await run_batch(batch, savepoints, refused)
 
-        store._run_batch = recording  # type: ignore[method-assign]
+        store.commits._run_batch = recording  # type: ignore[method-assign]
         await store.start()
         try:
             for k in (b"a", b"b"):

@@ -9,7 +9,7 @@ from k8s_sql.watch.follower import Follower
 
 def test_announcements_of_own_commits_do_not_wake_the_follower() -> None:
     hub = SimpleNamespace(revision=4)  # published up to 4
-    store = SimpleNamespace(committing_revision=5)  # this frontend is committing 5
+    store = SimpleNamespace(revisions=SimpleNamespace(committing=5))  # this frontend is committing 5
     follower = Follower(hub, store)  # type: ignore[arg-type]
     follower._heard(5)  # announced before the store published it: its own
     assert not follower._news.is_set()

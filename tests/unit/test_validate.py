@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from k8s_sql import errors
+from k8s_sql.api import validate
 from k8s_sql.backend.base import KeyRange
 from k8s_sql.pb import rpc_pb2 as pb
-from k8s_sql.store import validate
 
 
 def put(key: bytes) -> pb.RequestOp:

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from k8s_sql.api import validate
 from k8s_sql.api.common import Context
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
-from k8s_sql.store import validate
-from k8s_sql.store.store import put_cost, txn_cost
+from k8s_sql.store.space import put_cost, txn_cost
 
 RR = pb.RangeRequest
 
@@ -83,7 +83,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
     async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
         validate.check_put(request)
         self.ctx.check_size(request)
-        validate.check_key_length(request, self.store.backend.max_key_bytes)
+        validate.check_key_length(request, self.store.max_key_bytes)
         await self.ctx.space.check(put_cost(request))
         resp = await self.store.put(request)
         self.ctx.fill(resp.header)
@@ -103,7 +103,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         if not validate.is_read_only(request):
             # etcd serves a txn of ranges only without raft, hence without its size limit.
             self.ctx.check_size(request)
-        validate.check_key_length(request, self.store.backend.max_key_bytes)
+        validate.check_key_length(request, self.store.max_key_bytes)
         cost = txn_cost(request)
         if cost:
             await self.ctx.space.check(cost)

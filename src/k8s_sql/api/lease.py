@@ -9,7 +9,7 @@ import grpc
 
 from k8s_sql.api.common import Context
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
-from k8s_sql.store.store import LEASE_OVERHEAD
+from k8s_sql.store.space import LEASE_OVERHEAD
 
 
 class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
@@ -43,7 +43,7 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
     async def LeaseTimeToLive(
         self, request: pb.LeaseTimeToLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseTimeToLiveResponse:
-        lease, keys = await self.store.backend.lease(request.ID)
+        lease, keys = await self.store.lease(request.ID)
         now = self.store.clock()
         if lease is None:
             return pb.LeaseTimeToLiveResponse(header=self.ctx.header(), ID=request.ID, TTL=-1)
@@ -60,5 +60,5 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
     ) -> pb.LeaseLeasesResponse:
         # Every lease not yet revoked, as etcd lists them (one past its deadline still
         # holds its keys until the expirer revokes it).
-        leases = [pb.LeaseStatus(ID=x.id) for x in await self.store.backend.leases()]
+        leases = [pb.LeaseStatus(ID=x.id) for x in await self.store.leases()]
         return pb.LeaseLeasesResponse(header=self.ctx.header(), leases=leases)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from k8s_sql import errors
 from k8s_sql.api.common import Context
-from k8s_sql.backend import snapshot
-from k8s_sql.backend.base import CompactedError, FutureRevisionError
 from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 
 
@@ -38,9 +37,8 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
         return resp
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
-        rev, _ = await self.store.backend.current()
-        self.store.observe_revision(rev)
-        size, in_use = await self.store.backend.size()
+        rev, _ = await self.store.current()
+        size, in_use = await self.store.size()
         ident = self.ctx.identity
         return pb.StatusResponse(
             header=self.ctx.header(),
@@ -58,20 +56,15 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
     async def Defragment(
         self, request: pb.DefragmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DefragmentResponse:
-        await self.store.backend.defragment()
+        await self.store.defragment()
         return pb.DefragmentResponse(header=self.ctx.header())
 
     async def Hash(self, request: pb.HashRequest, context: grpc.aio.ServicerContext) -> pb.HashResponse:
-        h, _, _ = await self.store.backend.hash_kv(0)
+        h, _, _ = await self.store.hash_kv(0)
         return pb.HashResponse(header=self.ctx.header(), hash=h)
 
     async def HashKV(self, request: pb.HashKVRequest, context: grpc.aio.ServicerContext) -> pb.HashKVResponse:
-        try:
-            h, compact, at = await self.store.backend.hash_kv(request.revision)
-        except CompactedError:
-            raise errors.Compacted() from None
-        except FutureRevisionError:
-            raise errors.FutureRevision() from None
+        h, compact, at = await self.store.hash_kv(request.revision)
         return pb.HashKVResponse(header=self.ctx.header(), hash=h, compact_revision=compact, hash_revision=at)
 
     async def Snapshot(
@@ -80,9 +73,9 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
         """Stream a consistent copy of the store: an SQLite database file followed, as
         etcd does, by the SHA-256 of its bytes (etcdctl checks it is there).
         ``k8s-sql restore`` verifies the digest and turns the file into a data directory."""
-        async with self.store.backend.snapshot() as path:
-            first = True
-            async for remaining, blob in snapshot.frames(path):
+        first = True
+        async with contextlib.aclosing(self.store.snapshot()) as frames:
+            async for remaining, blob in frames:
                 resp = pb.SnapshotResponse(header=self.ctx.header(), remaining_bytes=remaining, blob=blob)
                 if first:
                     resp.version = self.ctx.version

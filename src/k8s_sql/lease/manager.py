@@ -31,7 +31,7 @@ class LeaseExpirer(BackgroundLoop):
 
     async def expire_once(self) -> int:
         """Revoke every lease expired by now; return how many were revoked."""
-        ids = await self.store.backend.expired_leases(self.store.clock(), self.batch)
+        ids = await self.store.expired_leases(self.batch)
         revoked = 0
         results = await asyncio.gather(
             *(self.store.lease_revoke(i, only_if_expired=True) for i in ids), return_exceptions=True

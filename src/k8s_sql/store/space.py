@@ -27,15 +27,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from k8s_sql import errors
 from k8s_sql.backend.base import Backend
 from k8s_sql.background import BackgroundLoop
+from k8s_sql.pb import rpc_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 ALARM_ROW = "alarm_nospace"
 NOSPACE = 1  # etcdserverpb.AlarmType.NOSPACE
+
+
+# -- etcd's quota costs (storage/quota.go) ---------------------------------------------
+
+KV_OVERHEAD = 256  # etcd's quota: what a key costs on top of its key and value bytes
+LEASE_OVERHEAD = 64  # etcd's quota: what a lease costs
+
+
+def put_cost(r: pb.PutRequest) -> int:
+    """etcd's costPut: the bytes a put may add, as the quota counts them."""
+    return KV_OVERHEAD + len(r.key) + len(r.value)
+
+
+def txn_cost(r: pb.TxnRequest) -> int:
+    """etcd's costTxn: the costlier branch's puts (nested txns cost nothing there, as in etcd)."""
+
+    def branch(ops: Any) -> int:
+        return sum(put_cost(op.request_put) for op in ops if op.WhichOneof("request") == "request_put")
+
+    return max(branch(r.success), branch(r.failure))
 
 
 class Space(BackgroundLoop):

@@ -36,17 +36,15 @@ class Follower(BackgroundLoop):
     def _heard(self, revision: int) -> None:
         # This frontend's own commits are published by the store itself: reading them
         # back cost a PostgreSQL frontend a third of its write throughput.
-        if revision > max(self.hub.revision, self.store.committing_revision):
+        if revision > max(self.hub.revision, self.store.revisions.committing):
             self._news.set()
 
     async def poll_once(self) -> None:
-        revision, compact = await self.store.backend.current()
-        self.store.observe_revision(revision)
-        self.store.compact_revision = max(self.store.compact_revision, compact)
+        revision, _ = await self.store.current()
         while self.hub.revision < revision:
             start = self.hub.revision + 1
             try:
-                rows, covered = await self.store.backend.changes(start, revision, None, self.batch)
+                rows, covered = await self.store.changes(start, revision, None, self.batch)
             except CompactedError:
                 # History this frontend never saw is gone; watchers still behind it
                 # get etcd's compacted cancel when they try to read it.
@@ -58,7 +56,7 @@ class Follower(BackgroundLoop):
                 self.hub.advance(covered)
 
     async def run(self) -> None:
-        listener = asyncio.create_task(self.store.backend.follow_commits(self._heard), name="commit-listener")
+        listener = asyncio.create_task(self.store.follow_commits(self._heard), name="commit-listener")
         try:
             while True:
                 self._news.clear()

@@ -1,0 +1,224 @@
+"""Group commit: queued writes applied in batches, one database transaction each.
+
+One transaction holds the revision lock, applies every queued request in order --
+each with its own compare evaluation and its own revision (txn.py) -- commits
+once, and only then answers all of them and tells the subscribers. One fsync
+serves many writes, and commit order is revision order.
+
+A request that fails stays alone in its failure: a batch is replayed with
+savepoints when a request fails after changing something or the database refuses
+a statement, and run again without a request whose refusal ended the whole
+transaction (see :meth:`GroupCommit._run_batch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from k8s_sql import errors
+from k8s_sql.backend.base import BackendUnavailable, DatabaseFull, KeyValueLog, LogRow
+from k8s_sql.store.revisions import Revisions
+from k8s_sql.store.txn import Request
+
+log = logging.getLogger(__name__)
+
+CommitListener = Callable[[int, list[LogRow]], None]
+MAX_BATCH = 256  # requests per transaction
+
+
+@dataclass
+class _Queued:
+    apply: Callable[[Request], Awaitable[Any]]
+    future: asyncio.Future[Any]
+    keys: list[bytes]  # single keys the request will read: the batch reads them up front
+    leases: list[int]
+    adds_data: bool  # refused while the NOSPACE alarm is raised (etcd's applierV3Capped)
+
+
+class _Replay(Exception):
+    """A request failed after changing something: redo the batch with savepoints."""
+
+
+class _Excluded(Exception):
+    """A request's failure ended the whole transaction (SQLite rolls back on
+    SQLITE_FULL; a savepoint cannot undo that): run the batch again without it."""
+
+    def __init__(self, index: int, error: errors.EtcdError) -> None:
+        super().__init__(index)
+        self.index = index
+        self.error = error
+
+
+class GroupCommit:
+    def __init__(self, backend: KeyValueLog, revisions: Revisions, max_batch: int = MAX_BATCH) -> None:
+        self.backend = backend
+        self.revisions = revisions
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        self._subscribers: list[CommitListener] = []
+        # Called when the database reports that it is full (the NOSPACE alarm's raiser).
+        self.on_database_full: Callable[[], None] | None = None
+
+    def subscribe(self, listener: CommitListener) -> None:
+        """Call ``listener(revision, changes)`` after every commit, before answering."""
+        self._subscribers.append(listener)
+
+    async def submit(
+        self,
+        apply: Callable[[Request], Awaitable[Any]],
+        keys: list[bytes] | None = None,
+        leases: list[int] | None = None,
+        adds_data: bool = False,
+    ) -> Any:
+        """Apply ``apply`` in a coming batch; its result once the batch committed."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Queued(apply, fut, keys or [], leases or [], adds_data))
+        return await fut
+
+    def fail_queued(self) -> None:
+        """Answer what is still queued with etcd's "server stopped"."""
+        while not self._queue.empty():
+            q = self._queue.get_nowait()
+            if not q.future.done():
+                q.future.set_exception(errors.Stopped())
+
+    async def run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._apply_batch(batch)
+            except asyncio.CancelledError:
+                for q in batch:
+                    if not q.future.done():
+                        q.future.set_exception(errors.Stopped())
+                raise
+            except Exception as e:  # the database failed the batch as a whole: nothing in it is acknowledged
+                log.warning("write batch of %d failed: %s", len(batch), errors.one_line(e))
+                full = isinstance(e, DatabaseFull)
+                if full:
+                    self._database_full()
+                for q in batch:
+                    if not q.future.done():
+                        q.future.set_exception(errors.NoSpace() if full else errors.DatabaseUnavailable())
+
+    async def _apply_batch(self, batch: list[_Queued]) -> None:
+        async def attempt() -> tuple[int, int, list[LogRow], list[tuple[bool, Any]]]:
+            refused: dict[int, errors.EtcdError] = {}
+            try:
+                return await self._run_batch(batch, False, refused)
+            except _Replay:
+                pass
+            except Exception as e:
+                if not self._may_be_one_request(e):
+                    raise
+                # The database refused something in the batch (a constraint, a value it
+                # cannot store, a full disk): find out which request, each in a savepoint.
+                log.debug("write batch refused, replaying with savepoints: %s", errors.one_line(e))
+            while True:  # at most once per request: each pass excludes one more
+                try:
+                    return await self._run_batch(batch, True, refused)
+                except _Excluded as x:
+                    refused[x.index] = x.error
+
+        # A transaction the database aborted as a conflict applied nothing: run it again.
+        revision, compact, committed, results = await self.backend.retrying(attempt)
+        self.revisions.observe(revision, compact)
+        if committed:
+            for listener in self._subscribers:
+                listener(revision, committed)
+        for q, (ok, value) in zip(batch, results, strict=True):
+            if q.future.done():
+                continue
+            if ok:
+                q.future.set_result(value)
+            else:
+                q.future.set_exception(value)
+
+    def _may_be_one_request(self, e: BaseException) -> bool:
+        """Whether a failed batch may owe its failure to one of its requests, so that a
+        replay with savepoints lets the others commit. A lost database and a conflict
+        (retried whole by the backend) are the batch's, not a request's."""
+        return not isinstance(e, BackendUnavailable) and not self.backend.conflicted(e)
+
+    def _refused(self, e: BaseException) -> errors.EtcdError:
+        """The answer to a request the database refused on its own (savepoint replay)."""
+        if isinstance(e, DatabaseFull):
+            self._database_full()
+            return errors.NoSpace()
+        log.warning("the database refused a request: %s", errors.one_line(e))
+        return errors.RequestRejected()
+
+    def _database_full(self) -> None:
+        """The database is out of space: raise etcd's NOSPACE alarm (see on_database_full)."""
+        if self.on_database_full is not None:
+            self.on_database_full()
+
+    async def _run_batch(
+        self, batch: list[_Queued], savepoints: bool, refused: dict[int, errors.EtcdError]
+    ) -> tuple[int, int, list[LogRow], list[tuple[bool, Any]]]:
+        """Apply the batch in one database transaction. Without savepoints, a request
+        that fails after changing something raises :class:`_Replay` (the transaction
+        is rolled back), and a statement the database refuses fails the transaction;
+        with them, each request's statements run inside its own savepoint, so a failed
+        request -- an etcd error or a database refusal -- is undone on its own and the
+        rest of the batch commits as if it had been sent alone."""
+        results: list[tuple[bool, Any]] = []
+        committed: list[LogRow] = []
+        async with self.backend.write() as tx:
+            tx.savepoints = savepoints
+            await tx.prefetch(
+                (k for q in batch if not q.future.done() for k in q.keys),
+                (i for q in batch if not q.future.done() for i in q.leases),
+            )
+            for index, q in enumerate(batch):
+                if q.future.done():  # the caller went away before we started
+                    results.append((False, None))
+                    continue
+                if index in refused:  # its failure ended an earlier attempt's transaction
+                    results.append((False, refused[index]))
+                    continue
+                req = Request(tx, tx.revision)
+                if savepoints:
+                    await tx.savepoint()
+                else:
+                    tx.begin_request()
+                try:
+                    if tx.nospace and q.adds_data:
+                        raise errors.NoSpace()  # etcd's applierV3Capped
+                    value = await q.apply(req)
+                    if savepoints:
+                        await tx.flush()  # the request's statements, inside its savepoint
+                except errors.EtcdError as e:
+                    if savepoints:
+                        await tx.rollback_to_savepoint()
+                    elif tx.dirty:
+                        raise _Replay from e
+                    results.append((False, e))
+                    continue
+                except Exception as e:
+                    if not savepoints or not self._may_be_one_request(e):
+                        raise
+                    answer = self._refused(e)
+                    try:
+                        await tx.rollback_to_savepoint()
+                    except Exception:
+                        raise _Excluded(index, answer) from e
+                    results.append((False, answer))
+                    continue
+                if savepoints:
+                    await tx.release_savepoint()
+                if req.changes:
+                    tx.revision = req.new_rev
+                    committed.extend(req.changes)
+                results.append((True, value))
+            revision, compact = tx.revision, tx.compact_revision
+            if committed:
+                self.revisions.committing = revision
+        return revision, compact, committed, results

@@ -1,0 +1,131 @@
+"""The SQL engine's plans (backend/plans.py), driven without a server.
+
+Plans are sans-IO: some tests feed them rows by hand (what a plan asks and how it
+reads the answers), others run them with the SQLite driver on an in-memory
+database built from the real schema (that the SQL is right).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from k8s_sql.backend import migrations, plans, sql
+from k8s_sql.backend.base import CompactedError, FutureRevisionError, KeyRange, LogRow, MemberRow, Row
+from k8s_sql.backend.sqlite import SCHEMA
+
+D = sql.SQLITE
+
+
+def feed(plan: plans.Plan[Any], answer: Callable[[plans.Statement], Any]) -> tuple[Any, list[plans.Statement]]:
+    """Run a plan, answering each statement with ``answer(statement)``."""
+    asked: list[plans.Statement] = []
+    result: Any = None
+    try:
+        while True:
+            st = plan.send(result)
+            asked.append(st)
+            result = answer(st)
+    except StopIteration as done:
+        return done.value, asked
+
+
+@pytest.fixture
+def db() -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for stmt in [*SCHEMA.split(";"), *migrations.all_statements("sqlite")]:
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("revision", 1), ("compact_revision", 0)])
+    return conn
+
+
+def write(db: sqlite3.Connection, rev: int, *changes: tuple[bytes, bytes | None]) -> None:
+    """Commit one revision of puts (value) and deletes (None), as a write batch would."""
+    for sub, (key, value) in enumerate(changes):
+        prev_row = db.execute(f"SELECT {sql.KV_COLUMNS} FROM kv WHERE key = ?", (key,)).fetchone()
+        prev = Row(*prev_row) if prev_row else None
+        if value is None:
+            assert prev is not None
+            plans.run_sync(db, plans.write_kv(D, [], [key]))
+            change = LogRow(rev, sub, 1, Row(key, 0, rev, 0, 0, b""), prev)
+        else:
+            row = Row(key, prev.create_rev if prev else rev, rev, prev.version + 1 if prev else 1, 0, value)
+            plans.run_sync(db, plans.write_kv(D, [row], []))
+            change = LogRow(rev, sub, 0, row, prev)
+        plans.run_sync(db, plans.insert_log(D, [sql.log_params(change)]))
+    plans.run_sync(db, plans.set_meta("revision", rev))
+
+
+def test_range_checks_revisions_before_reading() -> None:
+    meta = [("revision", 10), ("compact_revision", 4)]
+    with pytest.raises(FutureRevisionError):
+        feed(plans.range_(D, KeyRange(b"a", None), 11, 0, False, False), lambda st: meta)
+    with pytest.raises(CompactedError):
+        feed(plans.range_(D, KeyRange(b"a", None), 3, 0, False, False), lambda st: meta)
+    result, asked = feed(plans.range_(D, KeyRange(b"b", b"a"), 0, 0, False, False), lambda st: meta)
+    assert result.count == 0 and len(asked) == 1  # an empty range asks nothing more
+
+
+def test_a_limited_range_counts_only_when_the_limit_is_reached() -> None:
+    row = (b"a", 2, 2, 1, 0, b"v")
+    _, asked = feed(plans.head(D, KeyRange(b"a", b""), 5), lambda st: [row])
+    assert len(asked) == 1  # fewer rows than the limit: they are the count
+    result, asked = feed(plans.head(D, KeyRange(b"a", b""), 1), lambda st: [row] if "COUNT" not in st.sql else [(7,)])
+    assert result == ([Row(*row)], 7) and len(asked) == 2
+
+
+def test_current_and_historical_ranges(db: sqlite3.Connection) -> None:
+    write(db, 2, (b"a", b"1"), (b"b", b"1"))
+    write(db, 3, (b"a", b"2"))
+    write(db, 4, (b"b", None))
+    everything = KeyRange(b"\0", b"")
+    now = plans.run_sync(db, plans.range_(D, everything, 0, 0, False, False))
+    assert [(r.key, r.value) for r in now.rows] == [(b"a", b"2")] and now.revision == 4
+    then = plans.run_sync(db, plans.range_(D, everything, 2, 0, False, False))
+    assert [(r.key, r.value, r.mod_rev) for r in then.rows] == [(b"a", b"1", 2), (b"b", b"1", 2)]
+    keys = plans.run_sync(db, plans.range_(D, everything, 3, 1, False, True))
+    assert [(r.key, r.value) for r in keys.rows] == [(b"a", b"")] and keys.count == 2
+
+
+def test_changes_come_in_whole_revisions(db: sqlite3.Connection) -> None:
+    write(db, 2, (b"a", b"1"), (b"b", b"1"), (b"c", b"1"))
+    write(db, 3, (b"a", b"2"))
+    rows, covered = plans.run_sync(db, plans.changes(D, 2, 3, None, 2))
+    assert [(r.rev, r.row.key) for r in rows] == [(2, b"a"), (2, b"b"), (2, b"c")] and covered == 2
+    rows, covered = plans.run_sync(db, plans.changes(D, 2, 3, [KeyRange(b"a", None)], 10))
+    assert [(r.rev, r.row.key) for r in rows] == [(2, b"a"), (3, b"a")] and covered == 3
+    assert plans.run_sync(db, plans.changes(D, 2, 3, [KeyRange(b"b", b"a")], 10)) == ([], 3)
+
+
+def test_compare_and_set_on_meta(db: sqlite3.Connection) -> None:
+    assert plans.run_sync(db, plans.meta_compare_and_set(D, {"leader": 0}, {"leader": 5, "leader_until": 9}))
+    assert plans.run_sync(db, plans.meta_get(["leader", "leader_until"])) == {"leader": 5, "leader_until": 9}
+    assert not plans.run_sync(db, plans.meta_compare_and_set(D, {"leader": 0}, {"leader": 6}))
+    assert plans.run_sync(db, plans.meta_get(["leader"])) == {"leader": 5}
+
+
+def test_compaction_steps_and_hash(db: sqlite3.Connection) -> None:
+    for rev in range(2, 12):
+        write(db, rev, (b"k", str(rev).encode()))
+    before = plans.run_sync(db, plans.hash_kv(D, 0))
+    assert plans.run_sync(db, plans.compact_step(8, 3)) == 3  # revisions 2, 3, 4
+    assert plans.run_sync(db, plans.compact_step(8, 100)) == 3  # 5, 6, 7
+    assert plans.run_sync(db, plans.compact_step(8, 100)) == 0
+    plans.run_sync(db, plans.set_meta("compact_revision", 8))
+    with pytest.raises(CompactedError):
+        plans.run_sync(db, plans.hash_kv(D, 7))
+    h, compact, at = plans.run_sync(db, plans.hash_kv(D, 0))
+    assert (compact, at) == (8, 11) and h != before[0]
+
+
+def test_members_and_heartbeats(db: sqlite3.Connection) -> None:
+    plans.run_sync(db, plans.heartbeat(MemberRow(1, "a", "http://a", 100.0)))
+    plans.run_sync(db, plans.heartbeat(MemberRow(1, "a", "http://a", 200.0)))
+    plans.run_sync(db, plans.heartbeat(MemberRow(2, "b", "http://b", 50.0)))
+    assert plans.run_sync(db, plans.members(100.0)) == [MemberRow(1, "a", "http://a", 200.0)]
+    plans.run_sync(db, plans.remove_member(1))
+    assert plans.run_sync(db, plans.members(0.0)) == [MemberRow(2, "b", "http://b", 50.0)]
