@@ -21,12 +21,12 @@ from differential.compare import Result, RpcError
 from google.protobuf.message import Message
 
 from k8s_sql import errors
+from k8s_sql.api import validate
 from k8s_sql.api.status import to_status
 from k8s_sql.backend import open_backend
 from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
 from k8s_sql.config import MAX_REQUEST_BYTES
 from k8s_sql.pb import rpc_pb2 as pb
-from k8s_sql.store import validate
 from k8s_sql.store.store import Store
 
 
@@ -65,7 +65,7 @@ def _check_size(r: Message) -> None:
 
 async def _answer(store: Store, kind: str, r: Message) -> Message:
     """One request as the servicers in api/ handle it (no quota: Space is not wired)."""
-    max_key = store.backend.max_key_bytes
+    max_key = store.max_key_bytes
     resp: Message
     if kind == "Range":
         assert isinstance(r, pb.RangeRequest)
@@ -106,7 +106,7 @@ async def _answer(store: Store, kind: str, r: Message) -> Message:
         return pb.LeaseKeepAliveResponse(header=_header(store), ID=r.ID, TTL=ttl)
     elif kind == "LeaseTimeToLive":
         assert isinstance(r, pb.LeaseTimeToLiveRequest)
-        lease, keys = await store.backend.lease(r.ID)
+        lease, keys = await store.lease(r.ID)
         if lease is None:
             return pb.LeaseTimeToLiveResponse(header=_header(store), ID=r.ID, TTL=-1)
         remaining = max(0, math.floor(lease.expires_at - store.clock()))
@@ -115,7 +115,7 @@ async def _answer(store: Store, kind: str, r: Message) -> Message:
             out.keys.extend(keys)
         return out
     elif kind == "LeaseLeases":
-        leases = [pb.LeaseStatus(ID=x.id) for x in await store.backend.leases()]
+        leases = [pb.LeaseStatus(ID=x.id) for x in await store.leases()]
         return pb.LeaseLeasesResponse(header=_header(store), leases=leases)
     else:
         raise ValueError(f"unknown request kind {kind}")
