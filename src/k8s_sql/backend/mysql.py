@@ -20,7 +20,6 @@ from urllib.parse import parse_qs, unquote
 
 import asyncmy
 import asyncmy.errors
-from asyncmy.cursors import SSCursor
 
 from k8s_sql.backend import migrations, sql, transient
 from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
@@ -160,7 +159,6 @@ def _unavailable_at_start(e: BaseException) -> bool:
 class MyConn(Conn):
     def __init__(self, conn: Any) -> None:
         self.conn = conn
-        self._scans: list[Any] = []  # unbuffered cursors still open (see close_scans)
 
     async def fetch(self, query: str, params: Sequence[Any]) -> list[Record]:
         try:
@@ -189,27 +187,6 @@ class MyConn(Conn):
             if _full(e):
                 raise DatabaseFull(str(e)) from e
             raise
-
-    async def scan(self, query: str, params: Sequence[Any]) -> Any:
-        """An unbuffered cursor: rows come from the server as they are fetched."""
-        cur = self.conn.cursor(SSCursor)
-        self._scans.append(cur)
-        await cur.execute(query.replace("?", "%s"), params or None)
-        return cur
-
-    async def next(self, cursor: Any, size: int) -> list[Record]:
-        rows = list(await cursor.fetchmany(size))
-        if not rows:
-            await cursor.close()
-            self._scans.remove(cursor)
-        return rows
-
-    async def close_scans(self) -> None:
-        """Read out and close cursors a plan left open (it failed half way): the
-        connection cannot run another statement while one has rows unread."""
-        for cur in self._scans:
-            await cur.close()
-        self._scans.clear()
 
 
 class MySQLBackend(NetworkBackend):
@@ -306,18 +283,13 @@ class MySQLBackend(NetworkBackend):
             async with self._pool.acquire() as raw:
                 conn = MyConn(raw)
                 if begin is None:
-                    try:
-                        yield conn
-                    finally:
-                        await conn.close_scans()
+                    yield conn
                     return
                 await conn.execute(begin, ())
                 try:
                     yield conn
-                    await conn.close_scans()
                 except BaseException:
                     with contextlib.suppress(Exception):
-                        await conn.close_scans()
                         await raw.rollback()
                     raise
                 await raw.commit()

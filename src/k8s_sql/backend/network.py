@@ -92,17 +92,21 @@ class NetworkBackend(SQLBackend):
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[str]:
-        """A copy in k8s-sql's snapshot format, read in steps from one snapshot of the
-        database through a server-side cursor, and written on a thread."""
+        """A copy in k8s-sql's snapshot format, read a page at a time from one snapshot
+        of the database, and written on a thread."""
         d = self.dialect
         async with snapshot.temporary_path() as path:
             async with self.snapshot_conn() as conn:
 
                 async def rows(table: str, columns: str) -> AsyncIterator[Sequence[Sequence[Any]]]:
-                    src = {"kv": d.kv_columns, "log": d.log_columns}.get(table, columns)
-                    cursor = await conn.scan(f"SELECT {src} FROM {table}", ())
-                    while step := await conn.next(cursor, plans.SCAN_ROWS):
-                        yield step
+                    after: Sequence[Any] | None = None
+                    while True:
+                        page = await plans.run_async(conn, plans.table_page(d, table, after))
+                        if page:
+                            yield page
+                        if len(page) < plans.PAGE_ROWS:
+                            return
+                        after = page[-1][: len(plans.TABLE_KEYS[table])]
 
                 await snapshot.write(path, rows)
             yield path  # streamed after the database's snapshot is released

@@ -128,12 +128,6 @@ class PgConn(Conn):
         except asyncpg.DiskFullError as e:
             raise DatabaseFull(str(e)) from e
 
-    async def scan(self, query: str, params: Sequence[Any]) -> Any:
-        return await self.conn.cursor(self._q(query), *params)
-
-    async def next(self, cursor: Any, size: int) -> list[Record]:
-        return list(await cursor.fetch(size))
-
 
 class PostgresBackend(NetworkBackend):
     """A store in a PostgreSQL database, created (with its schema) if absent."""
