@@ -9,18 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # testing/, shared with the benchmark harness
-
-from testing.databases import MariaDBServer, PostgresServer  # noqa: E402
-from testing.servers import (  # noqa: E402  (the test modules import these from here)
+from testing.databases import MariaDBServer, PostgresServer
+from testing.servers import (  # the test modules import these from here
     ServerProcess as ServerProcess,
     etcd_argv,
     free_port as free_port,
@@ -28,6 +24,7 @@ from testing.servers import (  # noqa: E402  (the test modules import these from
     wait_for_grpc as wait_for_grpc,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 STRICT = os.environ.get("K8S_SQL_STRICT", "") not in ("", "0", "false")
 PEERS_VERSION = "v3.6.16"
 PEERS_BIN = Path(os.environ.get("K8S_SQL_PEERS_BIN", Path.home() / ".cache/k8s-sql/peers" / PEERS_VERSION))
