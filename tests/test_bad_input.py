@@ -25,6 +25,7 @@ import pytest
 from conftest import ServerProcess
 
 from k8s_sql.pb import kv_pb2, rpc_pb2 as pb, rpc_pb2_grpc
+from testing.keys import prefix_end
 
 MiB = 1024 * 1024
 IA = grpc.StatusCode.INVALID_ARGUMENT
@@ -75,17 +76,6 @@ def assert_serving(server: ServerProcess, c: Client, *, clean_log: bool = True) 
     got = c.kv.Range(pb.RangeRequest(key=b"still/alive"), timeout=10)
     assert [kv.value for kv in got.kvs] == [b"yes"]
     assert got.kvs[0].mod_revision == resp.header.revision == got.header.revision
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """etcd's GetPrefixRangeEnd."""
-    p = bytearray(prefix)
-    while p and p[-1] == 0xFF:
-        p.pop()
-    if not p:
-        return b"\0"
-    p[-1] += 1
-    return bytes(p)
 
 
 def put_op(key: bytes, value: bytes = b"v", lease: int = 0) -> pb.RequestOp:

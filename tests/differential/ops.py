@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from k8s_sql.pb import rpc_pb2 as pb
+from testing.keys import prefix_end
 
 RR = pb.RangeRequest
 C = pb.Compare
@@ -61,17 +62,6 @@ class Op:
     kind: str  # the gRPC method: Range, Put, DeleteRange, Txn, Compact, Lease*
     request: Message
     note: str  # what the generator meant, for reports
-
-
-def prefix_end(p: bytes) -> bytes:
-    """clientv3's GetPrefixRangeEnd."""
-    b = bytearray(p)
-    while b and b[-1] == 0xFF:
-        b.pop()
-    if not b:
-        return b"\0"
-    b[-1] += 1
-    return bytes(b)
 
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 
+from testing.keys import prefix_end
+
 MiB = 1024 * 1024
 REQUEST_LIMIT = 1536 * 1024  # etcd's --max-request-bytes default
 GRPC_LIMIT = 2 * MiB  # etcd's gRPC receive limit (request limit + 512 KiB)
@@ -37,17 +39,6 @@ UINT64_EXTREMES = [0, 1, 2, 1000, INT32_MAX, UINT32_MAX, UINT32_MAX + 1, INT64_M
                    UINT64_MAX]  # fmt: skip
 INT32_EXTREMES = [0, 1, -1, 2, 3, 4, 5, 6, 100, INT32_MAX, INT32_MIN, INT32_MIN + 1]
 UINT32_EXTREMES = [0, 1, 2, 100, INT32_MAX, INT32_MAX + 1, UINT32_MAX]
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """etcd's GetPrefixRangeEnd: the first key after every key starting with ``prefix``."""
-    p = bytearray(prefix)
-    while p and p[-1] == 0xFF:
-        p.pop()
-    if not p:
-        return b"\0"
-    p[-1] += 1
-    return bytes(p)
 
 
 ODD_KEY_BYTES = [

@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from k8s_sql.backend.base import KeyRange
+from testing.keys import prefix_end
 
 # Keys that break naive byte handling: NUL inside, at the start and at the end, 0xFF,
 # bytes that are not UTF-8.
@@ -29,17 +30,6 @@ KEYS = [
     b"\xff\x00",
     b"\xff\xff",
 ]
-
-
-def prefix_end(p: bytes) -> bytes:
-    """clientv3's GetPrefixRangeEnd (as tests/differential/ops.py)."""
-    b = bytearray(p)
-    while b and b[-1] == 0xFF:
-        b.pop()
-    if not b:
-        return b"\0"
-    b[-1] += 1
-    return bytes(b)
 
 
 def test_an_empty_range_end_is_the_single_key() -> None:
