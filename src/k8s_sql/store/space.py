@@ -114,19 +114,29 @@ class Space(BackgroundLoop):
         self.in_use += cost
 
     def database_full(self) -> None:
-        """The database refused a write as full: raise NOSPACE (from the write path,
-        which cannot wait for it)."""
+        """The database refused a write as full: raise NOSPACE at once -- before the
+        write path answers NOSPACE, so a client that then lists alarms sees it -- and
+        record it in the database in the background (the write path cannot wait)."""
         if not self.nospace:
-            task = asyncio.get_running_loop().create_task(self.raise_alarm("the database is full"))
+            self._raise("the database is full")
+            task = asyncio.get_running_loop().create_task(self._record())
             task.add_done_callback(_log_failure)
 
     async def raise_alarm(self, why: str) -> None:
         if self.nospace:
             return
+        self._raise(why)
+        await self._record()
+
+    def _raise(self, why: str) -> None:
         log.warning("raising the NOSPACE alarm: %s", why)
         self.raised_by = self.member_id
+        self._unwritten = True  # until _record() wrote it: alarms() must not read it back yet
+
+    async def _record(self) -> None:
         async with self._lock:
-            await self._write(self.member_id)
+            if self._unwritten:
+                await self._write(self.raised_by)
 
     async def _write(self, value: int) -> None:
         try:
@@ -141,13 +151,15 @@ class Space(BackgroundLoop):
 
     async def alarms(self) -> list[tuple[int, int]]:
         """``(member id, alarm type)`` of every raised alarm, read from the database."""
-        if not self._unwritten:
-            self.raised_by = await self.backend.meta_get(ALARM_ROW) or 0
+        async with self._lock:  # not between an alarm's raising and its recording
+            if not self._unwritten:
+                self.raised_by = await self.backend.meta_get(ALARM_ROW) or 0
         return [(self.raised_by, NOSPACE)] if self.raised_by else []
 
     async def activate(self, member_id: int) -> None:
         """AlarmRequest ACTIVATE NOSPACE (etcd lets a client raise an alarm)."""
         self.raised_by = member_id or self.member_id
+        self._unwritten = True
         async with self._lock:
             await self._write(self.raised_by)
 
