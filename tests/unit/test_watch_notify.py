@@ -1,22 +1,23 @@
-"""A commit wakes only the watch streams that may want it; the other watchers are
-moved past it without a wake, so they stay synced for progress notifications."""
+"""A commit wakes only the watch streams that may want it; the other watchers stay in
+the hub's synced group untouched, so they stay synced for progress notifications."""
 
 from __future__ import annotations
 
-from k8s_sql.backend.base import PUT, KeyRange, LogRow, Row
+from k8s_sql.backend.base import PUT, LogRow, Row
 from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.watch.hub import Hub
-from k8s_sql.watch.stream import WatchStream, _touches
+from k8s_sql.watch.index import touches
+from k8s_sql.watch.stream import WatchStream
 
 
 def test_touches() -> None:
     keys = sorted([b"/a/1", b"/c/9"])
-    assert _touches(KeyRange(b"/a/", b"/a0"), keys)
-    assert not _touches(KeyRange(b"/b/", b"/b0"), keys)
-    assert _touches(KeyRange(b"/c/9", None), keys)
-    assert not _touches(KeyRange(b"/c/8", None), keys)
-    assert _touches(KeyRange(b"/b", b""), keys)  # to the end of the keyspace
-    assert not _touches(KeyRange(b"/d", b""), keys)
+    assert touches(b"/a/", b"/a0", keys)
+    assert not touches(b"/b/", b"/b0", keys)
+    assert touches(b"/c/9", None, keys)
+    assert not touches(b"/c/8", None, keys)
+    assert touches(b"/b", b"", keys)  # to the end of the keyspace
+    assert not touches(b"/d", b"", keys)
 
 
 def _change(rev: int, key: bytes) -> LogRow:
@@ -36,9 +37,44 @@ def test_only_interested_streams_wake() -> None:
 
     hub.publish(11, [_change(11, b"/a/x")])
     assert a._wake.is_set() and not b._wake.is_set()
-    assert a.watchers[0].next_rev == 11  # still to be delivered by a's own task
-    assert b.watchers[0].next_rev == 12  # nothing for it: moved past, not woken
-    assert b._synced(b.watchers[0])
+    wa, wb = a.watchers[0], b.watchers[0]
+    assert wa.next_rev == 11 and list(a._ready) == [wa]  # a's own task sends it, from the ring
+    assert wa in hub.synced and wa.queued and not a._synced(wa) and len(hub.unsynced) == 0
+    assert wb in hub.synced and b._synced(wb)  # nothing for it: not woken, not touched
 
     hub.publish(12, [_change(12, b"/b/y")])
-    assert b._wake.is_set() and b.watchers[0].next_rev == 12
+    assert b._wake.is_set() and b.watchers[0].next_rev == 12  # nothing before 12 touched it
+
+
+def test_a_gap_moves_every_synced_watcher_to_one_group() -> None:
+    """Revisions published without their changes (another frontend wrote them): every
+    synced watcher must read them from the log, all from the same revision."""
+    hub = Hub(backend=None)  # type: ignore[arg-type]
+    hub.start(10)
+    s = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
+    hub.streams.add(s)
+    for i in range(5):
+        s.create(pb.WatchCreateRequest(key=b"/k/%d" % i))
+    later = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
+    later.create(pb.WatchCreateRequest(key=b"/k/0", start_revision=100))
+    hub.publish(11, [_change(11, b"/other")])
+    hub.publish(15, [_change(15, b"/other")])  # 12..14 are in the log only
+    assert hub.unsynced.revisions() == {12: 5}
+    assert all(w not in hub.synced for w in s.watchers.values())
+    assert later.watchers[0] in hub.synced  # starts at 100: nothing to read
+    hub.advance(20)
+    assert hub.unsynced.revisions() == {12: 5}
+
+
+def test_a_stream_that_ends_leaves_the_hub() -> None:
+    hub = Hub(backend=None)  # type: ignore[arg-type]
+    hub.start(10)
+    s = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
+    hub.streams.add(s)
+    s.create(pb.WatchCreateRequest(key=b"/a"))
+    s.create(pb.WatchCreateRequest(key=b"/b", start_revision=5))
+    assert len(hub.synced) == 1 and len(hub.unsynced) == 1
+    hub.streams.discard(s)
+    assert len(hub.synced) == 0 and len(hub.unsynced) == 0
+    s.create(pb.WatchCreateRequest(key=b"/c"))  # a request read after the end is not indexed
+    assert len(hub.synced) == 0
