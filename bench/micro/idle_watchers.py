@@ -81,7 +81,7 @@ class Setup:
     (at least one stream)."""
 
     def __init__(self, idle: int, pods: int = 1) -> None:
-        self.hub = Hub(backend=None)  # type: ignore[arg-type]  # everything stays in the ring
+        self.hub = Hub(log=None)  # type: ignore[arg-type]  # everything stays in the ring
         self.hub.start(1)
         self.revision = 1
         self.delivered = 0
@@ -99,7 +99,7 @@ class Setup:
 
     def _stream(self) -> WatchStream:
         s = WatchStream(self.hub, pb.ResponseHeader(cluster_id=1, member_id=1, raft_term=1), 1 << 20)
-        self.hub.streams.add(s)
+        self.hub.attach(s)
         self.streams.append(s)
         return s
 

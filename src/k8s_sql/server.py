@@ -144,7 +144,7 @@ async def start(config: Config) -> Server:
     log.debug("frontend %s starting (pid %d)", config.name, os.getpid())
     gate = ReadinessGate()
     store = Store(backend, max_txn_ops=config.max_txn_ops)
-    hub = Hub(backend)
+    hub = Hub(store, store.revisions)
     # Servicers are registered before the database is known; the gate keeps calls from
     # them until identity and membership below are the real ones.
     ctx = Context(
@@ -192,7 +192,6 @@ async def start(config: Config) -> Server:
         undo.append(space.stop)
         store.on_database_full = space.database_full
         hub.start(store.revision)
-        hub.compact_revision = lambda: store.compact_revision
         store.subscribe(hub.publish)
         watch.start()
         undo.append(watch.stop)

@@ -20,7 +20,7 @@ def _change(rev: int, size: int, sub: int = 0) -> LogRow:
 
 
 def test_ring_is_bounded_by_bytes() -> None:
-    hub = Hub(backend=None, ring_bytes=1 << 20)  # type: ignore[arg-type]  # the ring alone
+    hub = Hub(log=None, ring_bytes=1 << 20)  # type: ignore[arg-type]  # the ring alone
     hub.start(0)
     for rev in range(1, 1001):
         hub.publish(rev, [_change(rev, 10_000)])
@@ -32,7 +32,7 @@ def test_ring_is_bounded_by_bytes() -> None:
 
 
 def test_a_revision_larger_than_the_ring_is_kept_whole() -> None:
-    hub = Hub(backend=None, ring_bytes=100_000)  # type: ignore[arg-type]
+    hub = Hub(log=None, ring_bytes=100_000)  # type: ignore[arg-type]
     hub.start(0)
     hub.publish(1, [_change(1, 10)])
     hub.publish(2, [_change(2, 60_000, sub) for sub in range(3)])
@@ -40,7 +40,7 @@ def test_a_revision_larger_than_the_ring_is_kept_whole() -> None:
 
 
 def test_ring_is_bounded_by_count() -> None:
-    hub = Hub(backend=None, ring_events=100)  # type: ignore[arg-type]
+    hub = Hub(log=None, ring_events=100)  # type: ignore[arg-type]
     hub.start(0)
     for rev in range(1, 1001):
         hub.publish(rev, [_change(rev, 1)])
@@ -63,7 +63,7 @@ def test_cache_is_bounded_by_bytes_and_entries() -> None:
 async def test_a_stream_stops_reading_requests_while_its_answers_wait() -> None:
     """A client that sends creates without reading: the stream queues CONTROL_BUFFER
     answers, then stops taking requests (HTTP/2 flow control holds the client back)."""
-    hub = Hub(backend=None)  # type: ignore[arg-type]
+    hub = Hub(log=None)  # type: ignore[arg-type]
     hub.start(10)
     stream = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
     taken = 0
@@ -104,7 +104,7 @@ async def test_no_events_after_the_canceled_response(monkeypatch: pytest.MonkeyP
     (The fuzzer caught k8s-sql sending the rest of a catch-up batch read from the log:
     up to 2,000 changes, two responses.)"""
     monkeypatch.setattr(stream_module, "MAX_EVENTS_PER_RESPONSE", 10)  # several responses per log read
-    hub = Hub(backend=_Log())  # type: ignore[arg-type]
+    hub = Hub(log=_Log())  # type: ignore[arg-type]
     hub.start(3000)  # the ring starts after 3000: a watch from 1 catches up from the log
     stream = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
     stream.create(pb.WatchCreateRequest(key=b"/k/", range_end=b"/k0", start_revision=1))

@@ -274,13 +274,13 @@ async def test_lagging_watchers_are_caught_up_a_group_per_read() -> None:
     handful of reads (one per watcher before the groups: 1,200 times the reads),
     none of more than MAX_WATCHERS_PER_SYNC watchers."""
     log = FakeLog(300, 60)
-    hub = Hub(backend=log)  # type: ignore[arg-type]
+    hub = Hub(log=log)  # type: ignore[arg-type]
     hub.start(300)  # the ring starts after 300: everything is in the log only
     streams = [WatchStream(hub, pb.ResponseHeader(), 1 << 20) for _ in range(3)]
     got: dict[tuple[int, int], list[int]] = {}
     tasks = [asyncio.create_task(consume(s, got)) for s in streams]
     for s in streams:
-        hub.streams.add(s)
+        hub.attach(s)
     await asyncio.sleep(0)  # every stream parked
     rng = random.Random(3)
     for i in range(1200):
@@ -317,13 +317,13 @@ async def test_lagging_watchers_are_caught_up_a_group_per_read() -> None:
 def parked_stream(hub: Hub) -> WatchStream:
     s = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
     s._parked = True  # as if its response generator waited to be woken
-    hub.streams.add(s)
+    hub.attach(s)
     return s
 
 
 async def test_a_share_goes_only_to_a_stream_holding_nothing() -> None:
     log = FakeLog(50, 4)
-    hub = Hub(backend=log)  # type: ignore[arg-type]
+    hub = Hub(log=log)  # type: ignore[arg-type]
     hub.start(50)
     me, idle, busy = parked_stream(hub), parked_stream(hub), parked_stream(hub)
     me._parked = False  # the initiator runs
@@ -354,8 +354,8 @@ async def test_a_group_read_ends_cleanly() -> None:
     canceled while the read was out gets nothing; when the reading stream ends, the
     others go back to ready."""
     log = FakeLog(50, 4)
-    hub = Hub(backend=log)  # type: ignore[arg-type]
-    hub.compact_revision = lambda: 10
+    hub = Hub(log=log)  # type: ignore[arg-type]
+    hub.revisions.compacted = 10
     hub.start(50)
     me, other = parked_stream(hub), parked_stream(hub)
     for s in (me, other):
@@ -407,7 +407,7 @@ async def test_an_unavailable_database_is_waited_out(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(stream_module, "DB_RETRY_SECONDS", 0)
     log = FakeLog(50, 4)
     log.unavailable = 1
-    hub = Hub(backend=log)  # type: ignore[arg-type]
+    hub = Hub(log=log)  # type: ignore[arg-type]
     hub.start(50)
     me, other = parked_stream(hub), parked_stream(hub)
     for s in (me, other):
@@ -425,7 +425,7 @@ async def test_an_unavailable_database_is_waited_out(monkeypatch: pytest.MonkeyP
 
 def test_split_is_each_watchers_own_changes() -> None:
     rng = random.Random(8)
-    hub = Hub(backend=None)  # type: ignore[arg-type]
+    hub = Hub(log=None)  # type: ignore[arg-type]
     hub.start(0)
     s = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
     for _ in range(40):
@@ -443,10 +443,10 @@ def test_split_is_each_watchers_own_changes() -> None:
 async def test_progress_waits_for_a_later_start() -> None:
     """A RequestProgress with a watcher starting later is answered once the revision
     reaches its start, although no commit touches it (the stream is woken for it)."""
-    hub = Hub(backend=None)  # type: ignore[arg-type]
+    hub = Hub(log=None)  # type: ignore[arg-type]
     hub.start(10)
     s = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
-    hub.streams.add(s)
+    hub.attach(s)
     s.create(pb.WatchCreateRequest(key=b"/a", start_revision=13))
     got: list[pb.WatchResponse] = []
 
@@ -504,7 +504,7 @@ async def test_every_event_once_in_order_under_churn(seed: int) -> None:
     and in order, and nothing after its cancel; at the end every watcher is synced."""
     rng = random.Random(seed)
     log = Log()
-    hub = Hub(backend=log, ring_events=12)  # type: ignore[arg-type]
+    hub = Hub(log=log, ring_events=12)  # type: ignore[arg-type]
     hub.start(0)
     streams = [WatchStream(hub, pb.ResponseHeader(), 1 << 20) for _ in range(4)]
     got: dict[tuple[int, int], list[int]] = {}
@@ -524,7 +524,7 @@ async def test_every_event_once_in_order_under_churn(seed: int) -> None:
 
     tasks = [asyncio.create_task(reader(i, s)) for i, s in enumerate(streams)]
     for s in streams:
-        hub.streams.add(s)
+        hub.attach(s)
     watchers: dict[tuple[int, int], Watcher] = {}
     starts: dict[tuple[int, int], int] = {}  # the first revision each watcher is owed
     gone: dict[tuple[int, int], Watcher] = {}

@@ -25,7 +25,7 @@ def _change(rev: int, key: bytes) -> LogRow:
 
 
 def test_only_interested_streams_wake() -> None:
-    hub = Hub(backend=None)  # type: ignore[arg-type]  # the ring alone is used here
+    hub = Hub(log=None)  # type: ignore[arg-type]  # the ring alone is used here
     hub.start(10)
     a, b = (WatchStream(hub, pb.ResponseHeader(), 1 << 20) for _ in range(2))
     a.create(pb.WatchCreateRequest(key=b"/a/", range_end=b"/a0"))
@@ -33,7 +33,7 @@ def test_only_interested_streams_wake() -> None:
     for s in (a, b):
         s.control.clear()
         s._wake.clear()
-        hub.streams.add(s)
+        hub.attach(s)
 
     hub.publish(11, [_change(11, b"/a/x")])
     assert a._wake.is_set() and not b._wake.is_set()
@@ -49,10 +49,10 @@ def test_only_interested_streams_wake() -> None:
 def test_a_gap_moves_every_synced_watcher_to_one_group() -> None:
     """Revisions published without their changes (another frontend wrote them): every
     synced watcher must read them from the log, all from the same revision."""
-    hub = Hub(backend=None)  # type: ignore[arg-type]
+    hub = Hub(log=None)  # type: ignore[arg-type]
     hub.start(10)
     s = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
-    hub.streams.add(s)
+    hub.attach(s)
     for i in range(5):
         s.create(pb.WatchCreateRequest(key=b"/k/%d" % i))
     later = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
@@ -67,14 +67,14 @@ def test_a_gap_moves_every_synced_watcher_to_one_group() -> None:
 
 
 def test_a_stream_that_ends_leaves_the_hub() -> None:
-    hub = Hub(backend=None)  # type: ignore[arg-type]
+    hub = Hub(log=None)  # type: ignore[arg-type]
     hub.start(10)
     s = WatchStream(hub, pb.ResponseHeader(), 1 << 20)
-    hub.streams.add(s)
+    hub.attach(s)
     s.create(pb.WatchCreateRequest(key=b"/a"))
     s.create(pb.WatchCreateRequest(key=b"/b", start_revision=5))
     assert len(hub.synced) == 1 and len(hub.unsynced) == 1
-    hub.streams.discard(s)
+    hub.detach(s)
     assert len(hub.synced) == 0 and len(hub.unsynced) == 0
     s.create(pb.WatchCreateRequest(key=b"/c"))  # a request read after the end is not indexed
     assert len(hub.synced) == 0

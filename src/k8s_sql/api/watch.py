@@ -52,7 +52,7 @@ class WatchServicer(rpc_pb2_grpc.WatchServicer, BackgroundLoop):
         header = pb.ResponseHeader()
         self.ctx.fill(header)
         stream = WatchStream(self.hub, header, self.ctx.max_request_bytes)
-        self.hub.streams.add(stream)
+        self.hub.attach(stream)
         reader = asyncio.create_task(stream.read_requests(request_iterator))
         try:
             async for resp in stream.responses():
@@ -60,7 +60,7 @@ class WatchServicer(rpc_pb2_grpc.WatchServicer, BackgroundLoop):
             if stream.error is not None:
                 raise stream.error
         finally:
-            self.hub.streams.discard(stream)
+            self.hub.detach(stream)
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader

@@ -17,12 +17,13 @@ serves a group (etcd's ``syncWatchers``; see :meth:`WatchStream._read_log`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, Protocol, TypeVar, cast
+from collections.abc import Iterator, Sequence
+from typing import Generic, Protocol, TypeVar
 
 from k8s_sql.backend.base import DELETE, KeyRange, LogRow
 from k8s_sql.pb import kv_pb2, rpc_pb2
 from k8s_sql.store.ranges import to_kv
+from k8s_sql.store.revisions import Revisions
 from k8s_sql.watch.index import LagGroups, WatchIndex
 
 
@@ -69,22 +70,6 @@ class Watching(Protocol):
 
     @property
     def stream(self) -> Subscriber: ...
-
-
-class _Streams(set[Subscriber]):
-    """``Hub.streams``: the Watch servicer adds each stream and discards it when the call
-    ends, which takes the stream's watchers out of the hub's groups (an explicit
-    attach/detach call from the servicer would say it more plainly)."""
-
-    def discard(self, s: object) -> None:
-        if s in self:
-            super().discard(s)
-            cast(Subscriber, s).detach()
-
-    def remove(self, s: object) -> None:
-        if s not in self:
-            raise KeyError(s)
-        self.discard(s)
 
 
 # Bounds on what the hub keeps, by count and by bytes. Before the byte bounds, 40,000
@@ -159,13 +144,17 @@ class Hub:
 
     def __init__(
         self,
-        backend: ChangeLog,
+        log: ChangeLog,
+        revisions: Revisions | None = None,
         *,
         ring_events: int = RING_EVENTS,
         ring_bytes: int = RING_BYTES,
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
-        self.backend = backend
+        self.log = log  # where a watcher behind the ring reads (the store's change log)
+        # The frontend's revisions (the store's): the compaction point decides whether a
+        # watcher behind the ring can still be served.
+        self.revisions = revisions if revisions is not None else Revisions()
         self.ring_events = ring_events
         self.ring_bytes = ring_bytes
         self.revision = 0  # every change with rev <= revision has been published
@@ -174,16 +163,29 @@ class Hub:
         self.ring: list[tuple[int, list[LogRow], int]] = []
         self._ring_size = 0
         self._ring_bytes = 0
-        self.streams: set[Subscriber] = _Streams()
+        self.streams: set[Subscriber] = set()
         self.synced: WatchIndex[Watching] = WatchIndex()
         self.unsynced: LagGroups[Watching] = LagGroups()
         # Streams waiting to answer a RequestProgress until all their watchers are synced
         # (a watcher starting later is synced only once the revision reaches its start):
         # woken on every publish, as no watcher of theirs may be touched.
         self.progress_waiters: set[Subscriber] = set()
-        self.compact_revision: Callable[[], int] = lambda: 0
         self._events: _Cache[kv_pb2.Event] = _Cache(2 * ring_events, cache_bytes)
         self._encoded: _Cache[bytes] = _Cache(2 * ring_events, cache_bytes)
+
+    @property
+    def compact_revision(self) -> int:
+        return self.revisions.compacted
+
+    def attach(self, stream: Subscriber) -> None:
+        """A Watch call began: its stream may now create watchers."""
+        self.streams.add(stream)
+
+    def detach(self, stream: Subscriber) -> None:
+        """A Watch call ended: its watchers leave the hub's groups."""
+        if stream in self.streams:
+            self.streams.discard(stream)
+            stream.detach()
 
     def event(self, ch: LogRow, with_prev: bool) -> kv_pb2.Event:
         """The Event message of a change, built once however many (fragmenting) watchers

@@ -251,7 +251,7 @@ class WatchStream:
         self.watchers.pop(w.id, None)
         self._forget(w)
         resp = self._response(0, watch_id=w.id, canceled=True)
-        resp.compact_revision = self.hub.compact_revision()
+        resp.compact_revision = self.hub.compact_revision
         return resp
 
     def _response(self, revision: int, **kw: object) -> pb.WatchResponse:
@@ -407,7 +407,7 @@ class WatchStream:
         elif w.next_rev > hub.revision:
             self._settle(w)
             return
-        elif w.next_rev < hub.compact_revision():
+        elif w.next_rev < hub.compact_revision:
             # etcd cancels a watcher whose next revision was compacted away, whether
             # or not the events are still at hand (here: in the ring).
             yield self._compacted(w)
@@ -482,7 +482,7 @@ class WatchStream:
         try:
             ranges = union([w.kr, *(m.kr for m in members)])
             try:
-                rows, covered = await hub.backend.changes(rev, hub.ring_start - 1, ranges, w.db_limit)
+                rows, covered = await hub.log.changes(rev, hub.ring_start - 1, ranges, w.db_limit)
             except CompactedError:
                 handed = True
                 for m in members:
@@ -529,7 +529,7 @@ class WatchStream:
         hub = self.hub
         # etcd reads prev_kv at the event's revision - 1 when it sends the event: at or
         # below the compaction point that read fails and prev_kv is left out.
-        compacted = hub.compact_revision()
+        compacted = hub.compact_revision
         w.sent_since_tick = True
         i = 0
         while i < len(changes):
