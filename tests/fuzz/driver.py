@@ -443,6 +443,10 @@ class Fuzzer:
             if r.created:
                 if created < len(creates) and not r.canceled:
                     watchers[r.watch_id] = creates[created]
+                    # an id canceled earlier may be taken again by a new watcher
+                    cancelled.discard(r.watch_id)
+                    last.pop(r.watch_id, None)
+                    seen = {x for x in seen if x[0] != r.watch_id}
                 created += 1
                 continue
             if r.canceled:

@@ -142,6 +142,10 @@ class WatchStream:
     _control_room: asyncio.Event = field(default_factory=asyncio.Event)
     _ready: OrderedDict[Watcher, None] = field(default_factory=OrderedDict)
     _shared: OrderedDict[Watcher, None] = field(default_factory=OrderedDict)
+    # Ids of watchers canceled by compaction: etcd keeps such an id taken (its
+    # watchStream still holds the cancel func) until the client cancels it, so creating
+    # a watcher with it is a duplicate and the next automatic id skips it.
+    _compacted_ids: set[int] = field(default_factory=set)
     _parked: bool = False  # the response generator waits to be woken, holding nothing
     _detached: bool = False  # the call has ended: no watcher of it is in the hub
 
@@ -247,8 +251,11 @@ class WatchStream:
             self.hub.unsynced.add(m, m.next_rev)
 
     def _compacted(self, w: Watcher) -> pb.WatchResponse:
-        """etcd's cancel of a watcher whose next revision was compacted away."""
-        self.watchers.pop(w.id, None)
+        """etcd's cancel of a watcher whose next revision was compacted away (its id stays
+        taken, see _compacted_ids)."""
+        if self.watchers.get(w.id) is w:
+            del self.watchers[w.id]
+            self._compacted_ids.add(w.id)
         self._forget(w)
         resp = self._response(0, watch_id=w.id, canceled=True)
         resp.compact_revision = self.hub.compact_revision
@@ -298,7 +305,7 @@ class WatchStream:
             error = errors.Compacted.message  # etcd's v3rpc refuses a negative start as compacted
         elif kr.is_empty:
             error = "mvcc: watcher range is empty"
-        elif wid != 0 and wid in self.watchers:
+        elif wid != 0 and (wid in self.watchers or wid in self._compacted_ids):
             error = "mvcc: duplicate watch ID provided on the WatchStream"
         if error:
             # etcd answers a create it refuses with its InvalidWatchID (-1), whatever id
@@ -308,7 +315,7 @@ class WatchStream:
             )
             return
         if wid == 0:
-            while self._next_id in self.watchers:
+            while self._next_id in self.watchers or self._next_id in self._compacted_ids:
                 self._next_id += 1
             wid = self._next_id
             self._next_id += 1
@@ -338,6 +345,9 @@ class WatchStream:
         w = self.watchers.pop(wid, None)
         if w is not None:
             self._forget(w)
+            self.control.append(self._response(self.hub.revision, watch_id=wid, canceled=True))
+        elif wid in self._compacted_ids:  # etcd's Cancel of a compacted watcher succeeds
+            self._compacted_ids.discard(wid)
             self.control.append(self._response(self.hub.revision, watch_id=wid, canceled=True))
 
     def tick_progress(self) -> None:
@@ -400,7 +410,8 @@ class WatchStream:
         hub = self.hub
         share, w.share = w.share, None
         if share is COMPACTED:
-            yield self._compacted(w)
+            if self.watchers.get(w.id) is w:
+                yield self._compacted(w)
             return
         if share is not None:
             changes, covered = share
