@@ -422,12 +422,21 @@ async def test_huge_ranges_give_memory_back(k8s_sql: ServerProcess, request: pyt
         async with RssPeak(k8s_sql) as peak:
             for _ in range(scaled(2)):
                 await round_()
-        after = rss(k8s_sql)
+        # A response's buffers are freed once gRPC has finished with its call, which
+        # may come after the client holds the response: CI, with other servers busy on
+        # both cores, twice measured 71 and 381 MB a moment after the last round. Wait
+        # for the memory to come back (a leak never does), and report how long it took.
+        done = time.monotonic()
+        while (after := rss(k8s_sql)) - idle >= 20 * MB and time.monotonic() - done < 15:
+            await asyncio.sleep(0.1)
+        returned_after = time.monotonic() - done
     finally:
         for c in chans:
             await c.close()
-    report(request, rss_idle=idle, rss_before=before, rss_after=after, rss_peak=peak.peak)
-    assert after - idle < 20 * MB, f"RSS {(after - idle) / MB:.1f} MB above the idle server after the rounds"
+    report(
+        request, rss_idle=idle, rss_before=before, rss_after=after, rss_peak=peak.peak, seconds_to_return=returned_after
+    )
+    assert after - idle < 20 * MB, f"RSS {(after - idle) / MB:.1f} MB above the idle server 15 s after the rounds"
     assert peak.peak - idle < 1200 * MB
 
 
