@@ -750,7 +750,39 @@ func (d durations) minus(earlier durations) durations {
 // verb+resource(/subresource).
 func parseDurations(text string) durations {
 	d := durations{class: map[string]buckets{}, byVerb: map[string]buckets{}}
-	const prefix = "apiserver_request_duration_seconds_bucket{"
+	eachBucket(text, "apiserver_request_duration_seconds", func(labels string, le, v float64) {
+		verb := label(labels, "verb")
+		var class string
+		switch verb {
+		case "POST", "PUT", "PATCH", "DELETE":
+			class = "mutating"
+		case "LIST":
+			class = "list"
+		default:
+			return
+		}
+		res := label(labels, "resource")
+		if sub := label(labels, "subresource"); sub != "" {
+			res += "/" + sub
+		}
+		key := verb + " " + res
+		for _, m := range []struct {
+			tbl map[string]buckets
+			k   string
+		}{{d.class, class}, {d.byVerb, key}} {
+			if m.tbl[m.k] == nil {
+				m.tbl[m.k] = buckets{}
+			}
+			m.tbl[m.k][le] += v
+		}
+	})
+	return d
+}
+
+// eachBucket calls fn with the label list, upper bound and count of every
+// <metric>_bucket sample in a Prometheus text exposition.
+func eachBucket(text, metric string, fn func(labels string, le, v float64)) {
+	prefix := metric + "_bucket{"
 	for _, line := range strings.Split(text, "\n") {
 		if !strings.HasPrefix(line, prefix) {
 			continue
@@ -768,32 +800,8 @@ func parseDurations(text string) durations {
 		if err != nil {
 			continue
 		}
-		verb := label(labels, "verb")
-		var class string
-		switch verb {
-		case "POST", "PUT", "PATCH", "DELETE":
-			class = "mutating"
-		case "LIST":
-			class = "list"
-		default:
-			continue
-		}
-		res := label(labels, "resource")
-		if sub := label(labels, "subresource"); sub != "" {
-			res += "/" + sub
-		}
-		key := verb + " " + res
-		for _, m := range []struct {
-			tbl map[string]buckets
-			k   string
-		}{{d.class, class}, {d.byVerb, key}} {
-			if m.tbl[m.k] == nil {
-				m.tbl[m.k] = buckets{}
-			}
-			m.tbl[m.k][le] += v
-		}
+		fn(labels, le, v)
 	}
-	return d
 }
 
 // label returns the value of name="value" in a Prometheus label list.

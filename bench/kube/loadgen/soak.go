@@ -674,27 +674,10 @@ func parseSoakHists(text string) map[string]buckets {
 			add("apiserver "+k, le, v)
 		}
 	}
-	const prefix = "etcd_request_duration_seconds_bucket{"
-	for _, line := range strings.Split(text, "\n") {
-		if !strings.HasPrefix(line, prefix) {
-			continue
-		}
-		end := strings.LastIndexByte(line, '}')
-		if end < 0 {
-			continue
-		}
-		labels := line[len(prefix):end]
-		v, err := strconv.ParseFloat(strings.TrimSpace(line[end+1:]), 64)
-		if err != nil {
-			continue
-		}
-		le, err := strconv.ParseFloat(label(labels, "le"), 64)
-		if err != nil {
-			continue
-		}
+	eachBucket(text, "etcd_request_duration_seconds", func(labels string, le, v float64) {
 		add("etcd all", le, v)
 		add("etcd "+label(labels, "operation"), le, v)
-	}
+	})
 	return out
 }
 
