@@ -15,7 +15,7 @@ import pytest
 
 from k8s_sql.backend import migrations, plans, sql
 from k8s_sql.backend.base import CompactedError, FutureRevisionError, KeyRange, LogRow, MemberRow, Row
-from k8s_sql.backend.sqlite import SCHEMA
+from k8s_sql.backend.sqlite import SCHEMA, SQLiteBackend
 
 D = sql.SQLITE
 
@@ -169,3 +169,27 @@ def test_paged_reads_see_every_row_once(db: sqlite3.Connection, monkeypatch: pyt
                 break
             after = page[-1][: len(plans.TABLE_KEYS[table])]
         assert seen == db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall(), table
+
+
+def test_a_snapshot_without_its_meta_rows_is_taken_again() -> None:
+    """MariaDB's OPTIMIZE TABLE can leave a snapshot that shows no meta rows: not a
+    KeyError (UNKNOWN), but SnapshotLost, which the engine retries."""
+    import asyncio
+
+    from k8s_sql.backend.base import SnapshotLost
+
+    with pytest.raises(SnapshotLost):
+        feed(plans.range_(D, KeyRange(b"a", None), 0, 0, False, False), lambda st: [])
+    with pytest.raises(SnapshotLost):
+        feed(plans.begin_write(D), lambda st: [])
+
+    attempts: list[int] = []
+
+    async def flaky() -> tuple[int, int]:
+        attempts.append(1)
+        answers = [] if len(attempts) < 3 else [("revision", 5), ("compact_revision", 0)]
+        return feed(plans.current(), lambda st: answers)[0]
+
+    backend = SQLiteBackend.__new__(SQLiteBackend)  # the engine's retrying alone
+    assert asyncio.run(backend.retrying(flaky)) == (5, 0)
+    assert len(attempts) == 3

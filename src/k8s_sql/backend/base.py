@@ -112,6 +112,13 @@ class BackendUnavailable(Exception):
     """The database cannot be reached right now; the request may be retried."""
 
 
+class SnapshotLost(BackendUnavailable):
+    """A snapshot did not show the store's own ``meta`` rows: the database rebuilt the
+    table under it (MariaDB's OPTIMIZE TABLE during a defragmentation, found by the
+    fuzzer as a KeyError answered UNKNOWN). Nothing was read or written; the engine
+    takes the transaction again, and answers UNAVAILABLE if it keeps happening."""
+
+
 class DatabaseFull(Exception):
     """The database refused to store more: its disk or file is full (SQLite's
     SQLITE_FULL, PostgreSQL's disk_full 53100, InnoDB's "table is full" 1114 and

@@ -24,7 +24,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 from k8s_sql.backend import plans
-from k8s_sql.backend.base import KeyRange, LeaseRow, LogRow, MemberRow, RangeResult, WriteTx
+from k8s_sql.backend.base import KeyRange, LeaseRow, LogRow, MemberRow, RangeResult, SnapshotLost, WriteTx
 from k8s_sql.backend.plans import Plan
 from k8s_sql.backend.sql import Dialect
 
@@ -85,12 +85,12 @@ class SQLBackend(abc.ABC):
         """Run a transaction again if the database aborts it as a conflict (see
         :meth:`conflicted`): InnoDB can report a deadlock when frontends starting
         together insert and lock ``meta`` rows at once, and Galera a certification
-        failure. Backs off with jitter: 0-10 ms, doubling."""
+        failure; a snapshot that lost sight of ``meta`` (SnapshotLost) too. Backs off with jitter: 0-10 ms, doubling."""
         for n in range(CONFLICT_RETRIES):
             try:
                 return await attempt()
             except Exception as e:
-                if n == CONFLICT_RETRIES - 1 or not self.conflicted(e):
+                if n == CONFLICT_RETRIES - 1 or not (self.conflicted(e) or isinstance(e, SnapshotLost)):
                     raise
                 await asyncio.sleep(random.uniform(0, 0.01 * 2**n))
         raise AssertionError("unreachable")

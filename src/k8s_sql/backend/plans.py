@@ -35,6 +35,7 @@ from k8s_sql.backend.base import (
     MemberRow,
     RangeResult,
     Row,
+    SnapshotLost,
 )
 from k8s_sql.backend.hashing import StateHash
 from k8s_sql.backend.sql import Dialect
@@ -132,6 +133,8 @@ def current() -> Plan[tuple[int, int]]:
     """``(revision, compact_revision)``, in one statement."""
     rows = yield Fetch("SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision')")
     held = {r[0]: r[1] for r in rows}
+    if len(held) < 2:
+        raise SnapshotLost("the meta rows are missing from this snapshot")
     return int(held["revision"]), int(held["compact_revision"])
 
 
@@ -179,6 +182,8 @@ def begin_write(d: Dialect) -> Plan[tuple[int, int, bool]]:
         "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision', 'alarm_nospace')" + d.for_update
     )
     held = {r[0]: r[1] for r in rows}
+    if "revision" not in held or "compact_revision" not in held:
+        raise SnapshotLost("the meta rows are missing from this transaction")
     return int(held["revision"]), int(held["compact_revision"]), bool(held.get("alarm_nospace"))
 
 
