@@ -201,6 +201,36 @@ def _progress_interval(seconds: float) -> float:
     help="Log lines of this level and above go to stderr; at debug, logged errors carry their full tracebacks "
     "(else one line each). Passwords are redacted at every level.",
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    help="text: one line per entry; json: one JSON object per line with etcd's keys (level, ts, caller, msg, "
+    "then the entry's fields).",
+)
+@click.option(
+    "--log-outputs",
+    default="stderr",
+    show_default=True,
+    metavar="OUTPUTS",
+    help="Comma-separated places to log to: stderr, stdout or file paths (appended), as etcd's flag.",
+)
+@click.option(
+    "--listen-metrics-urls",
+    default="",
+    metavar="URLS",
+    help="Comma-separated http(s)://HOST:PORT URLs serving /metrics, /health, /livez, /readyz and /version "
+    "(etcd's flag; https uses --cert-file and --key-file). Plain-HTTP client URLs serve them too.",
+)
+@click.option(
+    "--warning-apply-duration",
+    default="100ms",
+    show_default=True,
+    type=Duration(),
+    help="Log a warning for a request that takes longer than this (etcd's `apply request took too long`), "
+    "with its method and keys; 0 turns it off.",
+)
 @click.version_option(__version__, "--version", prog_name="k8s-sql")
 @click.pass_context
 def main(
@@ -224,6 +254,10 @@ def main(
     workers: int,
     event_loop: str,
     log_level: str,
+    log_format: str,
+    log_outputs: str,
+    listen_metrics_urls: str,
+    warning_apply_duration: float,
 ) -> None:
     """An etcd v3 API server that keeps its data in SQL.
 
@@ -256,8 +290,15 @@ def main(
         workers=workers,
         event_loop=event_loop.lower(),
         log_level=log_level.lower(),
+        log_format=log_format.lower(),
+        log_outputs=[o.strip() for o in log_outputs.split(",") if o.strip()],
+        listen_metrics_urls=_urls(listen_metrics_urls) if listen_metrics_urls else [],
+        warning_apply_duration=warning_apply_duration,
     )
-    configure_logging(config)
+    try:
+        configure_logging(config)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"data_dir": data_dir, "name": name}
         return

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from k8s_sql import metrics
 from k8s_sql.backend.base import ClusterTable, MemberRow
 from k8s_sql.background import BackgroundLoop
 
@@ -47,10 +48,23 @@ class Membership(BackgroundLoop):
         self.clock = clock
         self.leader_id = 0
         self._lead_until = 0.0
+        self.last_tick = 0.0  # when a heartbeat (a write) and the leader's read last succeeded
 
     @property
     def is_leader(self) -> bool:
         return self.leader_id == self.member_id and self.clock() < self._lead_until
+
+    @property
+    def leader_known(self) -> bool:
+        """Whether this frontend knows a leader whose term it read within a term:
+        etcd_server_has_leader (after a term without a successful tick, the leader it
+        knew may be gone and another not yet known)."""
+        return self.leader_id != 0 and self.clock() - self.last_tick < self.term
+
+    @property
+    def writable(self) -> bool:
+        """Whether the database took this frontend's heartbeat (a write) within a term."""
+        return self.clock() - self.last_tick < self.term
 
     async def tick(self) -> None:
         now = self.clock()
@@ -63,7 +77,10 @@ class Membership(BackgroundLoop):
             self._lead_until = until
         elif self.leader_id == self.member_id:
             log.info("leadership moved to %x", leader)
+        if leader and leader != self.leader_id:
+            metrics.LEADER_CHANGES.inc()  # etcd counts the first leader it sees too
         self.leader_id = leader
+        self.last_tick = self.clock()
 
     async def join(self) -> None:
         """Announce this frontend and contend for leadership once, then keep doing so."""

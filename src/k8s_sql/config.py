@@ -10,14 +10,13 @@ import ssl
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from k8s_sql import dsn
+from k8s_sql import logs
 
 DEFAULT_CLIENT_URL = "http://127.0.0.1:2379"
 ETCD_VERSION = "3.6.0"  # the etcd API version k8s-sql implements and reports
 MAX_REQUEST_BYTES = 1536 * 1024  # etcd's --max-request-bytes default
 GRPC_OVERHEAD_BYTES = 512 * 1024  # etcd allows this much on top for gRPC framing
 MAX_CONCURRENT_STREAMS = 2**32 - 1  # etcd's --max-concurrent-streams default (math.MaxUint32)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 
@@ -47,7 +46,15 @@ class Config:
     # Logging travels with the config so that --workers processes (spawned, so they
     # inherit no logging setup) log exactly as the parent does.
     log_level: str = "info"
-    log_format: str = LOG_FORMAT
+    log_format: str = "text"  # text or json (etcd's zap keys: level, ts, caller, msg)
+    log_outputs: list[str] = field(default_factory=lambda: ["stderr"])
+    # etcd's --listen-metrics-urls: /metrics and the health endpoints on their own URLs.
+    listen_metrics_urls: list[str] = field(default_factory=list)
+    # etcd's --warning-apply-duration: a unary request slower than this is logged.
+    warning_apply_duration: float = 0.1
+    # Where a --workers process serves its endpoints for the parent to gather (a Unix
+    # socket path); set by the parent, empty otherwise.
+    worker_socket: str = ""
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -71,6 +78,15 @@ class Config:
                 raise ValueError(f"{url} is https: --cert-file and --key-file are required")
         for url in self.advertise_client_urls:
             _check_url(url, "--advertise-client-urls")
+        for url in self.listen_metrics_urls:
+            _check_url(url, "--listen-metrics-urls")
+            if url.startswith("https:") and not (self.cert_file and self.key_file):
+                raise ValueError(f"{url} is https: --cert-file and --key-file are required")
+        if self.log_format not in logs.FORMATS:
+            raise ValueError("--log-format must be text or json")
+        logs.check_outputs(self.log_outputs)
+        if self.warning_apply_duration < 0:
+            raise ValueError("--warning-apply-duration must not be negative")
         if self.client_cert_auth and not self.trusted_ca_file:
             raise ValueError("--client-cert-auth needs --trusted-ca-file")
         _check_tls_files(self.cert_file, self.key_file, self.trusted_ca_file)
@@ -210,12 +226,8 @@ def parse_duration(text: str) -> float:
 
 
 def configure_logging(config: Config) -> None:
-    """Set up the root logger from the config: its level and format, and a formatter
-    that keeps the endpoint's password out of every line (see :mod:`k8s_sql.dsn`).
-    Called by the command and again in each --workers process."""
-    handler = logging.StreamHandler()
+    """Set up the root logger from the config (level, format, outputs), keeping the
+    endpoint's password out of every line (see :mod:`k8s_sql.logs`). Called by the
+    command and again in each --workers process."""
     level = LOG_LEVELS.get(config.log_level.lower(), logging.INFO)
-    handler.setFormatter(
-        dsn.RedactingFormatter(config.log_format, dsn.secrets(config.endpoint), tracebacks=level <= logging.DEBUG)
-    )
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logs.configure(level, config.log_format, config.log_outputs, config.endpoint)

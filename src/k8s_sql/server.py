@@ -13,12 +13,15 @@ import os
 import random
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import grpc
+from grpc_health.v1 import health as grpc_health, health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from k8s_sql.api.common import Context, Identity
 from k8s_sql.api.interceptor import ErrorInterceptor
@@ -33,13 +36,17 @@ from k8s_sql.cluster import Membership
 from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, MAX_CONCURRENT_STREAMS, Config, configure_logging
 from k8s_sql.dsn import redact, scrub, secrets
 from k8s_sql.lease.manager import LeaseExpirer
-from k8s_sql.pb import rpc_pb2_grpc
+from k8s_sql.monitor import Health, Monitor, ServerCollector
+from k8s_sql.pb import rpc_pb2, rpc_pb2_grpc
 from k8s_sql.store.space import Space
 from k8s_sql.store.store import Store
 from k8s_sql.watch.follower import Follower
 from k8s_sql.watch.hub import Hub
+from k8s_sql.web import WebServer, application
 
 log = logging.getLogger("k8s_sql")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 # gRPC core holds the calls that have arrived but that the grpc.aio server has not yet
@@ -92,6 +99,52 @@ def member_id(cluster_id: int, name: str, urls: list[str]) -> int:
 
 
 @dataclass
+class Frontend:
+    """One frontend's parts as the monitor, the health checks and the metrics see them
+    (the membership and the space are the real ones once the database is open)."""
+
+    ctx: Context
+    hub: Hub
+    backend: Backend
+
+    @property
+    def store(self) -> Store:
+        return self.ctx.store
+
+    @property
+    def membership(self) -> Membership:
+        return self.ctx.membership
+
+    @property
+    def space(self) -> Space:
+        return self.ctx.space
+
+    @property
+    def version(self) -> str:
+        return self.ctx.version
+
+
+@dataclass
+class Observers:
+    """What reports on a frontend: monitor, HTTP endpoints, gRPC health, metrics."""
+
+    monitor: Monitor
+    web: WebServer
+    grpc_health: grpc_health.aio.HealthServicer
+    collector: ServerCollector | None = None
+    metrics_ports: list[int] = dataclasses.field(default_factory=list)
+
+    async def stop(self) -> None:
+        if self.collector is not None:
+            with contextlib.suppress(KeyError):
+                REGISTRY.unregister(self.collector)
+            self.collector = None
+        await self.monitor.stop()
+        await self.grpc_health.enter_graceful_shutdown()
+        await self.web.stop()
+
+
+@dataclass
 class Server:
     config: Config
     backend: Backend
@@ -104,8 +157,14 @@ class Server:
     membership: Membership
     space: Space
     ports: list[int]
+    observers: Observers
+
+    @property
+    def metrics_ports(self) -> list[int]:
+        return self.observers.metrics_ports
 
     async def stop(self, grace: float = 1.0) -> None:
+        await self.observers.stop()
         await self.grpc_server.stop(grace)
         await self.membership.leave()
         await self.follower.stop()
@@ -156,7 +215,23 @@ async def start(config: Config) -> Server:
         version=ETCD_VERSION,
     )
 
-    server = grpc.aio.server(options=grpc_options(config), interceptors=[gate, ErrorInterceptor()])
+    calls = ErrorInterceptor(slow=config.warning_apply_duration)
+    calls.register([*rpc_pb2.DESCRIPTOR.services_by_name.values(), health_pb2.DESCRIPTOR.services_by_name["Health"]])
+    server = grpc.aio.server(options=grpc_options(config), interceptors=[gate, calls])
+    health_service = grpc_health.aio.HealthServicer()
+    await health_service.set("", NOT_SERVING)  # until the store is ready and the database answers
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    frontend = Frontend(ctx, hub, backend)
+
+    def health_changed(healthy: bool) -> None:
+        task = asyncio.ensure_future(health_service.set("", SERVING if healthy else NOT_SERVING))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    background: set[asyncio.Future[None]] = set()
+
+    monitor = Monitor(frontend, on_change=health_changed)
+    observers = Observers(monitor, WebServer(application(Health(frontend, monitor), ETCD_VERSION)), health_service)
     watch = WatchServicer(ctx, hub, config.watch_progress_notify_interval)
     rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(ctx), server)
     add_watch_to_server(watch, server)
@@ -168,6 +243,9 @@ async def start(config: Config) -> Server:
     undo: list[Callable[[], Awaitable[object]]] = [backend.close]  # run in reverse on a failed start
     try:
         ports = _listen(server, config)
+        await observers.web.start()
+        undo.append(observers.stop)
+        observers.metrics_ports = await _listen_metrics(observers.web, config)
         await server.start()
         undo.append(lambda: server.stop(None))
         log.info(
@@ -201,6 +279,10 @@ async def start(config: Config) -> Server:
         follower = Follower(hub, store, interval=store.follow_interval)
         follower.start()
         undo.append(follower.stop)
+        await monitor.probe_once()
+        monitor.start()
+        observers.collector = ServerCollector(frontend, monitor)
+        REGISTRY.register(observers.collector)
         gate.open()
     except BaseException as e:
         for step in reversed(undo):
@@ -216,7 +298,35 @@ async def start(config: Config) -> Server:
         redact(config.endpoint),
         store.revision,
     )
-    return Server(config, backend, store, hub, server, watch, expirer, follower, membership, space, ports)
+    return Server(config, backend, store, hub, server, watch, expirer, follower, membership, space, ports, observers)
+
+
+async def _listen_metrics(web: WebServer, config: Config) -> list[int]:
+    """Serve the HTTP endpoints on every --listen-metrics-urls URL (and on a --workers
+    process's socket for its parent); the bound ports."""
+    ports = []
+    for url in config.listen_metrics_urls:
+        u = urlparse(url)
+        _probe_bind(url, u.hostname or "", u.port or 0, False)
+        context = _server_ssl_context(config) if u.scheme == "https" else None
+        try:
+            ports.append(await web.listen(u.hostname or "", u.port or 0, context, reuse_port=False))
+        except OSError as e:
+            raise StartupError(f"cannot listen on {url}: {e.strerror or e}") from None
+    if config.worker_socket:
+        await web.listen_unix(config.worker_socket)
+    return ports
+
+
+def _server_ssl_context(config: Config) -> ssl.SSLContext:
+    """The client TLS settings for an https metrics URL, as etcd uses them."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.cert_file, config.key_file)
+    if config.trusted_ca_file:
+        context.load_verify_locations(config.trusted_ca_file)
+        if config.client_cert_auth:
+            context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _listen(server: grpc.aio.Server, config: Config) -> list[int]:

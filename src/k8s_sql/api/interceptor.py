@@ -13,19 +13,27 @@ Every handler, unary or streaming, runs inside :class:`ErrorInterceptor`:
   answered UNKNOWN with one line, never with grpcio's internal error.
 
 Servicers therefore just raise; none of them catches to abort.
+
+The same wrapper counts what go-grpc-prometheus counts for etcd (calls started and
+handled by code, messages received and sent, handling time: :mod:`k8s_sql.metrics`)
+and logs etcd's ``apply request took too long`` warning for a unary request slower
+than ``--warning-apply-duration``, with its method and key range (never a value).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, NoReturn
 
 import grpc
 
 from k8s_sql import errors
 from k8s_sql.api.status import to_status
+from k8s_sql.metrics import GrpcMethod, grpc_code_name
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +66,12 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return decode
 
 
-async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """Pass requests through, raising :class:`MalformedMessage` at an undecodable one."""
+async def checked(requests: AsyncIterator[Any], m: GrpcMethod) -> AsyncIterator[Any]:
+    """Pass requests through, counting them and raising :class:`MalformedMessage`
+    at an undecodable one."""
+    received = m.received
     async for r in requests:
+        received.inc()
         if isinstance(r, Malformed):
             raise MalformedMessage(r.reason)
         yield r
@@ -96,7 +107,107 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, e: BaseExce
     raise AssertionError("unreachable: abort raises")
 
 
+def _ended(context: grpc.aio.ServicerContext, e: BaseException) -> str:
+    """The status a call that raised ended with, as go-grpc names it: Canceled when the
+    client went away (the handler is cancelled or its generator closed)."""
+    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+        return "Canceled"
+    code = context.code()
+    return grpc_code_name(code) if code is not None else "Unknown"
+
+
+def method_kind(client_streaming: bool, server_streaming: bool) -> str:
+    """go-grpc-prometheus's grpc_type label."""
+    if client_streaming:
+        return "bidi_stream" if server_streaming else "client_stream"
+    return "server_stream" if server_streaming else "unary"
+
+
+MAX_LOGGED_KEY = 200  # bytes of a key quoted in a log line
+
+
+def quote_key(key: bytes) -> str:
+    """A key for a log line: printable, escaped like Go's %q, cut at MAX_LOGGED_KEY."""
+    cut = key[:MAX_LOGGED_KEY]
+    text = cut.decode("utf-8", "backslashreplace").encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{text}"' + ("..." if len(key) > MAX_LOGGED_KEY else "")
+
+
+def describe(request: Any) -> str:
+    """What a slow request asked for, in etcd's log style: keys, ranges, sizes and
+    counts -- never a value (values are Secrets' data)."""
+    name = type(request).__name__
+    parts: list[str] = []
+    key = getattr(request, "key", None)
+    if isinstance(key, bytes):
+        parts.append(f"key:{quote_key(key)}")
+        end = getattr(request, "range_end", b"")
+        if end:
+            parts.append(f"range_end:{quote_key(end)}")
+    if name == "RangeRequest":
+        for field in ("limit", "revision"):
+            if getattr(request, field):
+                parts.append(f"{field}:{getattr(request, field)}")
+        for flag in ("count_only", "keys_only", "serializable"):
+            if getattr(request, flag):
+                parts.append(f"{flag}:true")
+    elif name == "PutRequest":
+        parts.append(f"value_size:{len(request.value)}")
+        if request.lease:
+            parts.append(f"lease:{request.lease}")
+    elif name == "TxnRequest":
+        keys = [c.key for c in request.compare[:1]] or [
+            getattr(op, op.WhichOneof("request") or "request_range").key for op in request.success[:1]
+        ]
+        if keys:
+            parts.append(f"key:{quote_key(keys[0])}")
+        parts.append(f"compare:{len(request.compare)} success:{len(request.success)} failure:{len(request.failure)}")
+    elif name in ("LeaseGrantRequest", "LeaseRevokeRequest", "LeaseTimeToLiveRequest"):
+        parts.append(f"id:{request.ID}")
+    elif name == "CompactionRequest":
+        parts.append(f"revision:{request.revision}")
+    return " ".join(parts)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """See the module docstring: errors mapped, calls counted, slow requests logged.
+    ``slow``: etcd's --warning-apply-duration in seconds (0: never warn)."""
+
+    def __init__(self, slow: float = 0.1) -> None:
+        self.slow = slow
+        self._methods: dict[tuple[str, str], GrpcMethod] = {}
+
+    def register(self, services: Any) -> None:
+        """Create every method's series at 0 (protobuf ServiceDescriptors)."""
+        for service in services:
+            for md in service.methods:
+                self.method(f"/{service.full_name}/{md.name}", method_kind(md.client_streaming, md.server_streaming))
+
+    def method(self, full_method: str, kind: str) -> GrpcMethod:
+        m = self._methods.get((full_method, kind))
+        if m is None:
+            m = self._methods[(full_method, kind)] = GrpcMethod(full_method, kind)
+        return m
+
+    def _warn_slow(self, method: str, started: float, request: Any) -> None:
+        took = perf_counter() - started
+        if self.slow and took > self.slow:
+            log.warning(
+                "apply request took too long: method=%s took=%.1fms expected-duration=%dms request=%s",
+                method,
+                took * 1000,
+                round(self.slow * 1000),
+                describe(request),
+                extra={
+                    "fields": {
+                        "method": method,
+                        "took": f"{took * 1000:.1f}ms",
+                        "expected-duration": f"{round(self.slow * 1000)}ms",
+                        "request": describe(request),
+                    }
+                },
+            )
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -108,51 +219,85 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         decode = _tolerant(handler.request_deserializer)
         serialize = handler.response_serializer
+        warn_slow = self._warn_slow
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
+            m = self.method(details.method, "unary")
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, Malformed):
-                    await abort_malformed(context, request)
+                started = perf_counter()
+                m.started.inc()
+                m.received.inc()
                 try:
-                    return await inner_uu(request, context)
-                except grpc.aio.AbortError:
+                    if isinstance(request, Malformed):
+                        await abort_malformed(context, request)
+                    try:
+                        resp = await inner_uu(request, context)
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:
+                        await abort_with(context, method, e)
+                except BaseException as e:
+                    m.handled(_ended(context, e), started)
                     raise
-                except Exception as e:
-                    await abort_with(context, method, e)
+                m.sent.inc()
+                m.handled("OK", started)
+                warn_slow(method, started, request)
+                return resp
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, decode, serialize)
 
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
+            m = self.method(details.method, "server_stream")
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if isinstance(request, Malformed):
-                    await abort_malformed(context, request)
+                started = perf_counter()
+                m.started.inc()
+                m.received.inc()
+                sent = m.sent
                 try:
-                    async for resp in inner_us(request, context):
-                        yield resp
-                except grpc.aio.AbortError:
+                    if isinstance(request, Malformed):
+                        await abort_malformed(context, request)
+                    try:
+                        async for resp in inner_us(request, context):
+                            sent.inc()
+                            yield resp
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:
+                        await abort_with(context, method, e)
+                except BaseException as e:
+                    m.handled(_ended(context, e), started)
                     raise
-                except Exception as e:
-                    await abort_with(context, method, e)
+                m.handled("OK", started)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, decode, serialize)
 
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
+            m = self.method(details.method, "bidi_stream")
 
             async def stream_stream(
                 requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
+                started = perf_counter()
+                m.started.inc()
+                sent = m.sent
                 try:
-                    async for resp in inner_ss(checked(requests), context):
-                        yield resp
-                except grpc.aio.AbortError:
+                    try:
+                        async for resp in inner_ss(checked(requests, m), context):
+                            sent.inc()
+                            yield resp
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:
+                        await abort_with(context, method, e)
+                except BaseException as e:
+                    m.handled(_ended(context, e), started)
                     raise
-                except Exception as e:
-                    await abort_with(context, method, e)
+                m.handled("OK", started)
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, decode, serialize)
 

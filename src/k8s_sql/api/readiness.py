@@ -18,6 +18,10 @@ import grpc
 
 from k8s_sql import errors
 
+# The gRPC health service answers from the start (NOT_SERVING until the store is
+# ready), as a health check must.
+HEALTH_SERVICE = "/grpc.health.v1.Health/"
+
 
 async def _refuse(context: grpc.aio.ServicerContext) -> NoReturn:
     await context.abort(grpc.StatusCode.UNAVAILABLE, errors.DatabaseUnavailable.message)
@@ -56,9 +60,9 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class ReadinessGate(grpc.aio.ServerInterceptor):
-    """Refuses every call with UNAVAILABLE until :meth:`open`, then steps aside (the
-    cost of an open gate is one ``await`` per call). Unknown methods still get
-    UNIMPLEMENTED, as from etcd. The gate only opens: a database lost later is the
+    """Refuses every call but health checks with UNAVAILABLE until :meth:`open`, then
+    steps aside (the cost of an open gate is one ``await`` per call). Unknown methods
+    still get UNIMPLEMENTED, as from etcd. The gate only opens: a database lost later is the
     servicers' business (they answer the same UNAVAILABLE per request)."""
 
     def __init__(self) -> None:
@@ -77,6 +81,6 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if self._open or handler is None:
+        if self._open or handler is None or details.method.startswith(HEALTH_SERVICE):
             return handler
         return _refusing(handler)

@@ -313,6 +313,10 @@ class Maintenance(Protocol):
     async def hash_kv(self, rev: int) -> tuple[int, int, int]:
         """``(crc32 of the store's history up to rev, compact_revision, hash revision)``."""
 
+    def pool_stats(self) -> dict[str, int]:
+        """The connection pool's ``in_use``, ``idle`` and ``max`` connections, where
+        the database has a pool (for k8s_sql_db_pool_connections)."""
+
 
 class Backend(KeyValueLog, LeaseTable, ClusterTable, Maintenance, Protocol):
     """A database holding one k8s-sql store: every role, and its lifetime."""

@@ -76,6 +76,9 @@ class SQLBackend(abc.ABC):
     def conflicted(self, error: BaseException) -> bool:
         return False
 
+    def pool_stats(self) -> dict[str, int]:
+        return {}
+
     async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
         return
 

@@ -205,6 +205,12 @@ class MySQLBackend(NetworkBackend):
     def reported_by_database(self, error: BaseException) -> bool:
         return isinstance(error, asyncmy.errors.MySQLError)
 
+    def pool_stats(self) -> dict[str, int]:
+        pool = self._pool
+        if pool is None:
+            return {"in_use": 0, "idle": 0, "max": self.pool_size}
+        return {"in_use": pool.size - pool.freesize, "idle": pool.freesize, "max": pool.maxsize}
+
     def conflicted(self, error: BaseException) -> bool:
         return (
             isinstance(error, asyncmy.errors.OperationalError)

@@ -23,6 +23,7 @@ import abc
 import sqlite3
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, TypeVar
 
 from k8s_sql.backend import sql
@@ -39,6 +40,7 @@ from k8s_sql.backend.base import (
 )
 from k8s_sql.backend.hashing import StateHash
 from k8s_sql.backend.sql import Dialect
+from k8s_sql.metrics import observe_statement
 
 T = TypeVar("T")
 Record = Sequence[Any]
@@ -79,18 +81,26 @@ PAGE_ROWS = 250
 
 
 def run_sync(conn: sqlite3.Connection, plan: Plan[T]) -> T:
-    """Run a plan on an SQLite connection, in the calling thread."""
+    """Run a plan on an SQLite connection, in the calling thread. Each statement's
+    latency is observed under the plan's name (k8s_sql_sql_statement_duration_seconds)."""
     result: Any = None
+    name: str = getattr(plan, "__name__", "plan")  # the plan function's name
     try:
         while True:
             st = plan.send(result)
-            if isinstance(st, Fetch):
-                result = conn.execute(st.sql, st.params).fetchall()
-            elif isinstance(st, Execute):
-                result = conn.execute(st.sql, st.params).rowcount
-            else:
-                conn.executemany(st.sql, st.rows)
-                result = None
+            started = perf_counter()
+            try:
+                if isinstance(st, Fetch):
+                    result = conn.execute(st.sql, st.params).fetchall()
+                elif isinstance(st, Execute):
+                    result = conn.execute(st.sql, st.params).rowcount
+                else:
+                    conn.executemany(st.sql, st.rows)
+                    result = None
+            except Exception as e:
+                observe_statement(name, type(e).__name__, perf_counter() - started)
+                raise
+            observe_statement(name, "", perf_counter() - started)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 
@@ -110,18 +120,25 @@ class Conn(abc.ABC):
 
 
 async def run_async(conn: Conn, plan: Plan[T]) -> T:
-    """Run a plan on a server database's connection."""
+    """Run a plan on a server database's connection (statements timed as in run_sync)."""
     result: Any = None
+    name: str = getattr(plan, "__name__", "plan")  # the plan function's name
     try:
         while True:
             st = plan.send(result)
-            if isinstance(st, Fetch):
-                result = await conn.fetch(st.sql, st.params)
-            elif isinstance(st, Execute):
-                result = await conn.execute(st.sql, st.params)
-            else:
-                await conn.executemany(st.sql, st.rows)
-                result = None
+            started = perf_counter()
+            try:
+                if isinstance(st, Fetch):
+                    result = await conn.fetch(st.sql, st.params)
+                elif isinstance(st, Execute):
+                    result = await conn.execute(st.sql, st.params)
+                else:
+                    await conn.executemany(st.sql, st.rows)
+                    result = None
+            except Exception as e:
+                observe_statement(name, type(e).__name__, perf_counter() - started)
+                raise
+            observe_statement(name, "", perf_counter() - started)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 

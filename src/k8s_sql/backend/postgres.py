@@ -149,6 +149,12 @@ class PostgresBackend(NetworkBackend):
         assert self._pool is not None, "backend is not open"
         return self._pool
 
+    def pool_stats(self) -> dict[str, int]:
+        if self._pool is None:
+            return {"in_use": 0, "idle": 0, "max": self.pool_size}
+        size, idle = self._pool.get_size(), self._pool.get_idle_size()
+        return {"in_use": size - idle, "idle": idle, "max": self._pool.get_max_size()}
+
     async def _create_database(self) -> None:
         u = urlparse(self.dsn)
         name = u.path.lstrip("/")

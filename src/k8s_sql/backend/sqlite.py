@@ -104,6 +104,7 @@ class SQLiteBackend(SQLBackend):
     def __init__(self, path: str, synchronous: str = "FULL", readers: int = 4) -> None:
         self.path = path
         self.synchronous = synchronous
+        self.readers = readers
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_threads = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
         self._local = threading.local()
@@ -113,6 +114,10 @@ class SQLiteBackend(SQLBackend):
         self._inline: sqlite3.Connection | None = None
 
     # -- connections --------------------------------------------------------
+
+    def pool_stats(self) -> dict[str, int]:
+        """No pool: the writer's connection and one per reader thread, opened as needed."""
+        return {"open": len(self._reader_conns) + (self._writer is not None), "max": self.readers + 1}
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)

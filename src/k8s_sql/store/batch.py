@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
-from k8s_sql import errors
+from k8s_sql import errors, metrics
 from k8s_sql.backend.base import BackendUnavailable, DatabaseFull, KeyValueLog, LogRow
 from k8s_sql.store.revisions import Revisions
 from k8s_sql.store.txn import Request
@@ -37,6 +38,49 @@ class _Queued:
     keys: list[bytes]  # single keys the request will read: the batch reads them up front
     leases: list[int]
     adds_data: bool  # refused while the NOSPACE alarm is raised (etcd's applierV3Capped)
+    queued_at: float = field(default_factory=perf_counter)
+
+
+@dataclass
+class Tally:
+    """What a batch's successful requests did, published to the metrics once it
+    committed (a batch replayed or rolled back counts nothing)."""
+
+    puts: int = 0
+    deletes: int = 0
+    ranges: int = 0
+    txns: int = 0
+    revoked: int = 0
+    granted_ttls: list[int] = field(default_factory=list)
+    expiry_lags: list[float] = field(default_factory=list)
+
+    def add(self, req: Request) -> None:
+        self.puts += req.puts
+        self.deletes += req.deletes
+        self.ranges += req.ranges
+        self.txns += req.txns
+        self.revoked += req.revoked
+        if req.granted_ttl:
+            self.granted_ttls.append(req.granted_ttl)
+        if req.expiry_lag >= 0:
+            self.expiry_lags.append(req.expiry_lag)
+
+    def publish(self) -> None:
+        if self.puts:
+            metrics.PUTS.inc(self.puts)
+        if self.deletes:
+            metrics.DELETES.inc(self.deletes)
+        if self.ranges:
+            metrics.RANGES.inc(self.ranges)
+        if self.txns:
+            metrics.TXNS.inc(self.txns)
+        if self.revoked:
+            metrics.LEASES_REVOKED.inc(self.revoked)
+        for ttl in self.granted_ttls:
+            metrics.LEASES_GRANTED.inc()
+            metrics.LEASE_TTL.observe(ttl)
+        for lag in self.expiry_lags:
+            metrics.LEASE_EXPIRY_LAG_SECONDS.observe(lag)
 
 
 class _Replay(Exception):
@@ -109,7 +153,13 @@ class GroupCommit:
                         q.future.set_exception(errors.NoSpace() if full else errors.DatabaseUnavailable())
 
     async def _apply_batch(self, batch: list[_Queued]) -> None:
-        async def attempt() -> tuple[int, int, list[LogRow], list[tuple[bool, Any]]]:
+        began = perf_counter()
+        metrics.BATCH_REQUESTS.observe(len(batch))
+        wait = metrics.QUEUE_WAIT_SECONDS
+        for q in batch:
+            wait.observe(began - q.queued_at)
+
+        async def attempt() -> tuple[int, int, list[LogRow], list[tuple[bool, Any]], Tally]:
             refused: dict[int, errors.EtcdError] = {}
             try:
                 return await self._run_batch(batch, False, refused)
@@ -128,7 +178,8 @@ class GroupCommit:
                     refused[x.index] = x.error
 
         # A transaction the database aborted as a conflict applied nothing: run it again.
-        revision, compact, committed, results = await self.backend.retrying(attempt)
+        revision, compact, committed, results, tally = await self.backend.retrying(attempt)
+        tally.publish()
         self.revisions.observe(revision, compact)
         if committed:
             for listener in self._subscribers:
@@ -162,7 +213,7 @@ class GroupCommit:
 
     async def _run_batch(
         self, batch: list[_Queued], savepoints: bool, refused: dict[int, errors.EtcdError]
-    ) -> tuple[int, int, list[LogRow], list[tuple[bool, Any]]]:
+    ) -> tuple[int, int, list[LogRow], list[tuple[bool, Any]], Tally]:
         """Apply the batch in one database transaction. Without savepoints, a request
         that fails after changing something raises :class:`_Replay` (the transaction
         is rolled back), and a statement the database refuses fails the transaction;
@@ -171,6 +222,7 @@ class GroupCommit:
         rest of the batch commits as if it had been sent alone."""
         results: list[tuple[bool, Any]] = []
         committed: list[LogRow] = []
+        tally = Tally()
         async with self.backend.write() as tx:
             tx.savepoints = savepoints
             await tx.prefetch(
@@ -218,7 +270,12 @@ class GroupCommit:
                     tx.revision = req.new_rev
                     committed.extend(req.changes)
                 results.append((True, value))
+                tally.add(req)
             revision, compact = tx.revision, tx.compact_revision
             if committed:
                 self.revisions.committing = revision
-        return revision, compact, committed, results
+            # etcd's backend commit: leaving the block writes what the transaction
+            # buffered (writetx.py) and commits.
+            committing = perf_counter()
+        metrics.COMMIT_SECONDS.observe(perf_counter() - committing)
+        return revision, compact, committed, results, tally

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import perf_counter
 
+from k8s_sql import metrics
 from k8s_sql.backend.base import Maintenance
 from k8s_sql.store.revisions import Revisions
 
@@ -28,6 +30,11 @@ class Compactor:
         self._compacted_to = 0  # the log holds no row below this revision
         self._done = asyncio.Condition()
 
+    @property
+    def done(self) -> int:
+        """The log holds no row below this revision (as far as this frontend compacted)."""
+        return self._compacted_to
+
     def request(self) -> None:
         """Compact up to the current compaction point (soon)."""
         self._wanted.set()
@@ -43,8 +50,9 @@ class Compactor:
             await self._wanted.wait()
             self._wanted.clear()
             target = self.revisions.compacted
+            started = perf_counter()
             try:
-                await self.backend.compact_log(target, batch_revs=BATCH_REVISIONS)
+                deleted = await self.backend.compact_log(target, batch_revs=BATCH_REVISIONS)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -52,6 +60,8 @@ class Compactor:
                 await asyncio.sleep(RETRY_SECONDS)
                 self._wanted.set()
                 continue
+            metrics.COMPACTION_SECONDS.observe(perf_counter() - started)
+            metrics.COMPACTION_DELETED.inc(deleted)
             async with self._done:
                 self._compacted_to = max(self._compacted_to, target)
                 self._done.notify_all()

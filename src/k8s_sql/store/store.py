@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 
-from k8s_sql import errors
+from k8s_sql import errors, metrics
 from k8s_sql.backend import snapshot
 from k8s_sql.backend.base import Backend, CompactedError, FutureRevisionError, KeyRange, LeaseRow, LogRow
 from k8s_sql.pb import rpc_pb2 as pb
@@ -72,6 +72,12 @@ class Store:
         self._tasks = []
         self.commits.fail_queued()
 
+    @property
+    def started(self) -> bool:
+        """Started, and its writer and compactor still running (livez: a dead one
+        would never answer another write)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     def subscribe(self, listener: CommitListener) -> None:
         """Call ``listener(revision, changes)`` after every commit, before answering."""
         self.commits.subscribe(listener)
@@ -114,6 +120,7 @@ class Store:
         except FutureRevisionError:
             raise errors.FutureRevision() from None
         self.revisions.observe(res.revision, res.compact_revision)
+        metrics.RANGES.inc()
         return ranges.build_response(r, res.rows, res.count, res.revision)
 
     async def current(self) -> tuple[int, int]:
@@ -127,6 +134,11 @@ class Store:
     ) -> tuple[list[LogRow], int]:
         """The change log (see KeyValueLog.changes); CompactedError below the compaction point."""
         return await self.backend.changes(start_rev, end_rev, ranges, limit)
+
+    async def count_keys(self) -> int:
+        """How many keys exist now (etcd_debugging_mvcc_keys_total)."""
+        res = await self.backend.range(KeyRange.from_etcd(b"\0", b"\0"), 0, 0, True, True)
+        return res.count
 
     async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
         await self.backend.follow_commits(on_commit)

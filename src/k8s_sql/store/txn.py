@@ -33,6 +33,14 @@ class Request:
     begin_rev: int
     changes: list[LogRow] = field(default_factory=list)
     before: dict[bytes, Row | None] = field(default_factory=dict)  # each changed key's state before
+    # What the request did, as etcd's mvcc metrics count it (published once committed).
+    puts: int = 0
+    deletes: int = 0
+    ranges: int = 0
+    txns: int = 0
+    granted_ttl: int = 0  # a lease granted with this TTL
+    revoked: int = 0  # leases revoked
+    expiry_lag: float = -1.0  # an expired lease revoked this long after its deadline
 
     @property
     def new_rev(self) -> int:
@@ -91,6 +99,7 @@ async def put(req: Request, r: pb.PutRequest) -> pb.PutResponse:
         row = Row(r.key, prev.create_rev, rev, prev.version + 1, lease, value)
     await tx.put(row)
     req.record(PUT, row, prev)
+    req.puts += 1
     resp = pb.PutResponse()
     resp.header.revision = rev
     if r.prev_kv and prev is not None:
@@ -105,6 +114,7 @@ async def delete_range(req: Request, r: pb.DeleteRangeRequest) -> pb.DeleteRange
     for prev in rows:
         await tx.delete(prev.key)
         req.record(DELETE, Row(prev.key, 0, req.new_rev, 0, 0, b""), prev)
+    req.deletes += 1
     resp = pb.DeleteRangeResponse(deleted=len(rows))
     resp.header.revision = req.rev
     if r.prev_kv:
@@ -114,6 +124,7 @@ async def delete_range(req: Request, r: pb.DeleteRangeRequest) -> pb.DeleteRange
 
 async def range_in_txn(req: Request, r: pb.RangeRequest) -> pb.RangeResponse:
     tx, current = req.tx, req.rev
+    req.ranges += 1
     if r.revision > current:
         raise errors.FutureRevision()
     if 0 < r.revision < tx.compact_revision:
@@ -211,7 +222,9 @@ async def revoke(req: Request, lease_id: int) -> None:
         if prev is not None:
             await req.tx.delete(key)
             req.record(DELETE, Row(key, 0, req.new_rev, 0, 0, b""), prev)
+            req.deletes += 1  # etcd revokes with one DeleteRange per key
     await req.tx.lease_delete(lease_id)
+    req.revoked += 1
 
 
 def compare_row(c: pb.Compare, row: Row | None) -> bool:
@@ -259,6 +272,8 @@ async def txn(req: Request, r: pb.TxnRequest) -> pb.TxnResponse:
     await check_txn(req, r, iter(path))
     resp = await execute_txn(req, r, iter(path))
     resp.header.revision = req.rev
+    if req.puts + req.deletes + req.ranges > 1:  # etcd's metricsTxnWrite.End counts these as txns
+        req.txns += 1
     return resp
 
 
@@ -284,6 +299,7 @@ async def lease_grant(req: Request, lease_id: int, ttl: int, now: float) -> tupl
     elif await req.tx.lease_get(lid) is not None:
         raise errors.LeaseExists()
     await req.tx.lease_put(LeaseRow(lid, ttl, now + ttl))
+    req.granted_ttl = ttl
     return lid, ttl
 
 
@@ -292,8 +308,10 @@ async def lease_revoke(req: Request, lease_id: int, only_if_expired: bool, now: 
     lease = await req.tx.lease_get(lease_id)
     if lease is None:
         raise errors.LeaseNotFound()
-    if only_if_expired and lease.expires_at > now:
-        return req.rev
+    if only_if_expired:
+        if lease.expires_at > now:
+            return req.rev
+        req.expiry_lag = now - lease.expires_at
     await revoke(req, lease_id)
     return req.rev
 
