@@ -224,6 +224,14 @@ def _progress_interval(seconds: float) -> float:
     "(etcd's flag; https uses --cert-file and --key-file). Plain-HTTP client URLs serve them too.",
 )
 @click.option(
+    "--client-url-http/--no-client-url-http",
+    default=True,
+    show_default=True,
+    help="Serve /metrics, /health, /livez, /readyz and /version on plain-HTTP client URLs too, next to gRPC "
+    "(as etcd does): gRPC connections are then relayed through the event loop, which costs CPU per request "
+    "(docs/monitoring.md). Off: gRPC owns the port.",
+)
+@click.option(
     "--warning-apply-duration",
     default="100ms",
     show_default=True,
@@ -257,6 +265,7 @@ def main(
     log_format: str,
     log_outputs: str,
     listen_metrics_urls: str,
+    client_url_http: bool,
     warning_apply_duration: float,
 ) -> None:
     """An etcd v3 API server that keeps its data in SQL.
@@ -294,6 +303,7 @@ def main(
         log_outputs=[o.strip() for o in log_outputs.split(",") if o.strip()],
         listen_metrics_urls=_urls(listen_metrics_urls) if listen_metrics_urls else [],
         warning_apply_duration=warning_apply_duration,
+        client_url_http=client_url_http,
     )
     try:
         configure_logging(config)

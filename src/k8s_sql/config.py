@@ -50,6 +50,8 @@ class Config:
     log_outputs: list[str] = field(default_factory=lambda: ["stderr"])
     # etcd's --listen-metrics-urls: /metrics and the health endpoints on their own URLs.
     listen_metrics_urls: list[str] = field(default_factory=list)
+    # Serve the HTTP endpoints on plain-HTTP client URLs too, next to gRPC (mux.py).
+    client_url_http: bool = True
     # etcd's --warning-apply-duration: a unary request slower than this is logged.
     warning_apply_duration: float = 0.1
     # Where a --workers process serves its endpoints for the parent to gather (a Unix

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health as grpc_health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from k8s_sql import mux
 from k8s_sql.api.common import Context, Identity
 from k8s_sql.api.interceptor import ErrorInterceptor
 from k8s_sql.api.kv import KVServicer
@@ -133,8 +134,12 @@ class Observers:
     grpc_health: grpc_health.aio.HealthServicer
     collector: ServerCollector | None = None
     metrics_ports: list[int] = dataclasses.field(default_factory=list)
+    muxes: list[mux.Mux] = dataclasses.field(default_factory=list)
 
     async def stop(self) -> None:
+        for m in self.muxes:
+            await m.close()
+        self.muxes = []
         if self.collector is not None:
             with contextlib.suppress(KeyError):
                 REGISTRY.unregister(self.collector)
@@ -242,12 +247,13 @@ async def start(config: Config) -> Server:
 
     undo: list[Callable[[], Awaitable[object]]] = [backend.close]  # run in reverse on a failed start
     try:
-        ports = _listen(server, config)
+        ports, muxed = _listen(server, config)
         await observers.web.start()
         undo.append(observers.stop)
         observers.metrics_ports = await _listen_metrics(observers.web, config)
         await server.start()
         undo.append(lambda: server.stop(None))
+        observers.muxes = await _listen_muxed(observers.web, config, ports, muxed)
         log.info(
             "listening for client requests on %s; opening the database %s",
             ", ".join(config.listen_client_urls),
@@ -329,15 +335,24 @@ def _server_ssl_context(config: Config) -> ssl.SSLContext:
     return context
 
 
-def _listen(server: grpc.aio.Server, config: Config) -> list[int]:
-    """Add every client URL's port; a port that cannot be bound is a StartupError."""
-    ports = []
+def _listen(server: grpc.aio.Server, config: Config) -> tuple[list[int], list[tuple[int, str, str]]]:
+    """Add every client URL's port; a port that cannot be bound is a StartupError.
+    A plain-HTTP URL, when --client-url-http is on, gets a private Unix socket for
+    gRPC instead: returned as ``(index in ports, url, socket path)`` for
+    :func:`_listen_muxed` to put the URL's listener in front of once gRPC serves."""
+    ports: list[int] = []
+    muxed: list[tuple[int, str, str]] = []
     for url in config.listen_client_urls:
         u = urlparse(url)
         address = f"[{u.hostname}]:{u.port}" if ":" in (u.hostname or "") else f"{u.hostname}:{u.port}"
         _probe_bind(url, u.hostname or "", u.port or 0, config.reuse_port)
         try:
-            if u.scheme == "https":
+            if u.scheme == "http" and config.client_url_http:
+                path = mux.private_socket_path(len(muxed))
+                server.add_insecure_port(f"unix-abstract:{path[1:]}" if path.startswith("\0") else f"unix:{path}")
+                muxed.append((len(ports), url, path))
+                ports.append(u.port or 0)
+            elif u.scheme == "https":
                 creds = grpc.ssl_server_credentials(
                     [(_read(config.key_file), _read(config.cert_file))],
                     root_certificates=_read(config.trusted_ca_file) if config.trusted_ca_file else None,
@@ -349,7 +364,24 @@ def _listen(server: grpc.aio.Server, config: Config) -> list[int]:
         except (OSError, RuntimeError) as e:
             # etcd: "listen tcp 127.0.0.1:2379: bind: address already in use"
             raise StartupError(f"cannot listen on {url}: {e}") from None
-    return ports
+    return ports, muxed
+
+
+async def _listen_muxed(
+    web: WebServer, config: Config, ports: list[int], muxed: list[tuple[int, str, str]]
+) -> list[mux.Mux]:
+    """Listen on the plain-HTTP client URLs: gRPC relayed to its private socket, HTTP/1
+    answered by the endpoints (see :mod:`k8s_sql.mux`)."""
+    out = []
+    for index, url, path in muxed:
+        u = urlparse(url)
+        m = mux.Mux(path, web.protocol_factory)
+        try:
+            ports[index] = await m.listen(u.hostname or "", u.port or 0, config.reuse_port)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {url}: {e.strerror or e}") from None
+        out.append(m)
+    return out
 
 
 def _probe_bind(url: str, host: str, port: int, reuse_port: bool) -> None:

@@ -14,6 +14,7 @@ other than GET.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -151,9 +152,11 @@ class WebServer:
         """Serve on a Unix socket (a --workers process, for its parent to gather)."""
         await web.UnixSite(self.runner, path).start()
 
-    def handler(self) -> web.Server | None:
-        """The low-level protocol factory, for connections accepted elsewhere (mux)."""
-        return self.runner.server
+    def protocol_factory(self) -> asyncio.Protocol:
+        """A protocol serving one HTTP/1 connection accepted elsewhere (mux.py)."""
+        server = self.runner.server
+        assert server is not None, "start() first"
+        return server()
 
     async def stop(self) -> None:
         if self._started:

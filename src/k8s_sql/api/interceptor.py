@@ -189,8 +189,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             m = self._methods[(full_method, kind)] = GrpcMethod(full_method, kind)
         return m
 
-    def _warn_slow(self, method: str, started: float, request: Any) -> None:
-        took = perf_counter() - started
+    def _warn_slow(self, method: str, took: float, request: Any) -> None:
         if self.slow and took > self.slow:
             log.warning(
                 "apply request took too long: method=%s took=%.1fms expected-duration=%dms request=%s",
@@ -220,6 +219,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         decode = _tolerant(handler.request_deserializer)
         serialize = handler.response_serializer
         warn_slow = self._warn_slow
+        slow = self.slow or float("inf")
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
@@ -242,8 +242,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     m.handled(_ended(context, e), started)
                     raise
                 m.sent.inc()
-                m.handled("OK", started)
-                warn_slow(method, started, request)
+                took = m.handled("OK", started)
+                if took > slow:
+                    warn_slow(method, took, request)
                 return resp
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, decode, serialize)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from time import monotonic
 from typing import Generic, Protocol, TypeVar
 
 from k8s_sql.backend.base import DELETE, KeyRange, LogRow
@@ -125,6 +126,9 @@ class _Cache(Generic[V]):
             self.bytes -= old
 
 
+PUBLISHED_TIMES = 8192  # revisions whose publication time is kept (about 0.5 MB)
+
+
 class Hub:
     """Invariants: ``ring`` holds every change of revisions ``ring_start..revision`` in
     order (a revision's changes together), at most ``ring_events`` changes and
@@ -170,6 +174,10 @@ class Hub:
         # (a watcher starting later is synced only once the revision reaches its start):
         # woken on every publish, as no watcher of theirs may be touched.
         self.progress_waiters: set[Subscriber] = set()
+        # When each recent revision was published here (monotonic seconds), for
+        # k8s_sql_watch_delivery_lag_seconds: a ring of the newest PUBLISHED_TIMES
+        # revisions, ``(rev, time)`` at ``rev % PUBLISHED_TIMES``.
+        self.published_at: list[tuple[int, float]] = [(0, 0.0)] * PUBLISHED_TIMES
         self._events: _Cache[kv_pb2.Event] = _Cache(2 * ring_events, cache_bytes)
         self._encoded: _Cache[bytes] = _Cache(2 * ring_events, cache_bytes)
 
@@ -245,6 +253,9 @@ class Hub:
             self._ring_bytes += n
         self.ring.append((rev, current, size))
         self._ring_size += len(changes)
+        times, now = self.published_at, monotonic()
+        for rev in range(max(first, revision - PUBLISHED_TIMES + 1), revision + 1):
+            times[rev % PUBLISHED_TIMES] = (rev, now)
         self.revision = revision
         self._trim()
         if first != old + 1:
@@ -255,6 +266,11 @@ class Hub:
             if w.next_rev <= revision:  # (one starting later waits)
                 w.stream.behind(w, first)
         self._wake_waiters()
+
+    def published(self, rev: int) -> float | None:
+        """When ``rev`` was published here, if it is among the newest PUBLISHED_TIMES."""
+        at_rev, at = self.published_at[rev % PUBLISHED_TIMES]
+        return at if at_rev == rev else None
 
     def advance(self, revision: int) -> None:
         """Note revisions known to exist without their changes (read later from the log)."""

@@ -26,10 +26,12 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import cast
 
 from k8s_sql import errors
 from k8s_sql.backend.base import DELETE, BackendUnavailable, CompactedError, KeyRange, LogRow
+from k8s_sql.metrics import WATCH_DELIVERY_SECONDS
 from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.watch.hub import Hub, Watching, change_bytes
 from k8s_sql.watch.index import MAX_WATCHERS_PER_SYNC, WatchIndex, union
@@ -542,6 +544,7 @@ class WatchStream:
         # below the compaction point that read fails and prev_kv is left out.
         compacted = hub.compact_revision
         w.sent_since_tick = True
+        published = hub.published
         i = 0
         while i < len(changes):
             j = min(i + MAX_EVENTS_PER_RESPONSE, len(changes))
@@ -549,6 +552,9 @@ class WatchStream:
                 j += 1
             batch = changes[i:j]
             i = j
+            at = published(batch[0].rev)
+            if at is not None:  # (older revisions, read from the log, are not timed)
+                WATCH_DELIVERY_SECONDS.observe(monotonic() - at)
             if w.fragment:
                 resp = self._response(covered, watch_id=w.id)
                 resp.events.extend(hub.event(ch, w.prev_kv and ch.rev > compacted) for ch in batch)
