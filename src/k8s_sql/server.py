@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -11,11 +12,14 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -43,7 +47,7 @@ from k8s_sql.store.space import Space
 from k8s_sql.store.store import Store
 from k8s_sql.watch.follower import Follower
 from k8s_sql.watch.hub import Hub
-from k8s_sql.web import WebServer, application
+from k8s_sql.web import WebServer, application, workers_application
 
 log = logging.getLogger("k8s_sql")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -460,12 +464,66 @@ def serve_workers(config: Config) -> int:
     Workers are spawned, so they inherit no logging setup: each sets it up again from
     the config (level, format, the password kept out), see :func:`_run_worker`."""
     ctx = multiprocessing.get_context("spawn")
-    procs = []
+    sockets = tempfile.mkdtemp(prefix="k8s-sql-workers-") if config.listen_metrics_urls else ""
+    configs = []
     for i in range(config.workers):
         worker = dataclasses.replace(config, name=f"{config.name}-{i}", workers=1, reuse_port=True)
-        p = ctx.Process(target=_run_worker, args=(worker,), name=worker.name)
-        p.start()
-        procs.append(p)
+        if sockets:  # the parent serves the metrics URLs, gathering from the workers' sockets
+            worker.listen_metrics_urls = []
+            worker.worker_socket = os.path.join(sockets, f"{i}.sock")
+        configs.append(worker)
+    gatherer = None
+    try:
+        if sockets:
+            gatherer = _Gatherer(config, [(w.name, w.worker_socket) for w in configs])
+        procs = []
+        for worker in configs:
+            p = ctx.Process(target=_run_worker, args=(worker,), name=worker.name)
+            p.start()
+            procs.append(p)
+        return _supervise(procs)
+    finally:
+        if gatherer is not None:
+            gatherer.stop()
+        if sockets:
+            shutil.rmtree(sockets, ignore_errors=True)
+
+
+class _Gatherer:
+    """A --workers parent's HTTP endpoints (web.workers_application), served on the
+    metrics URLs by an event loop on a thread of their own."""
+
+    def __init__(self, config: Config, workers: list[tuple[str, str]]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.web = WebServer(workers_application(workers))
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.thread = threading.Thread(target=self._run, args=(config, started), name="metrics", daemon=True)
+        self.thread.start()
+        started.result()  # a URL that cannot be listened on is the command's error
+
+    def _run(self, config: Config, started: concurrent.futures.Future[None]) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def listen() -> None:
+            await self.web.start()
+            await _listen_metrics(self.web, dataclasses.replace(config, worker_socket=""))
+
+        try:
+            self.loop.run_until_complete(listen())
+        except BaseException as e:
+            started.set_exception(e)
+            return
+        started.set_result(None)
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.web.stop())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _supervise(procs: Sequence[multiprocessing.process.BaseProcess]) -> int:
+    """Wait for the workers; stop them all when one fails. Their exit status."""
 
     def forward(signum: int, _frame: object) -> None:
         for p in procs:

@@ -18,11 +18,16 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
+import aiohttp
 from aiohttp import web
-from prometheus_client import REGISTRY
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from k8s_sql.config import ETCD_VERSION
 from k8s_sql.monitor import Health
@@ -127,6 +132,80 @@ def _outcome(request: web.Request, kind: str, ok: bool, text: str) -> web.Respon
         return _text(f"{text}{kind} check failed\n", 503)
     verbose = "verbose" in request.query
     return _text((text if verbose else "") + "ok\n")
+
+
+class _Gathered(Collector):
+    """Metric families parsed from the workers' expositions, each series labelled with
+    its worker (``worker="<name>"``), every family once."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def gather(texts: list[tuple[str, str]]) -> bytes:
+    """One exposition from several: ``(worker name, its /metrics text)`` each."""
+    merged: dict[str, Metric] = {}
+    for worker, text in texts:
+        for family in text_string_to_metric_families(text):
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            into.samples.extend(
+                Sample(s.name, {**s.labels, "worker": worker}, s.value, s.timestamp, s.exemplar) for s in family.samples
+            )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Gathered(list(merged.values())))
+    return generate_latest(registry)
+
+
+def workers_application(workers: list[tuple[str, str]]) -> web.Application:
+    """The endpoints of a --workers parent, which serves none itself: ``/metrics``
+    gathers every worker's (labelled ``worker``); a health endpoint passes when it
+    passes on every worker, and answers with the first failing worker's answer (else
+    the first worker's). ``workers``: ``(name, Unix socket path)`` each."""
+
+    async def ask(session: aiohttp.ClientSession, path: str, request: web.Request) -> tuple[int, bytes, dict[str, str]]:
+        url = f"http://worker{request.path_qs}"
+        try:
+            async with session.get(url, headers={"Accept": request.headers.get("Accept", "")}) as r:
+                return r.status, await r.read(), {k: v for k, v in r.headers.items() if k.lower() not in HOP_HEADERS}
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            return 503, f"worker unreachable: {e}\n".encode(), {"Content-Type": TEXT}
+
+    async def each(request: web.Request) -> list[tuple[int, bytes, dict[str, str]]]:
+        async def one(path: str) -> tuple[int, bytes, dict[str, str]]:
+            connector = aiohttp.UnixConnector(path=path)
+            async with aiohttp.ClientSession(connector=connector, timeout=WORKER_TIMEOUT) as session:
+                return await ask(session, path, request)
+
+        return list(await asyncio.gather(*(one(path) for _, path in workers)))
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        answers = await each(request)
+        texts = [
+            (name, body.decode())
+            for (name, _), (status, body, _) in zip(workers, answers, strict=True)
+            if status == 200
+        ]
+        return web.Response(body=gather(texts), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def forwarded(request: web.Request) -> web.StreamResponse:
+        answers = await each(request)
+        status, body, headers = next((a for a in answers if a[0] != 200), answers[0])
+        return web.Response(status=status, body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/metrics", _get_only(metrics))
+    for path in ("/health", "/livez", "/readyz", "/livez/{check}", "/readyz/{check}", "/version"):
+        app.router.add_route("*", path, forwarded)
+    return app
+
+
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server"}
+WORKER_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 class WebServer:
