@@ -49,17 +49,44 @@ def run(variant: str, src: Path, extra: list[str], txns: int, clients: int) -> f
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": str(src)}
-        argv = ["taskset", "-c", "0", sys.executable, "-m", "k8s_sql", "--data-dir", tmp,
-                "--listen-client-urls", f"http://127.0.0.1:{port}", "--log-level", "warn",
-                "--sqlite-synchronous", "normal", *extra]
+        argv = [
+            "taskset",
+            "-c",
+            "0",
+            sys.executable,
+            "-m",
+            "k8s_sql",
+            "--data-dir",
+            tmp,
+            "--listen-client-urls",
+            f"http://127.0.0.1:{port}",
+            "--log-level",
+            "warn",
+            "--sqlite-synchronous",
+            "normal",
+            *extra,
+        ]
         proc = subprocess.Popen(argv, env=env)
         try:
             wait_for_grpc(f"127.0.0.1:{port}", timeout=30)
             before = cpu_seconds(proc.pid)
             out = subprocess.run(
-                ["taskset", "-c", "1", str(DRIVER), "w1", "--endpoints", f"127.0.0.1:{port}",
-                 "--clients", str(clients), "--total", str(txns // 2)],
-                check=True, capture_output=True, text=True,
+                [
+                    "taskset",
+                    "-c",
+                    "1",
+                    str(DRIVER),
+                    "w1",
+                    "--endpoints",
+                    f"127.0.0.1:{port}",
+                    "--clients",
+                    str(clients),
+                    "--total",
+                    str(txns // 2),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             used = cpu_seconds(proc.pid) - before
             results = json.loads(out)

@@ -23,6 +23,7 @@ than ``--warning-apply-duration``, with its method and key range (never a value)
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -123,6 +124,15 @@ def method_kind(client_streaming: bool, server_streaming: bool) -> str:
     return "server_stream" if server_streaming else "unary"
 
 
+def go_duration(seconds: float) -> str:
+    """A duration as Go's time.Duration.String() writes it (etcd's took, expected-duration)."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{round(seconds / scale, 6):g}{unit}"
+    return f"{round(seconds * 1e9)}ns"
+
+
+APPLIED = ("/etcdserverpb.KV/", "/etcdserverpb.Lease/")
 MAX_LOGGED_KEY = 200  # bytes of a key quoted in a log line
 
 
@@ -191,20 +201,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _warn_slow(self, method: str, took: float, request: Any) -> None:
         if self.slow and took > self.slow:
+            fields = {
+                "method": method,
+                "took": go_duration(took),
+                "expected-duration": go_duration(self.slow),
+                "request": describe(request),
+            }
             log.warning(
-                "apply request took too long: method=%s took=%.1fms expected-duration=%dms request=%s",
-                method,
-                took * 1000,
-                round(self.slow * 1000),
-                describe(request),
-                extra={
-                    "fields": {
-                        "method": method,
-                        "took": f"{took * 1000:.1f}ms",
-                        "expected-duration": f"{round(self.slow * 1000)}ms",
-                        "request": describe(request),
-                    }
-                },
+                "apply request took too long: %s",
+                " ".join(f"{k}={v}" for k, v in fields.items()),
+                extra={"fields": fields},
             )
 
     async def intercept_service(
@@ -219,11 +225,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         decode = _tolerant(handler.request_deserializer)
         serialize = handler.response_serializer
         warn_slow = self._warn_slow
-        slow = self.slow or float("inf")
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
             m = self.method(details.method, "unary")
+            # etcd warns of slow applies and reads: KV and Lease requests, not maintenance.
+            slow = self.slow or float("inf") if details.method.startswith(APPLIED) else float("inf")
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = perf_counter()
@@ -248,6 +255,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 return resp
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, decode, serialize)
+
+        if handler.unary_stream is not None and inspect.iscoroutinefunction(handler.unary_stream):
+            # A streaming handler that writes with context.write (grpc.health.v1's Watch).
+            inner_writer = handler.unary_stream
+            m = self.method(details.method, "server_stream")
+
+            async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                started = perf_counter()
+                m.started.inc()
+                m.received.inc()
+                try:
+                    await inner_writer(request, context)
+                except BaseException as e:
+                    m.handled(_ended(context, e), started)
+                    raise
+                m.handled("OK", started)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream_writer, decode, serialize)
 
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
