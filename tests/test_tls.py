@@ -324,3 +324,33 @@ def test_keepalive_detection_catches_a_strict_server() -> None:
             assert conn.dropped.wait(15), f"a default gRPC server tolerated 1 s pings: {conn.states}"
     finally:
         server.stop(None)
+
+
+def test_https_metrics_url(tls_server, pki: PKI) -> None:
+    """An https --listen-metrics-urls URL serves /metrics and /health with the client TLS
+    files, and with --client-cert-auth refuses a scraper without a certificate, as
+    etcd's does."""
+    import ssl
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    tls_server(
+        "--trusted-ca-file",
+        str(pki.ca),
+        "--client-cert-auth",
+        "--listen-metrics-urls",
+        f"https://127.0.0.1:{port}",
+    )
+    trusted = ssl.create_default_context(cafile=str(pki.ca))
+    trusted.check_hostname = False  # the test certificate names 127.0.0.1 as an IP SAN; urllib checks the name
+    with_cert = ssl.create_default_context(cafile=str(pki.ca))
+    with_cert.check_hostname = False
+    with_cert.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=with_cert, timeout=10) as r:
+        assert r.read() == b'{"health":"true","reason":""}'
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=with_cert, timeout=10) as r:
+        assert b"etcd_server_has_leader 1.0" in r.read()
+    with pytest.raises(OSError):  # no client certificate: the handshake fails
+        urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=trusted, timeout=10).read()

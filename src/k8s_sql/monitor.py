@@ -234,115 +234,114 @@ class Health:
 
 # -- Prometheus gauges, read at scrape time ---------------------------------------------------
 
+# Every gauge the collector serves: name -> (help, label names). docs/monitoring.md is
+# generated from this table and metrics.FAMILIES.
+GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "etcd_server_has_leader": (
+        "Whether or not a leader exists. 1 is existence, 0 is not. Here: this frontend read, within a "
+        "term (5 s), which frontend holds the leadership (lease expiry and compaction).",
+        (),
+    ),
+    "etcd_server_is_leader": ("Whether or not this member is a leader. 1 if is, 0 otherwise.", ()),
+    "etcd_server_id": (
+        "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+        ("server_id",),
+    ),
+    "etcd_server_version": (
+        "Which version is running. 1 for 'server_version' label with current version.",
+        ("server_version",),
+    ),
+    "etcd_server_quota_backend_bytes": ("Current backend storage quota size in bytes (0: no quota).", ()),
+    "etcd_mvcc_db_total_size_in_bytes": (
+        "Total size of the underlying database physically allocated in bytes (measured every 5 s).",
+        (),
+    ),
+    "etcd_mvcc_db_total_size_in_use_in_bytes": (
+        "Total size of the underlying database logically in use in bytes (what the quota counts).",
+        (),
+    ),
+    "etcd_debugging_mvcc_keys_total": ("Total number of keys (counted every 30 s).", ()),
+    "etcd_debugging_mvcc_current_revision": ("The current revision of store.", ()),
+    "etcd_debugging_mvcc_compact_revision": ("The revision of the last compaction in store.", ()),
+    "etcd_debugging_mvcc_watch_stream_total": ("Total number of watch streams.", ()),
+    "etcd_debugging_mvcc_watcher_total": ("Total number of watchers.", ()),
+    "etcd_debugging_mvcc_slow_watcher_total": (
+        "Total number of unsynced slow watchers (reading the database's log, behind the in-memory ring).",
+        (),
+    ),
+    "k8s_sql_database_up": (
+        "1 if this frontend's last database probe (a read, each second, within 2 s) succeeded.",
+        (),
+    ),
+    "k8s_sql_follower_lag_revisions": (
+        "Revisions committed in the database that this frontend had not yet published to its watchers "
+        "at its last probe.",
+        (),
+    ),
+    "k8s_sql_follower_lag_seconds": (
+        "How long this frontend has been behind the database's newest commit (0 when caught up).",
+        (),
+    ),
+    "k8s_sql_alarm_active": ("1 while the alarm is raised on the cluster.", ("alarm",)),
+    "k8s_sql_db_pool_connections": (
+        "Database connections of this frontend: in_use, idle and max of a pool (PostgreSQL, MySQL); "
+        "open and max for SQLite's writer and reader threads.",
+        ("state",),
+    ),
+    "k8s_sql_compaction_pending_revisions": (
+        "Revisions compacted logically whose history this frontend's physical compaction has not yet deleted.",
+        (),
+    ),
+}
 
-def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
-    if labels:
-        g = GaugeMetricFamily(name, doc, labels=list(labels))
-        g.add_metric(list(labels.values()), value)
-        return g
-    return GaugeMetricFamily(name, doc, value=value)
+
+COUNTERS = {"k8s_sql_database_probe_failures_total": "Database probes (a read each second) that failed or timed out."}
+
+
+def _gauge(name: str, samples: dict[tuple[str, ...], float]) -> GaugeMetricFamily:
+    doc, labels = GAUGES[name]
+    g = GaugeMetricFamily(name, doc, labels=list(labels))
+    for values, v in samples.items():
+        g.add_metric(list(values), v)
+    return g
 
 
 class ServerCollector(Collector):
-    """The gauges of one running frontend, read from the objects that own the state
-    when Prometheus scrapes (registered while the server runs)."""
+    """The gauges of one running frontend (:data:`GAUGES`), read from the objects that
+    own the state when Prometheus scrapes (registered while the server runs)."""
 
     def __init__(self, server: Frontend, monitor: Monitor) -> None:
         self.server = server
         self.monitor = monitor
 
-    def collect(self) -> Iterator[Metric]:
+    def values(self) -> dict[str, dict[tuple[str, ...], float]]:
         s, p = self.server, self.monitor.probe
-        membership, hub = s.membership, s.hub
-        yield _gauge(
-            "etcd_server_has_leader",
-            "Whether or not a leader exists. 1 is existence, 0 is not.",
-            1 if membership.leader_known else 0,
-        )
-        yield _gauge(
-            "etcd_server_is_leader",
-            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
-            1 if membership.is_leader else 0,
-        )
-        yield _gauge(
-            "etcd_server_id",
-            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
-            1,
-            {"server_id": f"{membership.member_id:x}"},
-        )
-        yield _gauge(
-            "etcd_server_version",
-            "Which version is running. 1 for 'server_version' label with current version.",
-            1,
-            {"server_version": s.version},
-        )
-        yield _gauge(
-            "etcd_server_quota_backend_bytes",
-            "Current backend storage quota size in bytes (0: no quota).",
-            s.space.quota_bytes,
-        )
-        yield _gauge(
-            "etcd_mvcc_db_total_size_in_bytes",
-            "Total size of the underlying database physically allocated in bytes.",
-            p.db_size,
-        )
-        yield _gauge(
-            "etcd_mvcc_db_total_size_in_use_in_bytes",
-            "Total size of the underlying database logically in use in bytes.",
-            p.db_in_use,
-        )
-        yield _gauge("etcd_debugging_mvcc_keys_total", "Total number of keys.", p.keys)
-        yield _gauge("etcd_debugging_mvcc_current_revision", "The current revision of store.", s.store.revision)
-        yield _gauge(
-            "etcd_debugging_mvcc_compact_revision",
-            "The revision of the last compaction in store.",
-            s.store.compact_revision,
-        )
-        yield _gauge("etcd_debugging_mvcc_watch_stream_total", "Total number of watch streams.", len(hub.streams))
-        yield _gauge(
-            "etcd_debugging_mvcc_watcher_total", "Total number of watchers.", len(hub.synced) + len(hub.unsynced)
-        )
-        yield _gauge(
-            "etcd_debugging_mvcc_slow_watcher_total", "Total number of unsynced slow watchers.", len(hub.unsynced)
-        )
-        yield _gauge(
-            "k8s_sql_database_up",
-            "1 if this frontend's last database probe (a read, each second, within 2 s) succeeded.",
-            1 if p.database_up else 0,
-        )
-        yield _gauge(
-            "k8s_sql_follower_lag_revisions",
-            "Revisions committed in the database that this frontend had not yet published to its watchers "
-            "at its last probe.",
-            p.lag_revisions,
-        )
-        yield _gauge(
-            "k8s_sql_follower_lag_seconds",
-            "How long this frontend has been behind the database's newest commit (0 when caught up).",
-            p.lag_seconds,
-        )
-        alarm = GaugeMetricFamily(
-            "k8s_sql_alarm_active", "1 while the alarm is raised on the cluster.", labels=["alarm"]
-        )
-        alarm.add_metric(["NOSPACE"], 1 if s.space.nospace else 0)
-        alarm.add_metric(["CORRUPT"], 0)
-        yield alarm
-        pool = GaugeMetricFamily(
-            "k8s_sql_db_pool_connections",
-            "Database connections of this frontend: in_use, idle and max of a pool (PostgreSQL, MySQL); "
-            "open and max for SQLite's writer and reader threads.",
-            labels=["state"],
-        )
-        for state, n in s.backend.pool_stats().items():
-            pool.add_metric([state], n)
-        yield pool
-        yield _gauge(
-            "k8s_sql_compaction_pending_revisions",
-            "Revisions compacted logically whose history this frontend's physical compaction has not yet deleted.",
-            max(0, s.store.compact_revision - s.store.compactor.done) if s.store.compactor.done else 0,
-        )
-        yield CounterMetricFamily(
-            "k8s_sql_database_probe_failures",
-            "Database probes (a read each second) that failed or timed out.",
-            value=p.failures,
-        )
+        membership, hub, store = s.membership, s.hub, s.store
+        done = store.compactor.done
+        return {
+            "etcd_server_has_leader": {(): 1 if membership.leader_known else 0},
+            "etcd_server_is_leader": {(): 1 if membership.is_leader else 0},
+            "etcd_server_id": {(f"{membership.member_id:x}",): 1},
+            "etcd_server_version": {(s.version,): 1},
+            "etcd_server_quota_backend_bytes": {(): s.space.quota_bytes},
+            "etcd_mvcc_db_total_size_in_bytes": {(): p.db_size},
+            "etcd_mvcc_db_total_size_in_use_in_bytes": {(): p.db_in_use},
+            "etcd_debugging_mvcc_keys_total": {(): p.keys},
+            "etcd_debugging_mvcc_current_revision": {(): store.revision},
+            "etcd_debugging_mvcc_compact_revision": {(): store.compact_revision},
+            "etcd_debugging_mvcc_watch_stream_total": {(): len(hub.streams)},
+            "etcd_debugging_mvcc_watcher_total": {(): len(hub.synced) + len(hub.unsynced)},
+            "etcd_debugging_mvcc_slow_watcher_total": {(): len(hub.unsynced)},
+            "k8s_sql_database_up": {(): 1 if p.database_up else 0},
+            "k8s_sql_follower_lag_revisions": {(): p.lag_revisions},
+            "k8s_sql_follower_lag_seconds": {(): p.lag_seconds},
+            "k8s_sql_alarm_active": {("NOSPACE",): 1 if s.space.nospace else 0, ("CORRUPT",): 0},
+            "k8s_sql_db_pool_connections": {(state,): n for state, n in s.backend.pool_stats().items()},
+            "k8s_sql_compaction_pending_revisions": {(): max(0, store.compact_revision - done) if done else 0},
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        for name, samples in self.values().items():
+            yield _gauge(name, samples)
+        name = "k8s_sql_database_probe_failures_total"
+        yield CounterMetricFamily(name, COUNTERS[name], value=self.monitor.probe.failures)

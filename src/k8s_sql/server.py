@@ -229,7 +229,6 @@ async def start(config: Config) -> Server:
     server = grpc.aio.server(options=grpc_options(config), interceptors=[gate, calls])
     health_service = grpc_health.aio.HealthServicer()
     await health_service.set("", NOT_SERVING)  # until the store is ready and the database answers
-    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     frontend = Frontend(ctx, hub, backend)
 
     def health_changed(healthy: bool) -> None:
@@ -248,6 +247,8 @@ async def start(config: Config) -> Server:
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(ctx), server)
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(ctx), server)
     rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(ctx), server)
+    # Last: a handler registered earlier is tried first for every call.
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
 
     undo: list[Callable[[], Awaitable[object]]] = [backend.close]  # run in reverse on a failed start
     try:
