@@ -275,7 +275,7 @@ class GrpcMethod:
     with every code's handled counter at 0, as go-grpc-prometheus's Register does, so
     that the first call of a kind is a rate's increase rather than a new series."""
 
-    __slots__ = ("_handled", "labels", "received", "seconds", "sent", "started")
+    __slots__ = ("_handled", "labels", "received", "seconds", "sent", "slow", "started")
 
     def __init__(self, full_method: str, kind: str) -> None:
         service, _, method = full_method.lstrip("/").rpartition("/")
@@ -285,6 +285,7 @@ class GrpcMethod:
         self.sent = GRPC_SENT.labels(*self.labels)
         self.seconds = GRPC_SECONDS.labels(*self.labels)
         self._handled = {code: GRPC_HANDLED.labels(*self.labels, code) for code in GRPC_CODES.values()}
+        self.slow = float("inf")  # seconds after which a call is logged as slow (the interceptor's)
 
     def handled(self, code: str, started: float) -> float:
         """Count a call that ended with ``code``; its duration in seconds."""

@@ -133,6 +133,7 @@ def go_duration(seconds: float) -> str:
 
 
 APPLIED = ("/etcdserverpb.KV/", "/etcdserverpb.Lease/")
+INFINITY = float("inf")
 MAX_LOGGED_KEY = 200  # bytes of a key quoted in a log line
 
 
@@ -185,7 +186,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, slow: float = 0.1) -> None:
         self.slow = slow
-        self._methods: dict[tuple[str, str], GrpcMethod] = {}
+        self._methods: dict[str, GrpcMethod] = {}
 
     def register(self, services: Any) -> None:
         """Create every method's series at 0 (protobuf ServiceDescriptors)."""
@@ -194,9 +195,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 self.method(f"/{service.full_name}/{md.name}", method_kind(md.client_streaming, md.server_streaming))
 
     def method(self, full_method: str, kind: str) -> GrpcMethod:
-        m = self._methods.get((full_method, kind))
+        m = self._methods.get(full_method)
         if m is None:
-            m = self._methods[(full_method, kind)] = GrpcMethod(full_method, kind)
+            m = self._methods[full_method] = GrpcMethod(full_method, kind)
+            # etcd warns of slow applies and reads: KV and Lease requests, not maintenance.
+            m.slow = (self.slow or INFINITY) if full_method.startswith(APPLIED) else INFINITY
         return m
 
     def _warn_slow(self, method: str, took: float, request: Any) -> None:
@@ -229,8 +232,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
             m = self.method(details.method, "unary")
-            # etcd warns of slow applies and reads: KV and Lease requests, not maintenance.
-            slow = self.slow or float("inf") if details.method.startswith(APPLIED) else float("inf")
+            slow = m.slow
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = perf_counter()
