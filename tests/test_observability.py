@@ -291,6 +291,10 @@ def test_workers_are_gathered_into_one_scrape(k8s_sql_factory) -> None:
     """--workers 2: one scrape of the metrics URL shows both workers' series, each
     labelled with its worker, and their puts add up to what was written."""
     server, metrics_url = metrics_server(k8s_sql_factory, "--workers", "2")
+    deadline = time.monotonic() + 30
+    while http(metrics_url + "/readyz")[0] != 200:  # both workers ready (the fixture waited for one)
+        assert time.monotonic() < deadline, http(metrics_url + "/readyz?verbose")
+        time.sleep(0.1)
     puts = 40
     for i in range(puts):  # a new connection each: the kernel spreads them over the workers
         with grpc.insecure_channel(server.endpoint) as ch:

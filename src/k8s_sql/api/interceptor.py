@@ -180,6 +180,27 @@ def describe(request: Any) -> str:
     return " ".join(parts)
 
 
+async def _counted(
+    m: GrpcMethod, method: str, context: grpc.aio.ServicerContext, started: float, responses: AsyncIterator[Any]
+) -> AsyncIterator[Any]:
+    """A streaming call's responses, each counted as sent; its end counted by code, an
+    error ended with etcd's status (see :func:`abort_with`)."""
+    sent = m.sent
+    try:
+        try:
+            async for resp in responses:
+                sent.inc()
+                yield resp
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await abort_with(context, method, e)
+    except BaseException as e:
+        m.handled(_ended(context, e), started)
+        raise
+    m.handled("OK", started)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """See the module docstring: errors mapped, calls counted, slow requests logged.
     ``slow``: etcd's --warning-apply-duration in seconds (0: never warn)."""
@@ -280,26 +301,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
             m = self.method(details.method, "server_stream")
 
+            async def first_checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, Malformed):
+                    await abort_malformed(context, request)
+                async for resp in inner_us(request, context):
+                    yield resp
+
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
                 m.started.inc()
                 m.received.inc()
-                sent = m.sent
-                try:
-                    if isinstance(request, Malformed):
-                        await abort_malformed(context, request)
-                    try:
-                        async for resp in inner_us(request, context):
-                            sent.inc()
-                            yield resp
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception as e:
-                        await abort_with(context, method, e)
-                except BaseException as e:
-                    m.handled(_ended(context, e), started)
-                    raise
-                m.handled("OK", started)
+                async for resp in _counted(m, method, context, started, first_checked(request, context)):
+                    yield resp
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, decode, serialize)
 
@@ -312,20 +325,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             ) -> AsyncIterator[Any]:
                 started = perf_counter()
                 m.started.inc()
-                sent = m.sent
-                try:
-                    try:
-                        async for resp in inner_ss(checked(requests, m), context):
-                            sent.inc()
-                            yield resp
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception as e:
-                        await abort_with(context, method, e)
-                except BaseException as e:
-                    m.handled(_ended(context, e), started)
-                    raise
-                m.handled("OK", started)
+                async for resp in _counted(m, method, context, started, inner_ss(checked(requests, m), context)):
+                    yield resp
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, decode, serialize)
 
