@@ -305,3 +305,28 @@ def test_workers_are_gathered_into_one_scrape(k8s_sql_factory) -> None:
     assert value(samples, "etcd_mvcc_put_total") == puts
     assert value(samples, "etcd_server_is_leader") == 1  # one of the two leads
     assert http(metrics_url + "/readyz")[:2] == (200, "ok\n")
+
+
+def test_lease_expiry_is_counted_and_timed(k8s_sql_factory) -> None:
+    """A lease left to expire: revoked once (etcd_debugging_lease_revoked_total), its
+    lateness observed (k8s_sql_lease_expiry_lag_seconds), its key's delete counted."""
+    server, metrics_url = metrics_server(k8s_sql_factory)
+    before = scrape(metrics_url + "/metrics")
+    with grpc.insecure_channel(server.endpoint) as ch:
+        lease_id = rpc_pb2_grpc.LeaseStub(ch).LeaseGrant(pb.LeaseGrantRequest(TTL=2)).ID
+        rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/lease/k", value=b"v", lease=lease_id))
+        create = pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"/lease/k"))
+        responses = rpc_pb2_grpc.WatchStub(ch).Watch(iter([create]))
+        assert next(responses).created
+        deleted = next(r for r in responses if r.events)  # the expiry's DELETE, after the TTL
+        assert deleted.events[0].type == 1
+        responses.cancel()
+    after = scrape(metrics_url + "/metrics")
+    assert value(after, "etcd_debugging_lease_revoked_total") - value(before, "etcd_debugging_lease_revoked_total") == 1
+    lag = value(after, "k8s_sql_lease_expiry_lag_seconds_count") - value(
+        before, "k8s_sql_lease_expiry_lag_seconds_count"
+    )
+    assert lag == 1
+    late = value(after, "k8s_sql_lease_expiry_lag_seconds_sum") - value(before, "k8s_sql_lease_expiry_lag_seconds_sum")
+    assert 0 <= late < 30  # the expirer looks every 0.5 s; a loaded CI machine may be late
+    assert value(after, "etcd_mvcc_delete_total") - value(before, "etcd_mvcc_delete_total") == 1
