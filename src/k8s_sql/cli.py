@@ -352,11 +352,22 @@ def _read_endpoint_file(path: str) -> str:
 )
 @click.pass_context
 def restore(ctx: click.Context, snapshot: str, target_dir: str) -> None:
-    """Create a data directory from a snapshot taken with `etcdctl snapshot save`."""
+    """Create a data directory from a snapshot taken with `etcdctl snapshot save`: from
+    k8s-sql, or from etcd itself (its bbolt file: every key with its revisions, the
+    history since its last compaction, and its leases)."""
+    from k8s_sql.backend import bbolt, etcd_snapshot
     from k8s_sql.backend.snapshot import SnapshotError, restore as restore_snapshot
 
     data_dir = target_dir or ctx.obj["data_dir"] or f"{ctx.obj['name']}.k8s-sql"
     try:
+        if bbolt.is_bolt(snapshot):
+            target, converted = etcd_snapshot.restore(snapshot, data_dir)
+            click.echo(
+                f"restored the etcd snapshot {snapshot} (revision {converted.revision}, compacted at "
+                f"{converted.compact_revision}: {converted.keys} keys, {converted.changes} changes, "
+                f"{converted.leases} leases) into {target}"
+            )
+            return
         target, revision = restore_snapshot(snapshot, data_dir)
     except SnapshotError as e:
         raise click.ClickException(str(e)) from None
