@@ -62,7 +62,8 @@ def _write_history(ch: grpc.Channel, rng: random.Random) -> int:
             txn = pb.TxnRequest()
             txn.success.add().request_put.CopyFrom(pb.PutRequest(key=key, value=b"t%d" % i))
             txn.success.add().request_put.CopyFrom(pb.PutRequest(key=key + b"/b", value=b"t"))
-            txn.success.add().request_delete_range.CopyFrom(pb.DeleteRangeRequest(key=b"/k/0"))
+            other = b"/k/1" if key == b"/k/0" else b"/k/0"  # etcd refuses a key twice in a txn
+            txn.success.add().request_delete_range.CopyFrom(pb.DeleteRangeRequest(key=other))
             kv.Txn(txn)
     return lease
 

@@ -41,6 +41,7 @@ from k8s_sql.cluster import Membership
 from k8s_sql.config import ETCD_VERSION, GRPC_OVERHEAD_BYTES, MAX_CONCURRENT_STREAMS, Config, configure_logging
 from k8s_sql.dsn import redact, scrub, secrets
 from k8s_sql.lease.manager import LeaseExpirer
+from k8s_sql.migrate import MARKER as MIGRATING
 from k8s_sql.monitor import Health, Monitor, ServerCollector
 from k8s_sql.pb import rpc_pb2, rpc_pb2_grpc
 from k8s_sql.store.space import Space
@@ -421,6 +422,11 @@ async def _open_database(config: Config, backend: Backend, store: Store) -> tupl
         attempt += 1
         try:
             await backend.open()
+            if await backend.meta_get(MIGRATING):
+                await _close_quietly(store, backend)
+                raise StartupError(
+                    f"the database {shown} holds an unfinished `k8s-sql migrate`: run it again to completion"
+                )
             cluster_id = await backend.meta_set_default("cluster_id", random.getrandbits(63) or 1)
             membership = Membership(
                 backend,

@@ -1,0 +1,199 @@
+"""``k8s-sql migrate SOURCE DEST``: a store copied whole, revisions intact.
+
+The source is read from one consistent copy: an etcd snapshot file (converted by
+:mod:`k8s_sql.backend.etcd_snapshot`), a k8s-sql snapshot file, or a k8s-sql database
+(its Snapshot, as ``etcdctl snapshot save`` takes it). That copy, an SQLite file, is
+then written into the destination database a few thousand rows per transaction:
+every ``kv``, ``log`` and ``lease`` row as it is, then the revision and compaction
+point. So every key keeps its create and mod revisions and version, the history
+stays readable and watchable, and the destination's next write gets a revision
+above every one the source handed out.
+
+**Never half a copy.** The destination must be empty (a database k8s-sql has never
+written to). A ``migrating`` row in ``meta`` marks it from the first row written
+until the revision is set; a frontend refuses to start on a database that carries it
+(server.py), and a rerun of ``migrate`` clears the partial rows and starts again.
+
+``--verify`` compares HashKV -- a hash of the whole history and the state at the
+revision, the same on every backend for the same data -- of the copy and of the
+destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from k8s_sql.backend import bbolt, etcd_snapshot, open_backend, plans, snapshot
+from k8s_sql.backend.base import Backend, KeyRange
+from k8s_sql.backend.engine import SQLBackend
+from k8s_sql.backend.plans import Execute, ExecuteMany, Plan
+from k8s_sql.backend.sql import Dialect
+from k8s_sql.backend.sqlite import SQLiteBackend
+from k8s_sql.dsn import redact
+
+MARKER = "migrating"  # a meta row: the database holds a copy in progress
+ROWS_PER_TRANSACTION = 5000
+COPIED_TABLES = ("kv", "log", "lease")
+
+
+class MigrationError(Exception):
+    """Why a migration cannot go on: one line for the operator."""
+
+
+@dataclass
+class Summary:
+    revision: int
+    compact_revision: int
+    rows: dict[str, int]
+    seconds: float
+    verified: bool = False
+
+
+def _is_dsn(name: str) -> bool:
+    return "://" in name
+
+
+@contextlib.asynccontextmanager
+async def source_copy(source: str) -> AsyncIterator[str]:
+    """The source as a k8s-sql SQLite store file (a temporary copy)."""
+    tmp = tempfile.mkdtemp(prefix="k8s-sql-migrate-")
+    path = os.path.join(tmp, "source.db")
+    try:
+        if _is_dsn(source):
+            backend = _backend(source, "SOURCE")
+            try:
+                await backend.open()
+                async with backend.snapshot() as copy:
+                    shutil.copyfile(copy, path)
+            finally:
+                await backend.close()
+        elif not os.path.isfile(source):
+            raise MigrationError(f"SOURCE {source}: no such file (or a DSN: sqlite:///…, postgres://…, mysql://…)")
+        elif bbolt.is_bolt(source):
+            etcd_snapshot.convert(source, path)
+        else:
+            snapshot.restore(source, tmp)  # verifies the digest and the SQLite file
+            os.replace(os.path.join(tmp, "state.db"), path)
+        yield path
+    except snapshot.SnapshotError as e:
+        raise MigrationError(str(e)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _backend(dsn: str, which: str) -> Backend:
+    try:
+        return open_backend(dsn)
+    except ValueError as e:
+        raise MigrationError(f"{which}: {e}") from None
+
+
+def load_rows(d: Dialect, table: str, rows: list[tuple[object, ...]]) -> Plan[None]:
+    columns = {"kv": d.kv_columns, "log": d.log_columns, "lease": "id, ttl, expires_at"}[table]
+    marks = ", ".join("?" * (columns.count(",") + 1))
+    yield ExecuteMany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+
+
+def clear() -> Plan[None]:
+    for table in COPIED_TABLES:
+        yield Execute(f"DELETE FROM {table}")
+
+
+def drop_marker() -> Plan[None]:
+    yield Execute(f"DELETE FROM meta WHERE name = '{MARKER}'")
+
+
+async def _empty(dest: SQLBackend) -> bool:
+    revision, compact = await dest.current()
+    if (revision, compact) != (1, 0):
+        return False
+    everything = KeyRange.from_etcd(b"\0", b"\0")
+    if (await dest.range(everything, 0, 0, True, True)).count:
+        return False
+    return not await dest.leases()
+
+
+async def migrate(
+    source: str,
+    dest: str,
+    *,
+    verify: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Summary:
+    """Copy ``source`` into the database ``dest``; see the module docstring."""
+    started = time.monotonic()
+    if not _is_dsn(dest):
+        raise MigrationError(f"DEST {dest}: want a database DSN (sqlite:///…, postgres://…, mysql://…)")
+    target = _backend(dest, "DEST")
+    assert isinstance(target, SQLBackend)
+    async with source_copy(source) as path:
+        src = SQLiteBackend(path)
+        await src.open()
+        try:
+            revision, compact = await src.current()
+            rows = {t: 0 for t in COPIED_TABLES}
+            try:
+                await target.open()
+            except Exception as e:
+                raise MigrationError(f"cannot open DEST {redact(dest)}: {' '.join(str(e).split())}") from None
+            try:
+                if await target.meta_get(MARKER):
+                    progress(f"{redact(dest)} holds an interrupted migration: clearing it")
+                    if not dry_run:
+                        await target._write(clear)
+                elif not await _empty(target):
+                    raise MigrationError(f"DEST {redact(dest)} is not empty: migrate into a new database")
+                if not dry_run:
+                    await target.meta_set(MARKER, 1)
+                for table in COPIED_TABLES:
+                    await _copy_table(src, target, table, rows, dry_run, progress)
+                if not dry_run:
+                    await target.meta_set("compact_revision", compact)
+                    await target.meta_set("revision", revision)
+                    await target._write(drop_marker)
+                summary = Summary(revision, compact, rows, time.monotonic() - started)
+                if verify and not dry_run:
+                    want, got = await src.hash_kv(revision), await target.hash_kv(revision)
+                    if want != got:
+                        raise MigrationError(f"--verify: HashKV differs at revision {revision}: {want} != {got}")
+                    summary.verified = True
+                return summary
+            finally:
+                await target.close()
+        finally:
+            await src.close()
+
+
+async def _copy_table(
+    src: SQLBackend,
+    dest: SQLBackend,
+    table: str,
+    rows: dict[str, int],
+    dry_run: bool,
+    progress: Callable[[str], None],
+) -> None:
+    after = None
+    pending: list[tuple[object, ...]] = []
+    d = dest.dialect
+    keys = len(plans.TABLE_KEYS[table])
+    while True:
+        page = await src._read(lambda after=after: plans.table_page(src.dialect, table, after))  # type: ignore[misc]
+        if page:
+            pending.extend(tuple(bytes(v) if isinstance(v, (bytearray, memoryview)) else v for v in r) for r in page)
+            after = tuple(page[-1][:keys])
+        if pending and (len(pending) >= ROWS_PER_TRANSACTION or not page):
+            if not dry_run:
+                batch = list(pending)
+                await dest._write(lambda batch=batch: load_rows(d, table, batch))  # type: ignore[misc]
+            rows[table] += len(pending)
+            pending.clear()
+            progress(f"{table}: {rows[table]} rows")
+        if not page:
+            return

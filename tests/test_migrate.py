@@ -1,0 +1,123 @@
+"""``k8s-sql migrate`` between backends and from etcd: every revision's state, the watch
+history, leases and the revision counter survive SQLite → PostgreSQL → MariaDB →
+SQLite (``--verify`` at each step), and etcd → PostgreSQL; a non-empty destination is
+refused; an interrupted copy is never served and a rerun completes it."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from test_etcd_snapshot import _events, _state, _write_history
+
+from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
+
+
+def _migrate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "k8s_sql", "migrate", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _recorded(endpoint: str) -> tuple[int, int, dict[int, list[tuple[object, ...]]], list[tuple[object, ...]]]:
+    """revision, compaction point, the state at every revision since, the events."""
+    with grpc.insecure_channel(endpoint) as ch:
+        revision, _ = _state(ch)
+        status = rpc_pb2_grpc.MaintenanceStub(ch).HashKV(pb.HashKVRequest())
+        compact = max(status.compact_revision, 0)  # etcd says -1 before its first compaction
+        history = {rev: _state(ch, rev)[1] for rev in range(max(compact, 1), revision + 1)}
+        return revision, compact, history, _events(ch, max(compact, 1) + 1, revision)
+
+
+def test_between_backends_and_back(k8s_sql_factory, postgres_server, mariadb_server, tmp_path: Path) -> None:
+    rng = random.Random(7)
+    source_dir = tmp_path / "source"
+    source = k8s_sql_factory(data_dir=source_dir)
+    with grpc.insecure_channel(source.endpoint) as ch:
+        _write_history(ch, rng)
+        kv = rpc_pb2_grpc.KVStub(ch)
+        kv.Compact(pb.CompactionRequest(revision=_state(ch)[0] - 100, physical=True))
+        for i in range(30):
+            kv.Put(pb.PutRequest(key=b"/k/%d" % (i % 5), value=b"late%d" % i))
+    want = _recorded(source.endpoint)
+    source.stop()
+
+    chain = [
+        f"sqlite://{source_dir / 'state.db'}",
+        postgres_server.new_dsn(),
+        mariadb_server.new_dsn(),
+        f"sqlite://{tmp_path / 'back' / 'state.db'}",
+    ]
+    for src, dest in itertools.pairwise(chain):
+        out = _migrate(src, dest, "--verify")
+        assert out.returncode == 0, out.stderr
+        assert f"copied revision {want[0]}" in out.stdout and "HashKV equal" in out.stdout, out.stdout
+
+    for dsn in chain[1:]:
+        server = k8s_sql_factory("--endpoint", dsn)
+        assert _recorded(server.endpoint) == want, dsn
+        with grpc.insecure_channel(server.endpoint) as ch:  # resourceVersions go on from the source's
+            rev = rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/after-move", value=b"x")).header.revision
+        assert rev == want[0] + 1
+        server.stop()
+
+    # a destination that holds data is refused, untouched
+    out = _migrate(chain[0], chain[1])
+    assert out.returncode == 1 and out.stderr.strip().endswith("is not empty: migrate into a new database")
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_from_etcd_into_postgres(etcd, etcdctl, k8s_sql_factory, postgres_server, tmp_path: Path) -> None:
+    with grpc.insecure_channel(etcd.endpoint) as ch:
+        _write_history(ch, random.Random(11))
+    want = _recorded(etcd.endpoint)
+    snapshot = tmp_path / "etcd.snapshot"
+    etcdctl(etcd.endpoint, "snapshot", "save", str(snapshot))
+    dest = postgres_server.new_dsn()
+    out = _migrate(str(snapshot), dest, "--verify")
+    assert out.returncode == 0 and "HashKV equal" in out.stdout, out.stderr
+    server = k8s_sql_factory("--endpoint", dest)
+    assert _recorded(server.endpoint) == want
+
+
+def test_interrupted_copy_is_never_served(k8s_sql_factory, tmp_path: Path) -> None:
+    source_dir = tmp_path / "source"
+    source = k8s_sql_factory(data_dir=source_dir)
+    with grpc.insecure_channel(source.endpoint) as ch:
+        for i in range(20):
+            rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/i/%d" % i, value=b"v"))
+    want = _recorded(source.endpoint)
+    source.stop()
+    dest = tmp_path / "dest" / "state.db"
+    assert _migrate(f"sqlite://{source_dir / 'state.db'}", f"sqlite://{dest}").returncode == 0
+    # as if the copy had been killed halfway: the marker is back and the revision unset
+    with sqlite3.connect(dest) as db:
+        db.execute("INSERT INTO meta (name, value) VALUES ('migrating', 1)")
+        db.execute("UPDATE meta SET value = 1 WHERE name = 'revision'")
+        db.execute("DELETE FROM kv WHERE key > ?", (b"/i/5",))
+    refused = k8s_sql_factory(data_dir=dest.parent, start=False)
+    out = subprocess.run(refused.argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "holds an unfinished `k8s-sql migrate`" in out.stderr, out.stderr
+    # a rerun clears the partial rows and completes
+    out = _migrate(f"sqlite://{source_dir / 'state.db'}", f"sqlite://{dest}", "--verify")
+    assert out.returncode == 0 and "interrupted migration: clearing it" in out.stdout, out.stderr
+    server = k8s_sql_factory(data_dir=dest.parent)
+    assert _recorded(server.endpoint) == want
+
+
+@pytest.mark.parametrize("bad", ["nonexistent-file", "not-a-dsn-dest", "bad-dsn"])
+def test_bad_arguments_are_one_line(bad: str, tmp_path: Path) -> None:
+    args = {
+        "nonexistent-file": [str(tmp_path / "nope.db"), f"sqlite://{tmp_path}/d.db"],
+        "not-a-dsn-dest": [str(tmp_path / "nope.db"), str(tmp_path / "d.db")],
+        "bad-dsn": [f"sqlite://{tmp_path}/s.db", "ftp://x/y"],
+    }[bad]
+    out = _migrate(*args)
+    assert out.returncode == 1, out
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("Error: "), out.stderr
