@@ -121,3 +121,27 @@ def test_bad_arguments_are_one_line(bad: str, tmp_path: Path) -> None:
     out = _migrate(*args)
     assert out.returncode == 1, out
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("Error: "), out.stderr
+
+
+def test_from_a_live_etcd_endpoint(etcd, k8s_sql_factory, tmp_path: Path) -> None:
+    """A live endpoint gives its state at one revision, without history: the same keys,
+    revisions and versions, leases with their remaining TTL, the next write at the next
+    revision, and reads from before it answered as compacted (a 410 for Kubernetes)."""
+    with grpc.insecure_channel(etcd.endpoint) as ch:
+        lease = _write_history(ch, random.Random(3))
+        revision, state = _state(ch)
+    dest = tmp_path / "live" / "state.db"
+    out = _migrate(f"http://{etcd.endpoint}", f"sqlite://{dest}", "--verify")
+    assert out.returncode == 0 and f"copied revision {revision} (compacted at {revision})" in out.stdout, out.stderr
+    server = k8s_sql_factory(data_dir=dest.parent)
+    with grpc.insecure_channel(server.endpoint) as ch:
+        assert _state(ch) == (revision, state)
+        with pytest.raises(grpc.RpcError) as e:
+            rpc_pb2_grpc.KVStub(ch).Range(pb.RangeRequest(key=b"/k/1", revision=revision - 1))
+        assert e.value.details() == "etcdserver: mvcc: required revision has been compacted"
+        ttl = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lease, keys=True))
+        assert ttl.grantedTTL == 600 and 0 < ttl.TTL <= 600 and list(ttl.keys) == [b"/leased"]
+        assert rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/n", value=b"v")).header.revision == revision + 1
+    unreachable = _migrate("http://127.0.0.1:1", f"sqlite://{tmp_path / 'u' / 'state.db'}")
+    assert unreachable.returncode == 1 and len(unreachable.stderr.strip().splitlines()) == 1, unreachable.stderr
+    assert "SOURCE http://127.0.0.1:1: UNAVAILABLE" in unreachable.stderr

@@ -345,20 +345,28 @@ def _read_endpoint_file(path: str) -> str:
 @click.argument("dest")
 @click.option("--verify", is_flag=True, help="Compare HashKV of the source's copy and the destination at the end.")
 @click.option("--dry-run", is_flag=True, help="Read the source and count its rows; write nothing.")
-def migrate(source: str, dest: str, verify: bool, dry_run: bool) -> None:
+@click.option(
+    "--cacert", default="", metavar="FILE", help="CA bundle to verify an https SOURCE endpoint (etcdctl's flag)."
+)
+@click.option("--cert", default="", metavar="FILE", help="Client certificate for an https SOURCE endpoint.")
+@click.option("--key", default="", metavar="FILE", help="Client key for an https SOURCE endpoint.")
+def migrate(source: str, dest: str, verify: bool, dry_run: bool, cacert: str, cert: str, key: str) -> None:
     """Copy SOURCE into the empty database DEST, keeping every key's revisions, the
     history, the revision counter and the leases.
 
     SOURCE: an etcd snapshot file (`etcdctl snapshot save` against etcd), a k8s-sql
-    snapshot file, or a k8s-sql database DSN (sqlite:///…, postgres://…, mysql://…).
+    snapshot file, a k8s-sql database DSN (sqlite:///…, postgres://…, mysql://…), or a
+    live etcd v3 endpoint http(s)://HOST:PORT -- etcd, kine or k8s-sql: its current
+    state at one revision, without the history before it.
     DEST: a database DSN that k8s-sql has never written to.
     """
     import asyncio
 
-    from k8s_sql.migrate import MigrationError, migrate as run_migration
+    from k8s_sql.migrate import TLS, MigrationError, migrate as run_migration
 
+    tls = TLS(cacert, cert, key)
     try:
-        summary = asyncio.run(run_migration(source, dest, verify=verify, dry_run=dry_run, progress=click.echo))
+        summary = asyncio.run(run_migration(source, dest, verify=verify, dry_run=dry_run, tls=tls, progress=click.echo))
     except MigrationError as e:
         raise click.ClickException(str(e)) from None
     counts = ", ".join(f"{n} {table} rows" for table, n in summary.rows.items())

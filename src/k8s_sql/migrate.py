@@ -1,8 +1,10 @@
 """``k8s-sql migrate SOURCE DEST``: a store copied whole, revisions intact.
 
 The source is read from one consistent copy: an etcd snapshot file (converted by
-:mod:`k8s_sql.backend.etcd_snapshot`), a k8s-sql snapshot file, or a k8s-sql database
-(its Snapshot, as ``etcdctl snapshot save`` takes it). That copy, an SQLite file, is
+:mod:`k8s_sql.backend.etcd_snapshot`), a k8s-sql snapshot file, a k8s-sql database
+(its Snapshot, as ``etcdctl snapshot save`` takes it), or a live etcd v3 endpoint --
+etcd, kine or k8s-sql -- read at one pinned revision (current state only: the API
+gives no history). That copy, an SQLite file, is
 then written into the destination database a few thousand rows per transaction:
 every ``kv``, ``log`` and ``lease`` row as it is, then the revision and compaction
 point. So every key keeps its create and mod revisions and version, the history
@@ -29,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from k8s_sql.backend import bbolt, etcd_snapshot, open_backend, plans, snapshot
+from k8s_sql.backend import bbolt, etcd_snapshot, migrations, open_backend, plans, snapshot, sql
 from k8s_sql.backend.base import Backend, KeyRange
 from k8s_sql.backend.engine import SQLBackend
 from k8s_sql.backend.plans import Execute, ExecuteMany, Plan
@@ -56,16 +58,103 @@ class Summary:
 
 
 def _is_dsn(name: str) -> bool:
-    return "://" in name
+    return "://" in name and not _is_endpoint(name)
+
+
+def _is_endpoint(name: str) -> bool:
+    return name.startswith(("http://", "https://"))
+
+
+@dataclass
+class TLS:
+    """etcdctl's --cacert, --cert, --key for an https endpoint."""
+
+    cacert: str = ""
+    cert: str = ""
+    key: str = ""
+
+
+ENDPOINT_PAGE = 1000  # keys per Range from a live endpoint
+
+
+async def endpoint_copy(url: str, path: str, tls: TLS, now: float) -> int:
+    """The current state of a live etcd v3 endpoint (etcd, kine or k8s-sql) at one pinned
+    revision, written as a k8s-sql store at ``path``; the revision. History is not
+    readable over the API: the copy's compaction point is that revision, so a watch or
+    read from before it is answered as after a compaction (Kubernetes: 410 Gone)."""
+    import grpc
+
+    from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
+
+    target = url.split("://", 1)[1].rstrip("/")
+    if url.startswith("https://"):
+
+        def read(p: str) -> bytes | None:
+            if not p:
+                return None
+            with open(p, "rb") as f:
+                return f.read()
+
+        creds = grpc.ssl_channel_credentials(read(tls.cacert), read(tls.key), read(tls.cert))
+        channel = grpc.aio.secure_channel(target, creds, options=[("grpc.max_receive_message_length", 2**31 - 1)])
+    else:
+        channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 2**31 - 1)])
+    out = snapshot._create(path)
+    try:
+        async with channel:
+            kv = rpc_pb2_grpc.KVStub(channel)
+            try:
+                first = await kv.Range(pb.RangeRequest(key=b"\0", range_end=b"\0", limit=1), timeout=30)
+                revision = first.header.revision
+                start = b"\0"
+                insert = f"INSERT INTO kv ({sql.KV_COLUMNS}) VALUES ({sql.marks(6)})"
+                while True:
+                    req = pb.RangeRequest(key=start, range_end=b"\0", revision=revision, limit=ENDPOINT_PAGE)
+                    page = await kv.Range(req, timeout=120)
+                    out.executemany(
+                        insert,
+                        [(x.key, x.create_revision, x.mod_revision, x.version, x.lease, x.value) for x in page.kvs],
+                    )
+                    if not page.more or not page.kvs:
+                        break
+                    start = page.kvs[-1].key + b"\0"
+                leases = rpc_pb2_grpc.LeaseStub(channel)
+                try:
+                    listed = (await leases.LeaseLeases(pb.LeaseLeasesRequest(), timeout=30)).leases
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    listed = []  # an endpoint that keeps no leases (kine's are not listed)
+                for lease in listed:
+                    ttl = await leases.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lease.ID), timeout=30)
+                    if ttl.TTL > 0:  # -1: expired meanwhile
+                        out.execute(
+                            "INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?)",
+                            (lease.ID, ttl.grantedTTL, now + ttl.TTL),
+                        )
+            except grpc.aio.AioRpcError as e:
+                raise MigrationError(f"SOURCE {url}: {e.code().name}: {e.details()}") from None
+        for name, value in (
+            ("revision", revision),
+            ("compact_revision", revision),
+            ("schema_version", migrations.SCHEMA_VERSION),
+        ):
+            out.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+        out.commit()
+    finally:
+        out.close()
+    return revision
 
 
 @contextlib.asynccontextmanager
-async def source_copy(source: str) -> AsyncIterator[str]:
+async def source_copy(source: str, tls: TLS | None = None) -> AsyncIterator[str]:
     """The source as a k8s-sql SQLite store file (a temporary copy)."""
     tmp = tempfile.mkdtemp(prefix="k8s-sql-migrate-")
     path = os.path.join(tmp, "source.db")
     try:
-        if _is_dsn(source):
+        if _is_endpoint(source):
+            await endpoint_copy(source, path, tls or TLS(), time.time())
+        elif _is_dsn(source):
             backend = _backend(source, "SOURCE")
             try:
                 await backend.open()
@@ -125,6 +214,7 @@ async def migrate(
     *,
     verify: bool = False,
     dry_run: bool = False,
+    tls: TLS | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> Summary:
     """Copy ``source`` into the database ``dest``; see the module docstring."""
@@ -133,7 +223,7 @@ async def migrate(
         raise MigrationError(f"DEST {dest}: want a database DSN (sqlite:///…, postgres://…, mysql://…)")
     target = _backend(dest, "DEST")
     assert isinstance(target, SQLBackend)
-    async with source_copy(source) as path:
+    async with source_copy(source, tls) as path:
         src = SQLiteBackend(path)
         await src.open()
         try:
