@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from k8s_sql.backend import bbolt, etcd_snapshot, migrations, open_backend, plans, snapshot, sql
+from k8s_sql.backend import bbolt, etcd_snapshot, kine, migrations, open_backend, plans, snapshot, sql
 from k8s_sql.backend.base import Backend, KeyRange
 from k8s_sql.backend.engine import SQLBackend
 from k8s_sql.backend.plans import Execute, ExecuteMany, Plan
@@ -152,7 +152,12 @@ async def source_copy(source: str, tls: TLS | None = None) -> AsyncIterator[str]
     tmp = tempfile.mkdtemp(prefix="k8s-sql-migrate-")
     path = os.path.join(tmp, "source.db")
     try:
-        if _is_endpoint(source):
+        if kine.is_kine(source):
+            try:
+                await kine.convert(source, path, time.time())
+            except kine.KineError as e:
+                raise MigrationError(f"SOURCE {redact(source)}: {e}") from None
+        elif _is_endpoint(source):
             await endpoint_copy(source, path, tls or TLS(), time.time())
         elif _is_dsn(source):
             backend = _backend(source, "SOURCE")
