@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the real etcd peers (etcd server, etcdctl, benchmark) from the Go
+# Build the real etcd peers (etcd server, etcdctl, etcdutl, benchmark) from the Go
 # module proxy into a bin dir. Idempotent: a binary is rebuilt only when the
 # hash of its inputs changed (scripts/lib/go-build-cached.sh). Progress goes to stderr; the last line of stdout is the bin dir.
 #
@@ -25,6 +25,7 @@ build() {
 
 build etcd ./etcd
 build etcdctl go.etcd.io/etcd/etcdctl/v3
+build etcdutl go.etcd.io/etcd/etcdutl/v3  # snapshot status/restore: tests/test_etcd_snapshot.py
 build benchmark go.etcd.io/etcd/v3/tools/benchmark
 
 echo "$bin"

@@ -78,7 +78,7 @@ def test_etcd_snapshot_restores_with_revisions(etcd, k8s_sql_factory, etcdctl, t
             rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/k/%d" % (i % 7), value=b"after%d" % i))
         revision, etcd_state = _state(ch)
         etcd_history = {rev: _state(ch, rev)[1] for rev in range(compact_at, revision + 1)}
-        etcd_events = _events(ch, compact_at + 1, revision)
+        etcd_events = _events(ch, compact_at, revision)  # the compaction revision's own events too
         etcd_ttl = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lease, keys=True))
     snapshot = tmp_path / "etcd.snapshot"
     etcdctl(etcd.endpoint, "snapshot", "save", str(snapshot))
@@ -98,7 +98,7 @@ def test_etcd_snapshot_restores_with_revisions(etcd, k8s_sql_factory, etcdctl, t
         assert _state(ch) == (revision, etcd_state)
         for rev in range(compact_at, revision + 1):  # every revision still readable on etcd
             assert _state(ch, rev)[1] == etcd_history[rev], rev
-        assert _events(ch, compact_at + 1, revision) == etcd_events
+        assert _events(ch, compact_at, revision) == etcd_events
         kv = rpc_pb2_grpc.KVStub(ch)
         try:
             kv.Range(pb.RangeRequest(key=b"/k/1", revision=compact_at - 1))

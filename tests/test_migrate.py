@@ -6,6 +6,7 @@ refused; an interrupted copy is never served and a rerun completes it."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import sqlite3
 import subprocess
@@ -32,7 +33,7 @@ def _recorded(endpoint: str) -> tuple[int, int, dict[int, list[tuple[object, ...
         status = rpc_pb2_grpc.MaintenanceStub(ch).HashKV(pb.HashKVRequest())
         compact = max(status.compact_revision, 0)  # etcd says -1 before its first compaction
         history = {rev: _state(ch, rev)[1] for rev in range(max(compact, 1), revision + 1)}
-        return revision, compact, history, _events(ch, max(compact, 1) + 1, revision)
+        return revision, compact, history, _events(ch, max(compact, 1), revision)
 
 
 def test_between_backends_and_back(k8s_sql_factory, postgres_server, mariadb_server, tmp_path: Path) -> None:
@@ -267,3 +268,55 @@ def test_unknown_kine_table_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "no kine table this reader understands" in out.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_back_to_etcd(k8s_sql_factory, postgres_server, peers_bin: Path, tmp_path: Path) -> None:
+    """k8s-sql (on PostgreSQL) → an etcd snapshot file → etcdutl snapshot status and
+    restore (etcd 3.6) → a real etcd serving every revision since the compaction, the
+    watch history and the leases as k8s-sql did, and taking the next revision."""
+    from conftest import free_port
+
+    from testing.servers import ServerProcess, etcd_argv
+
+    dsn = postgres_server.new_dsn()
+    source = k8s_sql_factory("--endpoint", dsn)
+    with grpc.insecure_channel(source.endpoint) as ch:
+        lease = _write_history(ch, random.Random(5))
+        rpc_pb2_grpc.KVStub(ch).Compact(pb.CompactionRequest(revision=_state(ch)[0] - 80, physical=True))
+        rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/last", value=b"v"))
+    want = _recorded(source.endpoint)
+    snapshot = tmp_path / "to-etcd.snapshot"
+    out = _migrate(dsn, str(snapshot), "--verify")
+    assert out.returncode == 0 and "HashKV equal" in out.stdout, out.stderr
+    source.stop()
+
+    etcdutl = str(peers_bin / "etcdutl")
+    status = subprocess.run(
+        [etcdutl, "snapshot", "status", str(snapshot), "-w", "json"], capture_output=True, text=True
+    )
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["revision"] == want[0]
+    port, peer = free_port(), free_port()
+    data_dir = tmp_path / "etcd-data"
+    restore = subprocess.run(
+        [
+            etcdutl, "snapshot", "restore", str(snapshot), "--data-dir", str(data_dir), "--name", "restored",
+            "--initial-cluster", f"restored=http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+        ],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert restore.returncode == 0, restore.stderr
+    etcd = ServerProcess(
+        f"127.0.0.1:{port}", data_dir, etcd_argv(peers_bin, port, peer, data_dir, name="restored"), tmp_path / "e.log"
+    )
+    etcd.start()
+    try:
+        assert _recorded(etcd.endpoint) == want
+        with grpc.insecure_channel(etcd.endpoint) as ch:
+            ttl = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lease, keys=True))
+            assert ttl.grantedTTL == 600 and list(ttl.keys) == [b"/leased"]
+            assert rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/n", value=b"v")).header.revision == want[0] + 1
+    finally:
+        etcd.stop()

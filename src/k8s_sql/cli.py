@@ -358,7 +358,8 @@ def migrate(source: str, dest: str, verify: bool, dry_run: bool, cacert: str, ce
     snapshot file, a k8s-sql database DSN (sqlite:///…, postgres://…, mysql://…), or a
     live etcd v3 endpoint http(s)://HOST:PORT -- etcd, kine or k8s-sql: its current
     state at one revision, without the history before it.
-    DEST: a database DSN that k8s-sql has never written to.
+    DEST: a database DSN that k8s-sql has never written to, or a new file: an etcd
+    snapshot that `etcdutl snapshot restore` turns into an etcd data directory.
     """
     import asyncio
 

@@ -11,6 +11,10 @@ point. So every key keeps its create and mod revisions and version, the history
 stays readable and watchable, and the destination's next write gets a revision
 above every one the source handed out.
 
+**To etcd.** When DEST is a file path, the copy is written as an etcd snapshot
+(:func:`k8s_sql.backend.etcd_snapshot.export`): ``etcdutl snapshot restore`` turns it
+into an etcd data directory with the same revisions, history and leases.
+
 **Never half a copy.** The destination must be empty (a database k8s-sql has never
 written to). A ``migrating`` row in ``meta`` marks it from the first row written
 until the revision is set; a frontend refuses to start on a database that carries it
@@ -224,8 +228,13 @@ async def migrate(
 ) -> Summary:
     """Copy ``source`` into the database ``dest``; see the module docstring."""
     started = time.monotonic()
+    if _is_endpoint(dest):
+        raise MigrationError(
+            f"DEST {dest}: a live endpoint cannot be written with revisions intact; write an etcd snapshot "
+            "file and restore it with etcdutl"
+        )
     if not _is_dsn(dest):
-        raise MigrationError(f"DEST {dest}: want a database DSN (sqlite:///…, postgres://…, mysql://…)")
+        return await _to_etcd_snapshot(source, dest, verify=verify, dry_run=dry_run, tls=tls, started=started)
     target = _backend(dest, "DEST")
     assert isinstance(target, SQLBackend)
     async with source_copy(source, tls) as path:
@@ -264,6 +273,51 @@ async def migrate(
                 await target.close()
         finally:
             await src.close()
+
+
+async def _to_etcd_snapshot(
+    source: str, dest: str, *, verify: bool, dry_run: bool, tls: TLS | None, started: float
+) -> Summary:
+    """DEST is a file: write an etcd snapshot (the way back to etcd: ``etcdutl snapshot
+    restore`` makes an etcd data directory of it). ``--verify`` reads the file back and
+    compares its HashKV with the source's."""
+    if os.path.exists(dest):
+        raise MigrationError(f"DEST {dest} exists: write the etcd snapshot to a new file")
+    async with source_copy(source, tls) as path:
+        src = SQLiteBackend(path)
+        await src.open()
+        try:
+            revision, compact = await src.current()
+            rows = {t: int(await src._read(lambda t=t: _count(t))) for t in COPIED_TABLES}  # type: ignore[misc]
+            summary = Summary(revision, compact, rows, 0.0)
+            if dry_run:
+                summary.seconds = time.monotonic() - started
+                return summary
+            try:
+                etcd_snapshot.export(path, dest)
+            except OSError as e:
+                raise MigrationError(f"cannot write {dest}: {e.strerror or e}") from None
+            if verify:
+                back = os.path.join(os.path.dirname(path), "readback.db")
+                etcd_snapshot.convert(dest, back)
+                check = SQLiteBackend(back)
+                await check.open()
+                try:
+                    want, got = await src.hash_kv(revision), await check.hash_kv(revision)
+                finally:
+                    await check.close()
+                if want != got:
+                    raise MigrationError(f"--verify: HashKV differs at revision {revision}: {want} != {got}")
+                summary.verified = True
+            summary.seconds = time.monotonic() - started
+            return summary
+        finally:
+            await src.close()
+
+
+def _count(table: str) -> Plan[int]:
+    rows = yield plans.Fetch(f"SELECT COUNT(*) FROM {table}")
+    return int(rows[0][0])
 
 
 async def _copy_table(

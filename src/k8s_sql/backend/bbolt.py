@@ -1,4 +1,4 @@
-"""Reading a bbolt database file -- what etcd's snapshots are -- with no etcd running.
+"""Reading and writing bbolt database files -- what etcd's snapshots are -- with no etcd.
 
 bbolt (go.etcd.io/bbolt) keeps a B+tree of pages in one file. The facts this reader
 relies on, from bbolt's on-disk format (version 2, little-endian):
@@ -24,9 +24,10 @@ Keys come out in bbolt's order (bytewise). Anything that contradicts the format 
 from __future__ import annotations
 
 import mmap
+import os
 import struct
-from collections.abc import Iterator
-from typing import Self
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, Self
 
 MAGIC = 0xED0CDAED
 VERSION = 2
@@ -154,3 +155,104 @@ class Bolt:
                         yield key, value
                 return
         raise BoltError(f"{self.path} has no {bucket.decode(errors='replace')!r} bucket")
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+FREELIST = 0x10
+PAGE_SIZE = 4096
+
+
+class _Writer:
+    """Pages appended to a file in order: page ids are handed out as nodes are written
+    (children before their parents), so every page is written once."""
+
+    def __init__(self, out: BinaryIO, page_size: int, first_pgid: int) -> None:
+        self.out = out
+        self.page_size = page_size
+        self.next = first_pgid
+
+    def page(self, flags: int, count: int, body: bytes) -> int:
+        """Write a node (header + body) over as many pages as it needs; its page id."""
+        size = PAGE_HEADER.size + len(body)
+        pages = max(1, -(-size // self.page_size))
+        pgid = self.next
+        self.next += pages
+        data = PAGE_HEADER.pack(pgid, flags, count, pages - 1) + body
+        self.out.write(data + b"\0" * (pages * self.page_size - len(data)))
+        return pgid
+
+
+def _leaf(items: list[tuple[bytes, bytes, int]]) -> bytes:
+    """A leaf node's body: elements, then each key and value."""
+    elements, data = [], []
+    offset = len(items) * ELEMENT.size
+    for i, (key, value, flags) in enumerate(items):
+        pos = offset - i * ELEMENT.size  # from the element's own address
+        elements.append(ELEMENT.pack(flags, pos, len(key), len(value)))
+        data.append(key + value)
+        offset += len(key) + len(value)
+    return b"".join(elements) + b"".join(data)
+
+
+def _branch(children: list[tuple[bytes, int]]) -> bytes:
+    elements, data = [], []
+    offset = len(children) * BRANCH_ELEMENT.size
+    for i, (key, pgid) in enumerate(children):
+        elements.append(BRANCH_ELEMENT.pack(offset - i * BRANCH_ELEMENT.size, len(key), pgid))
+        data.append(key)
+        offset += len(key)
+    return b"".join(elements) + b"".join(data)
+
+
+def _tree(w: _Writer, items: Iterable[tuple[bytes, bytes, int]]) -> int:
+    """Write a B+tree of sorted ``(key, value, flags)`` items; its root page id. Nodes
+    are filled up to a page (a node with one large item spans overflow pages)."""
+    level: list[tuple[bytes, int]] = []  # (first key, page id) of the nodes written
+    node: list[tuple[bytes, bytes, int]] = []
+    size = 0
+    room = w.page_size - PAGE_HEADER.size
+    for item in items:
+        grows = ELEMENT.size + len(item[0]) + len(item[1])
+        if node and size + grows > room:
+            level.append((node[0][0], w.page(LEAF, len(node), _leaf(node))))
+            node, size = [], 0
+        node.append(item)
+        size += grows
+    if node or not level:
+        level.append((node[0][0] if node else b"", w.page(LEAF, len(node), _leaf(node))))
+    while len(level) > 1:
+        upper: list[tuple[bytes, int]] = []
+        group: list[tuple[bytes, int]] = []
+        size = 0
+        for child in level:
+            grows = BRANCH_ELEMENT.size + len(child[0])
+            if group and size + grows > room:
+                upper.append((group[0][0], w.page(BRANCH, len(group), _branch(group))))
+                group, size = [], 0
+            group.append(child)
+            size += grows
+        upper.append((group[0][0], w.page(BRANCH, len(group), _branch(group))))
+        level = upper
+    return level[0][1]
+
+
+def write(path: str, buckets: dict[bytes, Iterable[tuple[bytes, bytes]]], page_size: int = PAGE_SIZE) -> None:
+    """Write a bbolt database holding ``buckets`` (each a sorted iterable of ``(key,
+    value)``) at ``path``: two meta pages, an empty freelist, the trees."""
+    with open(path, "wb") as out:
+        out.write(b"\0" * (3 * page_size))  # meta 0, meta 1, freelist: written last
+        w = _Writer(out, page_size, 3)
+        roots = []
+        for name in sorted(buckets):
+            root = _tree(w, ((k, v, 0) for k, v in buckets[name]))
+            roots.append((name, BUCKET_HEADER.pack(root, 0), BUCKET))
+        root = _tree(w, roots)
+        out.seek(0)
+        for txid in (0, 1):
+            fields = META_FIELDS.pack(MAGIC, VERSION, page_size, 0, root, 0, 2, w.next, txid)
+            meta = PAGE_HEADER.pack(txid, META, 0, 0) + fields + struct.pack("<Q", fnv1a64(fields))
+            out.write(meta + b"\0" * (page_size - len(meta)))
+        out.write(PAGE_HEADER.pack(2, FREELIST, 0, 0) + b"\0" * (page_size - PAGE_HEADER.size))
+        out.flush()
+        os.fsync(out.fileno())

@@ -28,10 +28,10 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from k8s_sql.backend import migrations, sql
+from k8s_sql.backend import bbolt, migrations, sql
 from k8s_sql.backend.base import DELETE, PUT, LogRow, Row
 from k8s_sql.backend.bbolt import Bolt, BoltError
 from k8s_sql.backend.snapshot import DIGEST, SnapshotError, _create
@@ -101,8 +101,10 @@ def check_digest(path: str) -> None:
 
 
 def changes(db: Bolt, compact: int) -> Iterator[tuple[LogRow | None, Row | None, bytes]]:
-    """Replay the ``key`` bucket: for each revision, ``(the change if it is after the
-    compaction point else None, the key's state after it, the key)``."""
+    """Replay the ``key`` bucket: for each revision, ``(the change if it is at or after
+    the compaction point else None, the key's state after it, the key)``. A change at
+    the compaction revision whose previous state etcd compacted away has none (etcd
+    serves its event without prev_kv)."""
     state: dict[bytes, Row | None] = {}
     for raw, value in db.items(b"key"):
         main, sub, tombstone = _revision(raw)
@@ -111,7 +113,7 @@ def changes(db: Bolt, compact: int) -> Iterator[tuple[LogRow | None, Row | None,
         row = None if tombstone else Row(kv.key, kv.create_revision, kv.mod_revision, kv.version, kv.lease, kv.value)
         state[kv.key] = row
         change = None
-        if main > compact:
+        if main >= compact:  # etcd serves the compaction revision's own events
             logged = row if row is not None else Row(kv.key, 0, main, 0, 0, b"")
             change = LogRow(main, sub, DELETE if tombstone else PUT, logged, prev)
         yield change, row, kv.key
@@ -202,3 +204,124 @@ def restore(src: str, data_dir: str) -> tuple[str, Converted]:
         if not done and created:  # leave nothing behind: the destination as it was
             os.rmdir(data_dir)
     return target, converted
+
+
+# -- k8s-sql -> etcd -------------------------------------------------------------------------
+
+STORAGE_VERSION = b"3.6.0"
+
+
+def _rev_bytes(main: int, sub: int, tombstone: bool = False) -> bytes:
+    return main.to_bytes(8, "big") + b"_" + sub.to_bytes(8, "big") + (b"t" if tombstone else b"")
+
+
+def _lease_record(lease_id: int, ttl: int, remaining: int) -> bytes:
+    """leasepb.Lease {ID = 1, TTL = 2, RemainingTTL = 3}: three int64 varints."""
+    out = bytearray()
+    for number, value in ((1, lease_id), (2, ttl), (3, remaining)):
+        if value:
+            out += _put_varint(number << 3)
+            out += _put_varint(value & 0xFFFFFFFFFFFFFFFF)
+    return bytes(out)
+
+
+def _put_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _key_bucket(store: sqlite3.Connection, compact: int) -> Iterator[tuple[bytes, bytes]]:
+    """etcd's ``key`` bucket from a k8s-sql store: each key's state at the compaction
+    point (as etcd keeps it), then every change after it, in revision order."""
+    base: list[tuple[int, bytes, kv_pb2.KeyValue]] = []
+    # The state at the compaction point, less what the log holds at that revision itself
+    # (those entries are written from the log, with their sub revisions).
+    state_rows = store.execute(
+        "SELECT * FROM ("
+        f" SELECT {sql.KV_COLUMNS} FROM kv WHERE mod_rev <= ?"
+        " UNION ALL"
+        " SELECT key, prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value FROM ("
+        "  SELECT key, prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value,"
+        "         ROW_NUMBER() OVER (PARTITION BY key ORDER BY rev) AS n FROM log WHERE rev > ?)"
+        " WHERE n = 1 AND prev_mod_rev IS NOT NULL) AS state"
+        " WHERE NOT EXISTS (SELECT 1 FROM log WHERE log.rev = state.mod_rev AND log.rev = ? AND log.key = state.key)",
+        (compact, compact, compact),
+    )
+    for key, create, mod, version, lease, value in state_rows:
+        kv = kv_pb2.KeyValue(
+            key=bytes(key), create_revision=create, mod_revision=mod, version=version, lease=lease, value=bytes(value)
+        )
+        base.append((mod, bytes(key), kv))
+    base.sort(key=lambda t: (t[0], t[1]))
+    sub, last = 0, None
+    for mod, _key, kv in base:  # the sub revision is not kept below the compaction point: number them
+        sub = sub + 1 if mod == last else 0
+        last = mod
+        yield _rev_bytes(mod, sub), kv.SerializeToString()
+    for r in store.execute(f"SELECT {sql.LOG_COLUMNS} FROM log WHERE rev >= ? ORDER BY rev, sub", (compact,)):
+        change = sql.log_row(r)
+        if change.kind == DELETE:
+            yield _rev_bytes(change.rev, change.sub, True), kv_pb2.KeyValue(key=change.row.key).SerializeToString()
+        else:
+            row = change.row
+            kv = kv_pb2.KeyValue(
+                key=row.key,
+                create_revision=row.create_rev,
+                mod_revision=change.rev,
+                version=row.version,
+                lease=row.lease,
+                value=row.value,
+            )
+            yield _rev_bytes(change.rev, change.sub), kv.SerializeToString()
+
+
+def export(store_path: str, dest: str, now: float | None = None) -> tuple[int, int]:
+    """Write an etcd snapshot (bbolt, then its SHA-256, as ``etcdctl snapshot save``
+    writes it) of the k8s-sql SQLite store at ``store_path``: ``(revision, compaction
+    revision)``. ``etcdutl snapshot restore`` makes an etcd data directory of it."""
+    now = time.time() if now is None else now
+    store = sqlite3.connect(f"file:{os.path.abspath(store_path)}?mode=ro", uri=True)
+    try:
+        meta = dict(store.execute("SELECT name, value FROM meta").fetchall())
+        revision, compact = int(meta["revision"]), int(meta["compact_revision"])
+        leases = [
+            (lease_id.to_bytes(8, "big"), _lease_record(lease_id, ttl, max(0, round(expires_at - now))))
+            for lease_id, ttl, expires_at in store.execute("SELECT id, ttl, expires_at FROM lease ORDER BY id")
+        ]
+        meta_bucket = [(b"storageVersion", STORAGE_VERSION)]
+        if compact:
+            meta_bucket += [
+                (b"finishedCompactRev", _rev_bytes(compact, 0)),
+                (b"scheduledCompactRev", _rev_bytes(compact, 0)),
+            ]
+        buckets: dict[bytes, Iterable[tuple[bytes, bytes]]] = {
+            b"alarm": [],
+            b"auth": [(b"authRevision", (1).to_bytes(8, "big"))],
+            b"authRoles": [],
+            b"authUsers": [],
+            b"cluster": [(b"clusterVersion", STORAGE_VERSION)],
+            b"key": _key_bucket(store, compact),
+            b"lease": sorted(leases),
+            b"members": [],
+            b"members_removed": [],
+            b"meta": sorted(meta_bucket),
+        }
+        partial = dest + ".part"
+        bbolt.write(partial, buckets)
+    finally:
+        store.close()
+    digest = hashlib.sha256()
+    with open(partial, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    with open(partial, "ab") as f:
+        f.write(digest.digest())
+    os.replace(partial, dest)
+    return revision, compact

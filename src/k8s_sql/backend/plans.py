@@ -283,8 +283,12 @@ def hash_kv(d: Dialect, rev: int) -> Plan[tuple[int, int, int]]:
         raise CompactedError
     h = StateHash()
     last: tuple[int, int] | None = None
-    while True:  # the changes in (rev, sub) order, a page at a time
-        rows = yield from log_page(d, last, compact, at)
+    # The changes after the compaction point, in (rev, sub) order, a page at a time. The
+    # compaction revision's own change is part of the compacted state (its prev_kv is
+    # no longer served, as from etcd), which the state below hashes: an etcd snapshot of
+    # the store, which cannot hold that prev, hashes the same after a round trip.
+    while True:
+        rows = yield from log_page(d, last, compact + 1, at)
         for r in rows:
             h.add_change(sql.log_row(r))
         if len(rows) < PAGE_ROWS:
