@@ -710,7 +710,8 @@ def test_defrag_keeps_data(k8s_sql, etcdctl) -> None:
 # -- snapshot and restore --------------------------------------------------------------
 
 
-def test_snapshot_save_and_restore(k8s_sql, k8s_sql_factory, etcdctl, tmp_path: Path) -> None:
+def test_snapshot_save_and_restore(k8s_sql, k8s_sql_factory, etcdctl, peers_bin: Path, tmp_path: Path) -> None:
+    etcdctl_bin = peers_bin / "etcdctl"
     url = k8s_sql.url
     etcdctl(url, "put", "snap/a", "1")  # 2
     etcdctl(url, "put", "snap/b", "2")  # 3
@@ -727,6 +728,15 @@ def test_snapshot_save_and_restore(k8s_sql, k8s_sql_factory, etcdctl, tmp_path: 
     blob = path.read_bytes()
     assert len(blob) > 32
     assert blob[-32:] == hashlib.sha256(blob[:-32]).digest(), "snapshot does not end with its SHA-256"
+    # etcd's own format: etcd's tools read it (etcdutl restore: tests/test_migrate.py)
+    status = subprocess.run(
+        [str(etcdctl_bin.parent / "etcdutl"), "snapshot", "status", str(path), "-w", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["revision"] == 7
 
     # the source keeps serving after the snapshot
     etcdctl(url, "put", "snap/after", "x")  # 8

@@ -393,8 +393,8 @@ def restore(ctx: click.Context, snapshot: str, target_dir: str) -> None:
     """Create a data directory from a snapshot taken with `etcdctl snapshot save`: from
     k8s-sql, or from etcd itself (its bbolt file: every key with its revisions, the
     history since its last compaction, and its leases)."""
-    from k8s_sql.backend import bbolt, etcd_snapshot
     from k8s_sql.backend.snapshot import SnapshotError, restore as restore_snapshot
+    from k8s_sql.formats import bbolt, etcd_snapshot
 
     data_dir = target_dir or ctx.obj["data_dir"] or f"{ctx.obj['name']}.k8s-sql"
     try:

@@ -1,7 +1,7 @@
 """``k8s-sql migrate SOURCE DEST``: a store copied whole, revisions intact.
 
 The source is read from one consistent copy: an etcd snapshot file (converted by
-:mod:`k8s_sql.backend.etcd_snapshot`), a k8s-sql snapshot file, a k8s-sql database
+:mod:`k8s_sql.formats.etcd_snapshot`), a k8s-sql snapshot file, a k8s-sql database
 (its Snapshot, as ``etcdctl snapshot save`` takes it), or a live etcd v3 endpoint --
 etcd, kine or k8s-sql -- read at one pinned revision (current state only: the API
 gives no history). That copy, an SQLite file, is
@@ -12,7 +12,7 @@ stays readable and watchable, and the destination's next write gets a revision
 above every one the source handed out.
 
 **To etcd.** When DEST is a file path, the copy is written as an etcd snapshot
-(:func:`k8s_sql.backend.etcd_snapshot.export`): ``etcdutl snapshot restore`` turns it
+(:func:`k8s_sql.formats.etcd_snapshot.export`): ``etcdutl snapshot restore`` turns it
 into an etcd data directory with the same revisions, history and leases.
 
 **Never half a copy.** The destination must be empty (a database k8s-sql has never
@@ -35,13 +35,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from k8s_sql.backend import bbolt, etcd_snapshot, kine, migrations, open_backend, plans, snapshot, sql
+from k8s_sql.backend import migrations, open_backend, plans, snapshot, sql
 from k8s_sql.backend.base import Backend, KeyRange
 from k8s_sql.backend.engine import SQLBackend
 from k8s_sql.backend.plans import Execute, ExecuteMany, Plan
 from k8s_sql.backend.sql import Dialect
 from k8s_sql.backend.sqlite import SQLiteBackend
 from k8s_sql.dsn import redact
+from k8s_sql.formats import bbolt, etcd_snapshot, kine
 
 MARKER = "migrating"  # a meta row: the database holds a copy in progress
 ROWS_PER_TRANSACTION = 5000

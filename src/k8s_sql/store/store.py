@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from k8s_sql import errors, metrics
 from k8s_sql.backend import snapshot
 from k8s_sql.backend.base import Backend, CompactedError, FutureRevisionError, KeyRange, LeaseRow, LogRow
+from k8s_sql.formats import etcd_snapshot
 from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.store import ranges, txn
 from k8s_sql.store.batch import CommitListener, GroupCommit
@@ -221,9 +222,12 @@ class Store:
 
     async def snapshot(self) -> AsyncGenerator[tuple[int, bytes], None]:
         """etcd's snapshot stream: ``(remaining bytes, blob)`` frames of a consistent copy
-        in k8s-sql's snapshot format, the last one its SHA-256."""
-        async with self.backend.snapshot() as path:
-            async for frame in snapshot.frames(path):
+        in etcd's own format (a bbolt database: etcd_snapshot.export, written on a thread),
+        the last one its SHA-256 -- what etcdctl, etcdutl and ``k8s-sql restore`` read."""
+        loop = asyncio.get_running_loop()
+        async with self.backend.snapshot() as path, snapshot.temporary_path() as etcd_path:
+            await loop.run_in_executor(None, functools.partial(etcd_snapshot.export, path, etcd_path, trailer=False))
+            async for frame in snapshot.frames(etcd_path):
                 yield frame
 
 

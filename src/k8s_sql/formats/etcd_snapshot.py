@@ -31,10 +31,11 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from k8s_sql.backend import bbolt, migrations, sql
+from k8s_sql.backend import migrations, sql
 from k8s_sql.backend.base import DELETE, PUT, LogRow, Row
-from k8s_sql.backend.bbolt import Bolt, BoltError
 from k8s_sql.backend.snapshot import DIGEST, SnapshotError, _create
+from k8s_sql.formats import bbolt
+from k8s_sql.formats.bbolt import Bolt, BoltError
 from k8s_sql.pb import kv_pb2
 
 REVISION_BYTES = 17  # main (8) + "_" + sub (8)
@@ -87,6 +88,8 @@ def check_digest(path: str) -> None:
     """A snapshot from the Snapshot RPC ends with the SHA-256 of the database before it
     (etcdutl checks it the same way: ``size % 512 == 32``); a bare database has none."""
     size = os.path.getsize(path)
+    if size % 512 not in (0, DIGEST):  # pages are whole: a bare database is a multiple of 512
+        raise SnapshotError(f"{path} is truncated (not whole pages, nor whole pages and a SHA-256)")
     if size % 512 != DIGEST:
         return
     digest = hashlib.sha256()
@@ -240,7 +243,6 @@ def _put_varint(value: int) -> bytes:
 def _key_bucket(store: sqlite3.Connection, compact: int) -> Iterator[tuple[bytes, bytes]]:
     """etcd's ``key`` bucket from a k8s-sql store: each key's state at the compaction
     point (as etcd keeps it), then every change after it, in revision order."""
-    base: list[tuple[int, bytes, kv_pb2.KeyValue]] = []
     # The state at the compaction point, less what the log holds at that revision itself
     # (those entries are written from the log, with their sub revisions).
     state_rows = store.execute(
@@ -251,19 +253,18 @@ def _key_bucket(store: sqlite3.Connection, compact: int) -> Iterator[tuple[bytes
         "  SELECT key, prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value,"
         "         ROW_NUMBER() OVER (PARTITION BY key ORDER BY rev) AS n FROM log WHERE rev > ?)"
         " WHERE n = 1 AND prev_mod_rev IS NOT NULL) AS state"
-        " WHERE NOT EXISTS (SELECT 1 FROM log WHERE log.rev = state.mod_rev AND log.rev = ? AND log.key = state.key)",
+        " WHERE NOT EXISTS (SELECT 1 FROM log WHERE log.rev = state.mod_rev AND log.rev = ? AND log.key = state.key)"
+        " ORDER BY mod_rev, key",  # sorted by SQLite (on disk if need be), streamed
         (compact, compact, compact),
     )
+    sub, last = 0, None
     for key, create, mod, version, lease, value in state_rows:
+        # the sub revision is not kept below the compaction point: number them
+        sub = sub + 1 if mod == last else 0
+        last = mod
         kv = kv_pb2.KeyValue(
             key=bytes(key), create_revision=create, mod_revision=mod, version=version, lease=lease, value=bytes(value)
         )
-        base.append((mod, bytes(key), kv))
-    base.sort(key=lambda t: (t[0], t[1]))
-    sub, last = 0, None
-    for mod, _key, kv in base:  # the sub revision is not kept below the compaction point: number them
-        sub = sub + 1 if mod == last else 0
-        last = mod
         yield _rev_bytes(mod, sub), kv.SerializeToString()
     for r in store.execute(f"SELECT {sql.LOG_COLUMNS} FROM log WHERE rev >= ? ORDER BY rev, sub", (compact,)):
         change = sql.log_row(r)
@@ -282,10 +283,11 @@ def _key_bucket(store: sqlite3.Connection, compact: int) -> Iterator[tuple[bytes
             yield _rev_bytes(change.rev, change.sub), kv.SerializeToString()
 
 
-def export(store_path: str, dest: str, now: float | None = None) -> tuple[int, int]:
-    """Write an etcd snapshot (bbolt, then its SHA-256, as ``etcdctl snapshot save``
-    writes it) of the k8s-sql SQLite store at ``store_path``: ``(revision, compaction
-    revision)``. ``etcdutl snapshot restore`` makes an etcd data directory of it."""
+def export(store_path: str, dest: str, now: float | None = None, trailer: bool = True) -> tuple[int, int]:
+    """Write an etcd snapshot (bbolt, then -- with ``trailer`` -- its SHA-256, as
+    ``etcdctl snapshot save`` writes it) of the k8s-sql SQLite store at ``store_path``:
+    ``(revision, compaction revision)``. ``etcdutl snapshot restore`` makes an etcd data
+    directory of it; the Snapshot RPC streams it (adding the digest as it goes)."""
     now = time.time() if now is None else now
     store = sqlite3.connect(f"file:{os.path.abspath(store_path)}?mode=ro", uri=True)
     try:
@@ -317,11 +319,12 @@ def export(store_path: str, dest: str, now: float | None = None) -> tuple[int, i
         bbolt.write(partial, buckets)
     finally:
         store.close()
-    digest = hashlib.sha256()
-    with open(partial, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    with open(partial, "ab") as f:
-        f.write(digest.digest())
+    if trailer:
+        digest = hashlib.sha256()
+        with open(partial, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        with open(partial, "ab") as f:
+            f.write(digest.digest())
     os.replace(partial, dest)
     return revision, compact
