@@ -138,10 +138,33 @@ MAX_LOGGED_KEY = 200  # bytes of a key quoted in a log line
 
 
 def quote_key(key: bytes) -> str:
-    """A key for a log line: printable, escaped like Go's %q, cut at MAX_LOGGED_KEY."""
-    cut = key[:MAX_LOGGED_KEY]
-    text = cut.decode("utf-8", "backslashreplace").encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return f'"{text}"' + ("..." if len(key) > MAX_LOGGED_KEY else "")
+    """A key for a log line: printable ASCII as is, ``"`` and ``\\`` escaped, any other
+    byte as ``\\xNN`` (as Go's %q shows bytes that are not UTF-8), cut at MAX_LOGGED_KEY."""
+    out = []
+    for b in key[:MAX_LOGGED_KEY]:
+        if b in (0x22, 0x5C):
+            out.append("\\" + chr(b))
+        elif 0x20 <= b < 0x7F:
+            out.append(chr(b))
+        else:
+            out.append(f"\\x{b:02x}")
+    return '"' + "".join(out) + '"' + ("..." if len(key) > MAX_LOGGED_KEY else "")
+
+
+def _first_key(txn: Any) -> bytes | None:
+    """The first key a txn names: its first compare's, else its first op's (nested txns
+    searched depth first)."""
+    for c in txn.compare:
+        return bytes(c.key)
+    for op in (*txn.success, *txn.failure):
+        kind = op.WhichOneof("request")
+        if kind == "request_txn":
+            key = _first_key(op.request_txn)
+            if key is not None:
+                return key
+        elif kind is not None:
+            return bytes(getattr(op, kind).key)
+    return None
 
 
 def describe(request: Any) -> str:
@@ -167,11 +190,9 @@ def describe(request: Any) -> str:
         if request.lease:
             parts.append(f"lease:{request.lease}")
     elif name == "TxnRequest":
-        keys = [c.key for c in request.compare[:1]] or [
-            getattr(op, op.WhichOneof("request") or "request_range").key for op in request.success[:1]
-        ]
-        if keys:
-            parts.append(f"key:{quote_key(keys[0])}")
+        key = _first_key(request)
+        if key is not None:
+            parts.append(f"key:{quote_key(key)}")
         parts.append(f"compare:{len(request.compare)} success:{len(request.success)} failure:{len(request.failure)}")
     elif name in ("LeaseGrantRequest", "LeaseRevokeRequest", "LeaseTimeToLiveRequest"):
         parts.append(f"id:{request.ID}")
@@ -224,12 +245,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return m
 
     def _warn_slow(self, method: str, took: float, request: Any) -> None:
+        try:
+            what = describe(request)
+        except Exception as e:  # a log line must never fail the request it describes
+            what = f"(not described: {type(e).__name__})"
         if self.slow and took > self.slow:
             fields = {
                 "method": method,
                 "took": go_duration(took),
                 "expected-duration": go_duration(self.slow),
-                "request": describe(request),
+                "request": what,
             }
             log.warning(
                 "apply request took too long: %s",

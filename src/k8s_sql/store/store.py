@@ -224,9 +224,8 @@ class Store:
         """etcd's snapshot stream: ``(remaining bytes, blob)`` frames of a consistent copy
         in etcd's own format (a bbolt database: etcd_snapshot.export, written on a thread),
         the last one its SHA-256 -- what etcdctl, etcdutl and ``k8s-sql restore`` read."""
-        loop = asyncio.get_running_loop()
         async with self.backend.snapshot() as path, snapshot.temporary_path() as etcd_path:
-            await loop.run_in_executor(None, functools.partial(etcd_snapshot.export, path, etcd_path, trailer=False))
+            await etcd_snapshot.export_elsewhere(path, etcd_path)
             async for frame in snapshot.frames(etcd_path):
                 yield frame
 
