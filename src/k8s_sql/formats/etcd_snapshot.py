@@ -171,7 +171,7 @@ def _write(out: sqlite3.Connection, db: Bolt, compact: int, now: float) -> Conve
     leases = 0
     for raw_id, value in db.items(b"lease"):
         fields = _varints(value)
-        lease_id = fields.get(1, int.from_bytes(raw_id, "big"))
+        lease_id = fields.get(1, int.from_bytes(raw_id, "big", signed=True))
         ttl = fields.get(2, 0)
         remaining = fields.get(3, 0) or ttl
         out.execute("INSERT INTO lease (id, ttl, expires_at) VALUES (?, ?, ?)", (lease_id, ttl, now + remaining))
@@ -294,7 +294,11 @@ def export(store_path: str, dest: str, now: float | None = None, trailer: bool =
         meta = dict(store.execute("SELECT name, value FROM meta").fetchall())
         revision, compact = int(meta["revision"]), int(meta["compact_revision"])
         leases = [
-            (lease_id.to_bytes(8, "big"), _lease_record(lease_id, ttl, max(0, round(expires_at - now))))
+            # the id as etcd's int64 key: a negative id in two's complement
+            (
+                (lease_id & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big"),
+                _lease_record(lease_id, ttl, max(0, round(expires_at - now))),
+            )
             for lease_id, ttl, expires_at in store.execute("SELECT id, ttl, expires_at FROM lease ORDER BY id")
         ]
         meta_bucket = [(b"storageVersion", STORAGE_VERSION)]
