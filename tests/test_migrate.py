@@ -59,6 +59,9 @@ def test_between_backends_and_back(k8s_sql_factory, postgres_server, mariadb_ser
         out = _migrate(src, dest, "--verify")
         assert out.returncode == 0, out.stderr
         assert f"copied revision {want[0]}" in out.stdout and "HashKV equal" in out.stdout, out.stdout
+        # not a terminal: plain progress lines (rows done of the total, rate, time left)
+        kv_rows = len(want[2][want[0]])
+        assert f"kv: {kv_rows}/{kv_rows} rows, " in out.stderr and " s left" in out.stderr, out.stderr
 
     for dsn in chain[1:]:
         server = k8s_sql_factory("--endpoint", dsn)
@@ -107,7 +110,7 @@ def test_interrupted_copy_is_never_served(k8s_sql_factory, tmp_path: Path) -> No
     assert out.returncode != 0 and "holds an unfinished `k8s-sql migrate`" in out.stderr, out.stderr
     # a rerun clears the partial rows and completes
     out = _migrate(f"sqlite://{source_dir / 'state.db'}", f"sqlite://{dest}", "--verify")
-    assert out.returncode == 0 and "interrupted migration: clearing it" in out.stdout, out.stderr
+    assert out.returncode == 0 and "interrupted migration: clearing it" in out.stderr, out.stderr
     server = k8s_sql_factory(data_dir=dest.parent)
     assert _recorded(server.endpoint) == want
 

@@ -364,11 +364,14 @@ def migrate(source: str, dest: str, verify: bool, dry_run: bool, cacert: str, ce
     import asyncio
 
     from k8s_sql.migrate import TLS, MigrationError, migrate as run_migration
+    from k8s_sql.progress import for_terminal_or_log
 
     tls = TLS(cacert, cert, key)
+    progress = for_terminal_or_log()
     try:
-        summary = asyncio.run(run_migration(source, dest, verify=verify, dry_run=dry_run, tls=tls, progress=click.echo))
+        summary = asyncio.run(run_migration(source, dest, verify=verify, dry_run=dry_run, tls=tls, progress=progress))
     except MigrationError as e:
+        progress.done()
         raise click.ClickException(str(e)) from None
     counts = ", ".join(f"{n} {table} rows" for table, n in summary.rows.items())
     what = "would copy" if dry_run else "copied"

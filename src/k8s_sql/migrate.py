@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from k8s_sql.backend import migrations, open_backend, plans, snapshot, sql
@@ -51,6 +51,23 @@ COPIED_TABLES = ("kv", "log", "lease")
 
 class MigrationError(Exception):
     """Why a migration cannot go on: one line for the operator."""
+
+
+class Progress:
+    """What a migration reports as it goes: notes, and rows copied of each table. The
+    default says nothing; the command shows a bar on a terminal, lines otherwise."""
+
+    def note(self, line: str) -> None:
+        pass
+
+    def table(self, name: str, total: int) -> None:
+        pass
+
+    def advance(self, rows: int) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
 
 
 @dataclass
@@ -225,10 +242,11 @@ async def migrate(
     verify: bool = False,
     dry_run: bool = False,
     tls: TLS | None = None,
-    progress: Callable[[str], None] = lambda line: None,
+    progress: Progress | None = None,
 ) -> Summary:
     """Copy ``source`` into the database ``dest``; see the module docstring."""
     started = time.monotonic()
+    progress = progress or Progress()
     if _is_endpoint(dest):
         raise MigrationError(
             f"DEST {dest}: a live endpoint cannot be written with revisions intact; write an etcd snapshot "
@@ -250,7 +268,7 @@ async def migrate(
                 raise MigrationError(f"cannot open DEST {redact(dest)}: {' '.join(str(e).split())}") from None
             try:
                 if await target.meta_get(MARKER):
-                    progress(f"{redact(dest)} holds an interrupted migration: clearing it")
+                    progress.note(f"{redact(dest)} holds an interrupted migration: clearing it")
                     if not dry_run:
                         await target._write(clear)
                 elif not await _empty(target):
@@ -258,7 +276,9 @@ async def migrate(
                 if not dry_run:
                     await target.meta_set(MARKER, 1)
                 for table in COPIED_TABLES:
+                    progress.table(table, await src._read(lambda t=table: _count(t)))  # type: ignore[misc]
                     await _copy_table(src, target, table, rows, dry_run, progress)
+                progress.done()
                 if not dry_run:
                     await target.meta_set("compact_revision", compact)
                     await target.meta_set("revision", revision)
@@ -327,7 +347,7 @@ async def _copy_table(
     table: str,
     rows: dict[str, int],
     dry_run: bool,
-    progress: Callable[[str], None],
+    progress: Progress,
 ) -> None:
     after = None
     pending: list[tuple[object, ...]] = []
@@ -343,7 +363,7 @@ async def _copy_table(
                 batch = list(pending)
                 await dest._write(lambda batch=batch: load_rows(d, table, batch))  # type: ignore[misc]
             rows[table] += len(pending)
+            progress.advance(len(pending))
             pending.clear()
-            progress(f"{table}: {rows[table]} rows")
         if not page:
             return
