@@ -232,6 +232,13 @@ ETCD_QUIRKS = [
         "gRPC's client reports a watch stream etcd reset (malformed or oversized frames) as 'Internal error from Core'",
         lambda x: x.code == "INTERNAL" and x.details == "Internal error from Core" and x.method == "Watch.Watch",
     ),
+    (
+        # Seen once in CI (a Watch with fragment and a malformed frame, 20 s without the
+        # progress reply); the same seed's request was answered on every other run, here
+        # and in CI. The oracle's flake, not k8s-sql's: k8s-sql's own hangs still fail.
+        "etcd's watch stream, on a loaded machine, may leave the probe's progress request unanswered",
+        lambda x: x.code == "DEADLINE_EXCEEDED" and x.method == "Watch.Watch",
+    ),
 ]
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from k8s_sql.backend import migrations, open_backend, plans, snapshot, sql
 from k8s_sql.backend.base import Backend, KeyRange
 from k8s_sql.backend.engine import SQLBackend
-from k8s_sql.backend.plans import Execute, ExecuteMany, Plan
+from k8s_sql.backend.plans import Execute, Load, Plan
 from k8s_sql.backend.sql import Dialect
 from k8s_sql.backend.sqlite import SQLiteBackend
 from k8s_sql.dsn import redact
@@ -212,8 +212,7 @@ def _backend(dsn: str, which: str) -> Backend:
 
 def load_rows(d: Dialect, table: str, rows: list[tuple[object, ...]]) -> Plan[None]:
     columns = {"kv": d.kv_columns, "log": d.log_columns, "lease": "id, ttl, expires_at"}[table]
-    marks = ", ".join("?" * (columns.count(",") + 1))
-    yield ExecuteMany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+    yield Load(table, tuple(c.strip() for c in columns.split(",")), rows)
 
 
 def clear() -> Plan[None]:
