@@ -323,3 +323,44 @@ def test_back_to_etcd(k8s_sql_factory, postgres_server, peers_bin: Path, tmp_pat
             assert rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/n", value=b"v")).header.revision == want[0] + 1
     finally:
         etcd.stop()
+
+
+def test_older_sqlite_snapshots_still_read(k8s_sql_factory, tmp_path: Path) -> None:
+    """Snapshots k8s-sql streamed before it wrote etcd's format (an SQLite file and its
+    SHA-256) are still restored and migrated."""
+    import asyncio
+
+    from k8s_sql.backend import snapshot
+
+    source_dir = tmp_path / "source"
+    source = k8s_sql_factory(data_dir=source_dir)
+    with grpc.insecure_channel(source.endpoint) as ch:
+        for i in range(10):
+            rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/old/%d" % i, value=b"v%d" % i))
+    want = _recorded(source.endpoint)
+    source.stop()
+    copy = tmp_path / "copy.db"
+    with sqlite3.connect(source_dir / "state.db") as db:
+        db.execute("VACUUM INTO ?", (str(copy),))
+    old = tmp_path / "old-format.snapshot"
+
+    async def write_old() -> None:
+        with open(old, "wb") as f:
+            async for _, blob in snapshot.frames(str(copy)):  # the file, then its SHA-256
+                f.write(blob)
+
+    asyncio.run(write_old())
+    restored = tmp_path / "restored"
+    out = subprocess.run(
+        [sys.executable, "-m", "k8s_sql", "restore", str(old), "--data-dir", str(restored)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and f"revision {want[0]}" in out.stdout, out.stderr
+    migrated = tmp_path / "migrated" / "state.db"
+    assert _migrate(str(old), f"sqlite://{migrated}", "--verify").returncode == 0
+    for data_dir in (restored, migrated.parent):
+        server = k8s_sql_factory(data_dir=data_dir)
+        assert _recorded(server.endpoint) == want
+        server.stop()
