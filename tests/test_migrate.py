@@ -73,8 +73,15 @@ def test_between_backends_and_back(k8s_sql_factory, postgres_server, mariadb_ser
 
     # a destination that holds data is refused, untouched
     out = _migrate(chain[0], chain[1])
-    assert out.returncode == 1 and out.stderr.strip().endswith("is not empty: migrate into a new database")
+    assert out.returncode == 1 and out.stderr.strip().endswith(
+        "is not empty: migrate into a new database, or --replace its contents"
+    )
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # told to, it replaces what the destination holds: MariaDB's copy becomes the SQLite source's again
+    out = _migrate(chain[0], chain[2], "--replace", "--verify")
+    assert out.returncode == 0 and "HashKV equal" in out.stdout and "--replace" in out.stderr, out.stderr
+    server = k8s_sql_factory("--endpoint", chain[2])
+    assert _recorded(server.endpoint) == want
 
 
 def test_from_etcd_into_postgres(etcd, etcdctl, k8s_sql_factory, postgres_server, tmp_path: Path) -> None:

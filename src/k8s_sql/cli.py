@@ -346,11 +346,19 @@ def _read_endpoint_file(path: str) -> str:
 @click.option("--verify", is_flag=True, help="Compare HashKV of the source's copy and the destination at the end.")
 @click.option("--dry-run", is_flag=True, help="Read the source and count its rows; write nothing.")
 @click.option(
+    "--replace",
+    is_flag=True,
+    help="Clear a DEST database that already holds a store (its keys, history and leases) instead of "
+    "refusing it. Stop its frontends first.",
+)
+@click.option(
     "--cacert", default="", metavar="FILE", help="CA bundle to verify an https SOURCE endpoint (etcdctl's flag)."
 )
 @click.option("--cert", default="", metavar="FILE", help="Client certificate for an https SOURCE endpoint.")
 @click.option("--key", default="", metavar="FILE", help="Client key for an https SOURCE endpoint.")
-def migrate(source: str, dest: str, verify: bool, dry_run: bool, cacert: str, cert: str, key: str) -> None:
+def migrate(
+    source: str, dest: str, verify: bool, dry_run: bool, replace: bool, cacert: str, cert: str, key: str
+) -> None:
     """Copy SOURCE into the empty database DEST, keeping every key's revisions, the
     history, the revision counter and the leases.
 
@@ -369,7 +377,9 @@ def migrate(source: str, dest: str, verify: bool, dry_run: bool, cacert: str, ce
     tls = TLS(cacert, cert, key)
     progress = for_terminal_or_log()
     try:
-        summary = asyncio.run(run_migration(source, dest, verify=verify, dry_run=dry_run, tls=tls, progress=progress))
+        summary = asyncio.run(
+            run_migration(source, dest, verify=verify, dry_run=dry_run, tls=tls, progress=progress, replace=replace)
+        )
     except MigrationError as e:
         progress.done()
         raise click.ClickException(str(e)) from None

@@ -16,8 +16,10 @@ above every one the source handed out.
 into an etcd data directory with the same revisions, history and leases.
 
 **Never half a copy.** The destination must be empty (a database k8s-sql has never
-written to). A ``migrating`` row in ``meta`` marks it from the first row written
-until the revision is set; a frontend refuses to start on a database that carries it
+written to), unless ``--replace`` is given: its keys, history and leases are then
+cleared first (stop its frontends: a running one keeps serving what it cached). A
+``migrating`` row in ``meta`` marks it from the first row written until the revision
+is set; a frontend refuses to start on a database that carries it
 (server.py), and a rerun of ``migrate`` clears the partial rows and starts again.
 
 ``--verify`` compares HashKV -- a hash of the whole history and the state at the
@@ -242,6 +244,7 @@ async def migrate(
     dry_run: bool = False,
     tls: TLS | None = None,
     progress: Progress | None = None,
+    replace: bool = False,
 ) -> Summary:
     """Copy ``source`` into the database ``dest``; see the module docstring."""
     started = time.monotonic()
@@ -271,7 +274,14 @@ async def migrate(
                     if not dry_run:
                         await target._write(clear)
                 elif not await _empty(target):
-                    raise MigrationError(f"DEST {redact(dest)} is not empty: migrate into a new database")
+                    if not replace:
+                        raise MigrationError(
+                            f"DEST {redact(dest)} is not empty: migrate into a new database, or --replace its contents"
+                        )
+                    progress.note(f"replacing what {redact(dest)} holds (--replace)")
+                    if not dry_run:
+                        await target.meta_set(MARKER, 1)  # from here on, no frontend starts on it
+                        await target._write(clear)
                 if not dry_run:
                     await target.meta_set(MARKER, 1)
                 for table in COPIED_TABLES:
