@@ -37,6 +37,7 @@ from k8s_sql.backend.snapshot import DIGEST, SnapshotError, _create
 from k8s_sql.formats import bbolt
 from k8s_sql.formats.bbolt import Bolt, BoltError
 from k8s_sql.pb import kv_pb2
+from k8s_sql.store.ranges import to_kv
 
 REVISION_BYTES = 17  # main (8) + "_" + sub (8)
 BATCH = 5000  # rows per INSERT batch
@@ -262,25 +263,16 @@ def _key_bucket(store: sqlite3.Connection, compact: int) -> Iterator[tuple[bytes
         # the sub revision is not kept below the compaction point: number them
         sub = sub + 1 if mod == last else 0
         last = mod
-        kv = kv_pb2.KeyValue(
-            key=bytes(key), create_revision=create, mod_revision=mod, version=version, lease=lease, value=bytes(value)
+        yield (
+            _rev_bytes(mod, sub),
+            to_kv(Row(bytes(key), create, mod, version, lease, bytes(value))).SerializeToString(),
         )
-        yield _rev_bytes(mod, sub), kv.SerializeToString()
     for r in store.execute(f"SELECT {sql.LOG_COLUMNS} FROM log WHERE rev >= ? ORDER BY rev, sub", (compact,)):
         change = sql.log_row(r)
         if change.kind == DELETE:
             yield _rev_bytes(change.rev, change.sub, True), kv_pb2.KeyValue(key=change.row.key).SerializeToString()
-        else:
-            row = change.row
-            kv = kv_pb2.KeyValue(
-                key=row.key,
-                create_revision=row.create_rev,
-                mod_revision=change.rev,
-                version=row.version,
-                lease=row.lease,
-                value=row.value,
-            )
-            yield _rev_bytes(change.rev, change.sub), kv.SerializeToString()
+        else:  # a put's row carries the change's revision as its mod revision
+            yield _rev_bytes(change.rev, change.sub), to_kv(change.row).SerializeToString()
 
 
 def export(store_path: str, dest: str, now: float | None = None, trailer: bool = True) -> tuple[int, int]:
