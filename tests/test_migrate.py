@@ -371,3 +371,43 @@ def test_older_sqlite_snapshots_still_read(k8s_sql_factory, tmp_path: Path) -> N
         server = k8s_sql_factory(data_dir=data_dir)
         assert _recorded(server.endpoint) == want
         server.stop()
+
+
+def test_to_a_live_etcd_endpoint(k8s_sql_factory, etcd_factory, tmp_path: Path) -> None:
+    """Into a running etcd, current state only: the same keys, values and leases;
+    every key at a revision above the source's, whose history is compacted away (a
+    Kubernetes client's old resourceVersion gets 410 Gone, never a newer object's
+    state under an older number); a non-empty etcd refused until --replace."""
+    source_dir = tmp_path / "source"
+    source = k8s_sql_factory(data_dir=source_dir)
+    with grpc.insecure_channel(source.endpoint) as ch:
+        lease = _write_history(ch, random.Random(13))
+        revision, state = _state(ch)
+    source.stop()
+    etcd = etcd_factory()
+    src = f"sqlite://{source_dir / 'state.db'}"
+    out = _migrate(src, f"http://{etcd.endpoint}", "--verify")
+    assert out.returncode == 0 and "--verify: keys, values and leases equal" in out.stdout, out.stderr
+    assert f"(compacted at {revision})" in out.stdout, out.stdout
+    with grpc.insecure_channel(etcd.endpoint) as ch:
+        got_revision, got = _state(ch)
+        assert [(k, v, le) for k, _, _, _, v, le in got] == [(k, v, le) for k, _, _, _, v, le in state]
+        assert all(c > revision and m > revision and n == 1 for _, c, m, n, _, _ in got)  # type: ignore[operator]
+        assert got_revision > revision
+        with pytest.raises(grpc.RpcError) as e:
+            rpc_pb2_grpc.KVStub(ch).Range(pb.RangeRequest(key=b"/k/1", revision=revision - 1))
+        assert e.value.details() == "etcdserver: mvcc: required revision has been compacted"
+        ttl = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lease, keys=True))
+        assert 0 < ttl.TTL <= 600 and list(ttl.keys) == [b"/leased"]
+
+    again = _migrate(src, f"http://{etcd.endpoint}")
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert "is not empty" in again.stderr and "--replace" in again.stderr
+    with grpc.insecure_channel(etcd.endpoint) as ch:
+        rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/stray", value=b"x"))
+    out = _migrate(src, f"http://{etcd.endpoint}", "--replace", "--verify")
+    assert out.returncode == 0 and "keys, values and leases equal" in out.stdout, out.stderr
+    with grpc.insecure_channel(etcd.endpoint) as ch:
+        assert rpc_pb2_grpc.KVStub(ch).Range(pb.RangeRequest(key=b"/stray")).count == 0
+    unreachable = _migrate(src, "http://127.0.0.1:1")
+    assert unreachable.returncode == 1 and "DEST http://127.0.0.1:1: UNAVAILABLE" in unreachable.stderr

@@ -387,7 +387,7 @@ def migrate(
     what = "would copy" if dry_run else "copied"
     click.echo(
         f"{what} revision {summary.revision} (compacted at {summary.compact_revision}): {counts} "
-        f"in {summary.seconds:.1f} s{'; --verify: HashKV equal' if summary.verified else ''}"
+        f"in {summary.seconds:.1f} s{'; --verify: ' + summary.check if summary.verified else ''}"
     )
 
 

@@ -37,6 +37,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
+
 from k8s_sql.backend import migrations, open_backend, plans, snapshot, sql
 from k8s_sql.backend.base import Backend, KeyRange
 from k8s_sql.backend.engine import SQLBackend
@@ -45,6 +47,7 @@ from k8s_sql.backend.sql import Dialect
 from k8s_sql.backend.sqlite import SQLiteBackend
 from k8s_sql.dsn import redact
 from k8s_sql.formats import bbolt, etcd_snapshot, kine
+from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 
 MARKER = "migrating"  # a meta row: the database holds a copy in progress
 ROWS_PER_TRANSACTION = 5000
@@ -79,6 +82,7 @@ class Summary:
     rows: dict[str, int]
     seconds: float
     verified: bool = False
+    check: str = "HashKV equal"  # what --verify compared
 
 
 def _is_dsn(name: str) -> bool:
@@ -101,28 +105,32 @@ class TLS:
 ENDPOINT_PAGE = 1000  # keys per Range from a live endpoint
 
 
+def _channel(url: str, tls: TLS) -> grpc.aio.Channel:
+    """A channel to a live endpoint: https with etcdctl's TLS files, or plain http."""
+    target = url.split("://", 1)[1].rstrip("/")
+    options = [("grpc.max_receive_message_length", 2**31 - 1)]
+    if not url.startswith("https://"):
+        return grpc.aio.insecure_channel(target, options=options)
+
+    def read(p: str) -> bytes | None:
+        if not p:
+            return None
+        try:
+            with open(p, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise MigrationError(f"cannot read {p}: {e.strerror or e}") from None
+
+    creds = grpc.ssl_channel_credentials(read(tls.cacert), read(tls.key), read(tls.cert))
+    return grpc.aio.secure_channel(target, creds, options=options)
+
+
 async def endpoint_copy(url: str, path: str, tls: TLS, now: float) -> int:
     """The current state of a live etcd v3 endpoint (etcd, kine or k8s-sql) at one pinned
     revision, written as a k8s-sql store at ``path``; the revision. History is not
     readable over the API: the copy's compaction point is that revision, so a watch or
     read from before it is answered as after a compaction (Kubernetes: 410 Gone)."""
-    import grpc
-
-    from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
-
-    target = url.split("://", 1)[1].rstrip("/")
-    if url.startswith("https://"):
-
-        def read(p: str) -> bytes | None:
-            if not p:
-                return None
-            with open(p, "rb") as f:
-                return f.read()
-
-        creds = grpc.ssl_channel_credentials(read(tls.cacert), read(tls.key), read(tls.cert))
-        channel = grpc.aio.secure_channel(target, creds, options=[("grpc.max_receive_message_length", 2**31 - 1)])
-    else:
-        channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 2**31 - 1)])
+    channel = _channel(url, tls)
     out = snapshot._create(path)
     try:
         async with channel:
@@ -250,9 +258,8 @@ async def migrate(
     started = time.monotonic()
     progress = progress or Progress()
     if _is_endpoint(dest):
-        raise MigrationError(
-            f"DEST {dest}: a live endpoint cannot be written with revisions intact; write an etcd snapshot "
-            "file and restore it with etcdutl"
+        return await _to_endpoint(
+            source, dest, verify=verify, dry_run=dry_run, tls=tls or TLS(), replace=replace, progress=progress
         )
     if not _is_dsn(dest):
         return await _to_etcd_snapshot(source, dest, verify=verify, dry_run=dry_run, tls=tls, started=started)
@@ -376,3 +383,160 @@ async def _copy_table(
             pending.clear()
         if not page:
             return
+
+
+# etcd's defaults for --max-txn-ops and --max-request-bytes (1.5 MiB) bound the Txns
+# that copy keys into a live endpoint; a key with a value near the limit goes alone.
+TXN_OPS = 128
+TXN_BYTES = 1 << 20
+PADDING_KEY = b"\0k8s-sql-migrate/revision-padding"
+PADDING_IN_FLIGHT = 64  # concurrent Puts that raise a live destination's revision
+
+
+async def _to_endpoint(
+    source: str, dest: str, *, verify: bool, dry_run: bool, tls: TLS, replace: bool, progress: Progress
+) -> Summary:
+    """DEST is a live etcd v3 endpoint (etcd, or k8s-sql): the source's current state,
+    written through the API. The API cannot set revisions, so keys get the
+    destination's own; what keeps Kubernetes safe is that they are all *higher* than
+    any the source handed out. Before copying, the destination's revision is raised to
+    the source's (one Put per revision on a scratch key, then deleted) and compacted
+    there, so every resourceVersion a client holds from the source is either history
+    that is gone (a watch from it gets 410 Gone and the client relists) or older than
+    every key. Leases are granted with their IDs and the TTL they have left, and their
+    keys attached. ``--verify`` reads the destination back and compares keys, values
+    and leases (its revisions are its own)."""
+    started = time.monotonic()
+    async with source_copy(source, tls) as path:
+        src = SQLiteBackend(path)
+        await src.open()
+        try:
+            revision, _ = await src.current()
+            keys = await src._read(_current_keys)
+            leases = await src.leases()
+        finally:
+            await src.close()
+    now = time.time()
+    live = [(lease_id, max(1, int(expires_at - now + 0.999))) for lease_id, _, expires_at in leases if expires_at > now]
+    granted = {lease_id for lease_id, _ in live}
+    rows = {"kv": len(keys), "lease": len(live)}
+    try:
+        async with _channel(dest, tls) as channel:
+            kv, lease_api = rpc_pb2_grpc.KVStub(channel), rpc_pb2_grpc.LeaseStub(channel)
+            everything = pb.RangeRequest(key=b"\0", range_end=b"\0", count_only=True)
+            held = await kv.Range(everything, timeout=30)
+            held_leases = (await lease_api.LeaseLeases(pb.LeaseLeasesRequest(), timeout=30)).leases
+            if held.count or held_leases:
+                if not replace:
+                    raise MigrationError(
+                        f"DEST {dest} is not empty ({held.count} keys, {len(held_leases)} leases): "
+                        "migrate into a new cluster, or --replace its contents"
+                    )
+                progress.note(f"replacing what {dest} holds (--replace)")
+            if dry_run:
+                return Summary(max(revision, held.header.revision) + 1, revision, rows, time.monotonic() - started)
+            if held.count:
+                await kv.DeleteRange(pb.DeleteRangeRequest(key=b"\0", range_end=b"\0"), timeout=120)
+            for old in held_leases:
+                with contextlib.suppress(grpc.aio.AioRpcError):  # expired meanwhile
+                    await lease_api.LeaseRevoke(pb.LeaseRevokeRequest(ID=old.ID), timeout=30)
+            at = await _raise_revision(kv, revision, progress)
+            for lease_id, ttl in live:
+                await lease_api.LeaseGrant(pb.LeaseGrantRequest(ID=lease_id, TTL=ttl), timeout=30)
+            progress.table("kv", len(keys))
+            last = at
+            for batch in _txn_batches(keys):
+                txn = pb.TxnRequest()
+                for key, value, lease_id in batch:
+                    put = pb.PutRequest(key=key, value=value, lease=lease_id if lease_id in granted else 0)
+                    txn.success.add().request_put.CopyFrom(put)
+                last = (await kv.Txn(txn, timeout=120)).header.revision
+                progress.advance(len(batch))
+            progress.done()
+            summary = Summary(last, at, rows, time.monotonic() - started)
+            if verify:
+                await _verify_endpoint(kv, lease_api, keys, granted, last)
+                summary.verified, summary.check = True, "keys, values and leases equal"
+            summary.seconds = time.monotonic() - started
+            return summary
+    except grpc.aio.AioRpcError as e:
+        raise MigrationError(f"DEST {dest}: {e.code().name}: {e.details()}") from None
+
+
+def _current_keys() -> Plan[list[tuple[bytes, bytes, int]]]:
+    rows = yield plans.Fetch("SELECT key, value, lease FROM kv ORDER BY key")
+    return [(bytes(k), bytes(v), int(lease)) for k, v, lease in rows]
+
+
+def _txn_batches(keys: list[tuple[bytes, bytes, int]]) -> list[list[tuple[bytes, bytes, int]]]:
+    """Keys in Txns of at most TXN_OPS puts and about TXN_BYTES."""
+    out: list[list[tuple[bytes, bytes, int]]] = []
+    batch: list[tuple[bytes, bytes, int]] = []
+    size = 0
+    for item in keys:
+        n = len(item[0]) + len(item[1]) + 32
+        if batch and (len(batch) == TXN_OPS or size + n > TXN_BYTES):
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        out.append(batch)
+    return out
+
+
+async def _raise_revision(kv: rpc_pb2_grpc.KVStub, revision: int, progress: Progress) -> int:
+    """Bring the destination's revision to at least ``revision`` and compact it there;
+    the revision compacted at."""
+    import asyncio
+
+    current = (await kv.Range(pb.RangeRequest(key=PADDING_KEY), timeout=30)).header.revision
+    pads = revision - 1 - current  # the scratch key's delete takes the last one
+    if pads > 0:
+        progress.table("revisions", pads)
+        left = pads
+
+        async def pad() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await kv.Put(pb.PutRequest(key=PADDING_KEY), timeout=60)
+                progress.advance(1)
+
+        await asyncio.gather(*(pad() for _ in range(min(PADDING_IN_FLIGHT, pads))))
+        current = (await kv.DeleteRange(pb.DeleteRangeRequest(key=PADDING_KEY), timeout=30)).header.revision
+        progress.done()
+    try:
+        await kv.Compact(pb.CompactionRequest(revision=current, physical=True), timeout=600)
+    except grpc.aio.AioRpcError as e:
+        if e.code() != grpc.StatusCode.OUT_OF_RANGE:  # compacted there already
+            raise
+    return current
+
+
+async def _verify_endpoint(
+    kv: rpc_pb2_grpc.KVStub,
+    lease_api: rpc_pb2_grpc.LeaseStub,
+    keys: list[tuple[bytes, bytes, int]],
+    granted: set[int],
+    revision: int,
+) -> None:
+    got: list[tuple[bytes, bytes, int]] = []
+    start = b"\0"
+    while True:
+        req = pb.RangeRequest(key=start, range_end=b"\0", revision=revision, limit=ENDPOINT_PAGE)
+        page = await kv.Range(req, timeout=120)
+        got.extend((x.key, x.value, x.lease) for x in page.kvs)
+        if not page.more or not page.kvs:
+            break
+        start = page.kvs[-1].key + b"\0"
+    want = [(k, v, lease if lease in granted else 0) for k, v, lease in keys]
+    if got != want:
+        differ = next((w[0] for w, g in zip(want, got, strict=False) if w != g), None)
+        raise MigrationError(
+            f"--verify: the destination holds {len(got)} keys, the source {len(want)}"
+            + (f"; first difference at {differ!r}" if differ is not None else "")
+        )
+    held = {x.ID for x in (await lease_api.LeaseLeases(pb.LeaseLeasesRequest(), timeout=30)).leases}
+    if not granted <= held:
+        raise MigrationError(f"--verify: leases missing in the destination: {sorted(granted - held)[:5]}")
