@@ -97,6 +97,16 @@ def peers_bin() -> Path:
     return PEERS_BIN
 
 
+@pytest.fixture(scope="session")
+def kine_bin() -> Path:
+    """kine v0.17 from bench/build.sh (built once, cached)."""
+    if shutil.which("go") is None:
+        missing("Go is not installed, so kine cannot be built (bench/build.sh)")
+    res = subprocess.run(["bash", str(ROOT / "bench/build.sh")], capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return Path(res.stdout.strip().splitlines()[-1]) / "kine"
+
+
 @pytest.fixture
 def etcdctl(peers_bin: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real etcdctl: ``etcdctl(endpoint, *args, input=None, check=True)``."""

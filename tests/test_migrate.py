@@ -158,20 +158,6 @@ def test_from_a_live_etcd_endpoint(etcd, k8s_sql_factory, tmp_path: Path) -> Non
     assert "SOURCE http://127.0.0.1:1: UNAVAILABLE" in unreachable.stderr
 
 
-@pytest.fixture(scope="module")
-def kine_bin() -> Path:
-    """kine v0.17 from bench/build.sh (built once, cached)."""
-    import shutil
-
-    from conftest import ROOT, missing
-
-    if shutil.which("go") is None:
-        missing("Go is not installed, so kine cannot be built (bench/build.sh)")
-    res = subprocess.run(["bash", str(ROOT / "bench/build.sh")], capture_output=True, text=True, timeout=1800)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return Path(res.stdout.strip().splitlines()[-1]) / "kine"
-
-
 def _kine_writes(ch: grpc.Channel) -> None:
     """What kube-apiserver sends kine (kine accepts nothing else): creates, updates and
     deletes as compare-and-swap txns, a leased create, and reads back."""
