@@ -161,6 +161,7 @@ LONG_MODULES = (
     "test_storage_conformance",
     "test_kubernetes_e2e",
     "test_differential",
+    "test_kubernetes_migrate",
     "test_resource_bounds",
     "test_linearizability",
     "test_fuzz",

@@ -340,34 +340,44 @@ def _read_endpoint_file(path: str) -> str:
     return endpoint
 
 
-@main.command(short_help="Copy a store into an empty database, revisions intact.")
+@main.command(short_help="Copy a store into an empty database or etcd, revisions intact.")
 @click.argument("source")
 @click.argument("dest")
-@click.option("--verify", is_flag=True, help="Compare HashKV of the source's copy and the destination at the end.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Compare HashKV of the source's copy and the destination at the end (a live DEST "
+    "endpoint: its keys, values and leases).",
+)
 @click.option("--dry-run", is_flag=True, help="Read the source and count its rows; write nothing.")
 @click.option(
     "--replace",
     is_flag=True,
-    help="Clear a DEST database that already holds a store (its keys, history and leases) instead of "
-    "refusing it. Stop its frontends first.",
+    help="Clear a DEST that already holds a store (its keys, history and leases; a live endpoint's keys "
+    "and leases) instead of refusing it. Stop its frontends or kube-apiservers first.",
 )
 @click.option(
-    "--cacert", default="", metavar="FILE", help="CA bundle to verify an https SOURCE endpoint (etcdctl's flag)."
+    "--cacert",
+    default="",
+    metavar="FILE",
+    help="CA bundle to verify an https SOURCE or DEST endpoint (etcdctl's flag).",
 )
-@click.option("--cert", default="", metavar="FILE", help="Client certificate for an https SOURCE endpoint.")
-@click.option("--key", default="", metavar="FILE", help="Client key for an https SOURCE endpoint.")
+@click.option("--cert", default="", metavar="FILE", help="Client certificate for an https endpoint.")
+@click.option("--key", default="", metavar="FILE", help="Client key for an https endpoint.")
 def migrate(
     source: str, dest: str, verify: bool, dry_run: bool, replace: bool, cacert: str, cert: str, key: str
 ) -> None:
-    """Copy SOURCE into the empty database DEST, keeping every key's revisions, the
+    """Copy SOURCE into the empty DEST, keeping every key's revisions, the
     history, the revision counter and the leases.
 
     SOURCE: an etcd snapshot file (`etcdctl snapshot save` against etcd), a k8s-sql
     snapshot file, a k8s-sql database DSN (sqlite:///…, postgres://…, mysql://…), or a
     live etcd v3 endpoint http(s)://HOST:PORT -- etcd, kine or k8s-sql: its current
     state at one revision, without the history before it.
-    DEST: a database DSN that k8s-sql has never written to, or a new file: an etcd
-    snapshot that `etcdutl snapshot restore` turns into an etcd data directory.
+    DEST: a database DSN that k8s-sql has never written to, a new file: an etcd
+    snapshot that `etcdutl snapshot restore` turns into an etcd data directory, or a
+    live etcd endpoint http(s)://HOST:PORT with no keys: the current state only, every
+    key at a revision above the source's.
     """
     import asyncio
 
