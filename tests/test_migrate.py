@@ -395,5 +395,12 @@ def test_to_a_live_etcd_endpoint(k8s_sql_factory, etcd_factory, tmp_path: Path) 
     assert out.returncode == 0 and "keys, values and leases equal" in out.stdout, out.stderr
     with grpc.insecure_channel(etcd.endpoint) as ch:
         assert rpc_pb2_grpc.KVStub(ch).Range(pb.RangeRequest(key=b"/stray")).count == 0
+    # a copy cut short leaves its marker key: a rerun clears what it wrote and starts again
+    with grpc.insecure_channel(etcd.endpoint) as ch:
+        rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"\0k8s-sql-migrate/copy-in-progress", value=b"copying"))
+        rpc_pb2_grpc.KVStub(ch).DeleteRange(pb.DeleteRangeRequest(key=b"/k/", range_end=b"/k0"))
+    out = _migrate(src, f"http://{etcd.endpoint}", "--verify")
+    assert out.returncode == 0 and "interrupted migration: clearing it" in out.stderr, out.stderr
+    assert "keys, values and leases equal" in out.stdout
     unreachable = _migrate(src, "http://127.0.0.1:1")
     assert unreachable.returncode == 1 and "DEST http://127.0.0.1:1: UNAVAILABLE" in unreachable.stderr

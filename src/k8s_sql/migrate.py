@@ -389,7 +389,10 @@ async def _copy_table(
 # that copy keys into a live endpoint; a key with a value near the limit goes alone.
 TXN_OPS = 128
 TXN_BYTES = 1 << 20
-PADDING_KEY = b"\0k8s-sql-migrate/revision-padding"
+# Held in a live destination while a copy is under way (its revision is raised by
+# writing it again and again), deleted when the copy is complete: a rerun that finds it
+# clears the partial copy and starts again, as the ``migrating`` meta row does.
+MARKER_KEY = b"\0k8s-sql-migrate/copy-in-progress"
 PADDING_IN_FLIGHT = 64  # concurrent Puts that raise a live destination's revision
 
 
@@ -400,8 +403,8 @@ async def _to_endpoint(
     written through the API. The API cannot set revisions, so keys get the
     destination's own; what keeps Kubernetes safe is that they are all *higher* than
     any the source handed out. Before copying, the destination's revision is raised to
-    the source's (one Put per revision on a scratch key, then deleted) and compacted
-    there, so every resourceVersion a client holds from the source is either history
+    the source's (one Put per revision on MARKER_KEY, deleted when the copy is
+    complete) and compacted there, so every resourceVersion a client holds from the source is either history
     that is gone (a watch from it gets 410 Gone and the client relists) or older than
     every key. Leases are granted with their IDs and the TTL they have left, and their
     keys attached. ``--verify`` reads the destination back and compares keys, values
@@ -426,7 +429,10 @@ async def _to_endpoint(
             everything = pb.RangeRequest(key=b"\0", range_end=b"\0", count_only=True)
             held = await kv.Range(everything, timeout=30)
             held_leases = (await lease_api.LeaseLeases(pb.LeaseLeasesRequest(), timeout=30)).leases
-            if held.count or held_leases:
+            interrupted = (await kv.Range(pb.RangeRequest(key=MARKER_KEY, count_only=True), timeout=30)).count
+            if interrupted:
+                progress.note(f"{dest} holds an interrupted migration: clearing it")
+            elif held.count or held_leases:
                 if not replace:
                     raise MigrationError(
                         f"DEST {dest} is not empty ({held.count} keys, {len(held_leases)} leases): "
@@ -453,6 +459,7 @@ async def _to_endpoint(
                 last = (await kv.Txn(txn, timeout=120)).header.revision
                 progress.advance(len(batch))
             progress.done()
+            last = (await kv.DeleteRange(pb.DeleteRangeRequest(key=MARKER_KEY), timeout=30)).header.revision
             summary = Summary(last, at, rows, time.monotonic() - started)
             if verify:
                 await _verify_endpoint(kv, lease_api, keys, granted, last)
@@ -486,25 +493,26 @@ def _txn_batches(keys: list[tuple[bytes, bytes, int]]) -> list[list[tuple[bytes,
 
 
 async def _raise_revision(kv: rpc_pb2_grpc.KVStub, revision: int, progress: Progress) -> int:
-    """Bring the destination's revision to at least ``revision`` and compact it there;
-    the revision compacted at."""
+    """Put the in-progress marker, and again until the destination's revision is at
+    least ``revision``; compact there. The revision compacted at."""
     import asyncio
 
-    current = (await kv.Range(pb.RangeRequest(key=PADDING_KEY), timeout=30)).header.revision
-    pads = revision - 1 - current  # the scratch key's delete takes the last one
+    current = (await kv.Put(pb.PutRequest(key=MARKER_KEY, value=b"copying"), timeout=30)).header.revision
+    pads = revision - current
     if pads > 0:
         progress.table("revisions", pads)
         left = pads
 
-        async def pad() -> None:
+        async def pad() -> int:
             nonlocal left
+            at = 0
             while left > 0:
                 left -= 1
-                await kv.Put(pb.PutRequest(key=PADDING_KEY), timeout=60)
+                at = (await kv.Put(pb.PutRequest(key=MARKER_KEY, value=b"copying"), timeout=60)).header.revision
                 progress.advance(1)
+            return at
 
-        await asyncio.gather(*(pad() for _ in range(min(PADDING_IN_FLIGHT, pads))))
-        current = (await kv.DeleteRange(pb.DeleteRangeRequest(key=PADDING_KEY), timeout=30)).header.revision
+        current = max(await asyncio.gather(*(pad() for _ in range(min(PADDING_IN_FLIGHT, pads)))))
         progress.done()
     try:
         await kv.Compact(pb.CompactionRequest(revision=current, physical=True), timeout=600)
