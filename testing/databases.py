@@ -236,3 +236,191 @@ class MariaDBServer:
     def stop(self) -> None:
         self.halt()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class GaleraNode:
+    """One ``mariadbd`` of a :class:`GaleraCluster`."""
+
+    index: int
+    root: Path
+    port: int  # MySQL clients
+    gcomm: int  # group communication
+    ist: int  # incremental state transfer
+    sst: int  # full state transfer (rsync)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "server.log"
+
+
+@dataclass
+class GaleraCluster:
+    """A MariaDB Galera cluster (galera-4) of ``size`` nodes on loopback ports, each
+    ``mariadbd`` with its own data directory: the first bootstraps the cluster, the
+    others join it by state transfer (rsync SST, then IST after a restart). No grant
+    tables: the tests connect as root without a password, as to :class:`MariaDBServer`."""
+
+    size: int = 3
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-galera-")))
+    nodes: list[GaleraNode] = field(default_factory=list)
+    _databases: int = 0
+
+    PROVIDER = "/usr/lib/galera/libgalera_smm.so"
+
+    @classmethod
+    def available(cls) -> str | None:
+        why = MariaDBServer.available()
+        if why:
+            return why
+        if not Path(cls.PROVIDER).exists():
+            return "Galera is not installed (apt-get install galera-4)"
+        if shutil.which("rsync") is None:
+            return "rsync is not installed (Galera's state transfer uses it)"
+        return None
+
+    def __post_init__(self) -> None:
+        # As root, the nodes run as the ``mysql`` user: a joiner's rsync daemon started
+        # by root would switch to ``nobody`` and be refused its own data directory.
+        self.root.chmod(0o755)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "mysql", "mysql")
+        if not self.nodes:
+            ports = [_free_ports(4) for _ in range(self.size)]
+            self.nodes = [GaleraNode(i, self.root / f"node{i}", p[0], p[1], p[2], p[3]) for i, p in enumerate(ports)]
+
+    def argv(self, node: GaleraNode, *, bootstrap: bool = False, position: str = "") -> list[str]:
+        peers = ",".join(f"127.0.0.1:{n.gcomm}" for n in self.nodes)
+        options = ";".join(
+            [
+                f"gmcast.listen_addr=tcp://127.0.0.1:{node.gcomm}",
+                f"ist.recv_addr=127.0.0.1:{node.ist}",
+                "gcache.size=128M",
+                "evs.inactive_timeout=PT6S",  # a killed node is evicted in seconds
+                "evs.suspect_timeout=PT2S",
+                "evs.keepalive_period=PT0.5S",
+            ]
+        )
+        return [
+            str(MariaDBServer.server_binary()),
+            "--no-defaults",
+            f"--datadir={node.data}",
+            f"--socket={node.root / 'mysqld.sock'}",
+            f"--port={node.port}",
+            "--bind-address=127.0.0.1",
+            "--skip-grant-tables",
+            "--max-connections=500",
+            "--innodb-flush-log-at-trx-commit=2",
+            "--binlog-format=ROW",
+            "--innodb-autoinc-lock-mode=2",
+            "--wsrep-on=ON",
+            f"--wsrep-provider={self.PROVIDER}",
+            f"--wsrep-cluster-address=gcomm://{'' if bootstrap else peers}",
+            "--wsrep-cluster-name=k8s-sql-test",
+            f"--wsrep-node-name=node{node.index}",
+            f"--wsrep-node-address=127.0.0.1:{node.gcomm}",
+            f"--wsrep-provider-options={options}",
+            "--wsrep-sst-method=rsync",
+            f"--wsrep-sst-receive-address=127.0.0.1:{node.sst}",
+            "--wsrep-slave-threads=2",
+            *([f"--wsrep-start-position={position}"] if position else []),
+            *self._user(),
+        ]
+
+    @staticmethod
+    def _user() -> list[str]:
+        return ["--user=mysql"] if os.geteuid() == 0 else []
+
+    def start(self) -> None:
+        """Bootstrap the first node, then join the others one at a time."""
+        for node in self.nodes:
+            self.start_node(node, bootstrap=node.index == 0)
+
+    def start_node(self, node: GaleraNode, bootstrap: bool = False, timeout: float = 120) -> None:
+        """Start (or restart) a node; it is ready when it reports itself Synced. A node
+        whose data directory exists recovers its position from InnoDB first
+        (``--wsrep-recover``, as the packaged service does), so it rejoins by IST."""
+        node.root.mkdir(parents=True, exist_ok=True)
+        position = ""
+        if os.geteuid() == 0:
+            shutil.chown(node.root, "mysql", "mysql")
+        if not node.data.exists():
+            if bootstrap:
+                MariaDBServer._install(node.data, self._user())
+            else:  # filled by the state transfer
+                node.data.mkdir()
+                if os.geteuid() == 0:
+                    shutil.chown(node.data, "mysql", "mysql")
+        else:
+            position = self._recover(node)
+        node.proc = start_logged(self.argv(node, bootstrap=bootstrap, position=position), node.log)
+
+        def synced() -> bool:
+            try:
+                return self.status(node, "wsrep_local_state_comment") == "Synced"
+            except subprocess.CalledProcessError:
+                return False
+
+        _wait_started(f"Galera node{node.index}", synced, timeout, node.proc, node.log)
+
+    def _recover(self, node: GaleraNode) -> str:
+        log = node.root / "recover.log"
+        res = subprocess.run(
+            [*self.argv(node), "--wsrep-recover", f"--log-error={log}"], capture_output=True, text=True, timeout=120
+        )
+        text = log.read_text(errors="replace") if log.exists() else res.stderr
+        found = [
+            line.split("Recovered position:")[1].strip() for line in text.splitlines() if "Recovered position:" in line
+        ]
+        return found[-1] if found else ""
+
+    def status(self, node: GaleraNode, name: str) -> str:
+        out = self.sql(node, f"SHOW GLOBAL STATUS LIKE '{name}'")
+        return out.split("\t", 1)[1].strip() if "\t" in out else ""
+
+    def sql(self, node: GaleraNode, statement: str) -> str:
+        client = shutil.which("mariadb") or "mysql"
+        res = subprocess.run(
+            [client, "--no-defaults", f"--socket={node.root / 'mysqld.sock'}", "-u", "root", "-N", "-e", statement],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return res.stdout
+
+    def kill9(self, node: GaleraNode) -> None:
+        stop_process(node.proc, signal.SIGKILL, group=True)
+
+    def halt(self, node: GaleraNode) -> None:
+        stop_process(node.proc, timeout=30)
+
+    def new_database(self) -> str:
+        self._databases += 1
+        return f"k8s_sql_{os.getpid()}_{self._databases}"
+
+    def dsn(self, database: str, *nodes: GaleraNode) -> str:
+        """A DSN listing ``nodes`` (all of them if none are named), in that order."""
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in (nodes or tuple(self.nodes)))
+        return f"mysql://root@tcp({hosts})/{database}"
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            self.halt(node)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _free_ports(n: int) -> tuple[int, ...]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return tuple(int(s.getsockname()[1]) for s in socks)
+    finally:
+        for s in socks:
+            s.close()

@@ -7,6 +7,9 @@
 - ``restart-db``: stop the database server (fast shutdown: connections are cut) and start it.
 - ``kill9-db``: SIGKILL the database server's whole process group, as a host crash would,
   and start it (it recovers from its own log).
+- ``kill9-galera-node``: SIGKILL one node of a Galera cluster (``db`` is a
+  :class:`testing.databases.GaleraCluster`), leave it down 1 s while the others carry
+  on, and start it again: it rejoins by incremental state transfer (IST).
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ class Faults:
             self.db.start()
 
     def _inject(self, kind: str, rng: random.Random) -> None:
+        if kind == "kill9-galera-node":
+            self._galera_node(rng)
+            return
         if kind.endswith("-frontend"):
             i = rng.randrange(len(self.frontends))
             target, proc = f"frontend{i}", self.frontends[i]
@@ -113,4 +119,17 @@ class Faults:
             self._start_db(fault)
         else:
             raise ValueError(kind)
+        fault.end = time.monotonic()
+
+    def _galera_node(self, rng: random.Random) -> None:
+        assert self.db is not None and hasattr(self.db, "nodes"), "kill9-galera-node needs a GaleraCluster"
+        node = self.db.nodes[rng.randrange(len(self.db.nodes))]
+        fault = Fault("kill9-galera-node", f"node{node.index}", time.monotonic())
+        self.injected.append(fault)
+        before = node.log.read_text(errors="replace").count("IST received")
+        self.db.kill9(node)
+        self._stop.wait(1.0)
+        self.db.start_node(node)
+        if node.log.read_text(errors="replace").count("IST received") > before:
+            fault.note = " (rejoined by IST)"
         fault.end = time.monotonic()

@@ -30,6 +30,7 @@ from k8s_sql.backend.sql import Dialect
 
 T = TypeVar("T")
 CONFLICT_RETRIES = 6  # attempts of a transaction aborted as a conflict
+CONFLICT_BACKOFF_CAP = 0.2  # seconds: the longest pause between two attempts
 PlanFactory = Callable[[], Plan[T]]  # a plan made afresh for each attempt
 
 
@@ -38,6 +39,7 @@ class SQLBackend(abc.ABC):
 
     dialect: Dialect
     max_key_bytes: int | None = None
+    conflict_retries = CONFLICT_RETRIES  # see retrying()
     follow_interval: float = 0.025
 
     # -- what a database provides ---------------------------------------------------
@@ -88,14 +90,17 @@ class SQLBackend(abc.ABC):
         """Run a transaction again if the database aborts it as a conflict (see
         :meth:`conflicted`): InnoDB can report a deadlock when frontends starting
         together insert and lock ``meta`` rows at once, and Galera a certification
-        failure; a snapshot that lost sight of ``meta`` (SnapshotLost) too. Backs off with jitter: 0-10 ms, doubling."""
-        for n in range(CONFLICT_RETRIES):
+        failure; a snapshot that lost sight of ``meta`` (SnapshotLost) too. Up to
+        ``conflict_retries`` attempts, backing off with jitter: 0-10 ms, doubling, at
+        most ``CONFLICT_BACKOFF_CAP`` seconds."""
+        attempts = self.conflict_retries
+        for n in range(attempts):
             try:
                 return await attempt()
             except Exception as e:
-                if n == CONFLICT_RETRIES - 1 or not (self.conflicted(e) or isinstance(e, SnapshotLost)):
+                if n == attempts - 1 or not (self.conflicted(e) or isinstance(e, SnapshotLost)):
                     raise
-                await asyncio.sleep(random.uniform(0, 0.01 * 2**n))
+                await asyncio.sleep(random.uniform(0, min(0.01 * 2**n, CONFLICT_BACKOFF_CAP)))
         raise AssertionError("unreachable")
 
     async def current(self) -> tuple[int, int]:
