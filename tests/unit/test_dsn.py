@@ -122,9 +122,9 @@ def test_mysql_dsn_forms() -> None:
 def test_mysql_dsn_with_several_servers() -> None:
     from k8s_sql.backend.mysql import parse_hosts
 
-    for dsn in ("mysql://u:pw@tcp(n1:3306,n2:3307,n3)/db", "mysql://u:pw@n1:3306,n2:3307,n3/db"):
-        assert parse_hosts(dsn) == [("n1", 3306), ("n2", 3307), ("n3", 3306)]
-        args = parse_dsn(dsn)
+    for text in ("mysql://u:pw@tcp(n1:3306,n2:3307,n3)/db", "mysql://u:pw@n1:3306,n2:3307,n3/db"):
+        assert parse_hosts(text) == [("n1", 3306), ("n2", 3307), ("n3", 3306)]
+        args = parse_dsn(text)
         assert (args["host"], args["port"], args["database"]) == ("n1", 3306, "db")
     assert parse_hosts("mysql://u@tcp([::1]:3307,[::2])/db") == [("::1", 3307), ("::2", 3306)]
     with pytest.raises(ValueError, match="invalid port"):

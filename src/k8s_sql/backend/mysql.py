@@ -150,7 +150,7 @@ def parse_hosts(dsn: str) -> list[tuple[str, int]]:
     out = []
     for part in (m["tcp"] or m["hostport"] or "127.0.0.1:3306").split(","):
         part = part.strip()
-        if part.endswith("]") or part.count(":") > 1 and not part.startswith("["):
+        if part.endswith("]") or (part.count(":") > 1 and not part.startswith("[")):
             host, port = part, "3306"  # an IPv6 address without a port
         else:
             host, _, port = part.rpartition(":")
