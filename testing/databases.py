@@ -124,6 +124,40 @@ class PostgresServer:
         self._databases += 1
         return f"postgres://postgres@127.0.0.1:{self.port}/k8s_sql_{os.getpid()}_{self._databases}"
 
+    def standby(self, port: int, **settings: str) -> PostgresServer:
+        """A streaming-replication standby of this (running) server on ``port``: a base
+        backup with its replication settings (``pg_basebackup -R``), not started yet."""
+        standby = PostgresServer(port, settings=dict(settings))
+        if os.geteuid() == 0:
+            shutil.chown(standby.root, "postgres", "postgres")
+        subprocess.run(
+            [
+                str(find_binary("pg_basebackup")),
+                *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"),
+                *("-D", str(standby.root / "data"), "-R", "-X", "stream", "-c", "fast"),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=standby.root,
+            **self._as_owner(),  # type: ignore[call-overload]
+        )
+        return standby
+
+    def psql(self, statement: str, database: str = "postgres") -> str:
+        """Run a statement as ``postgres`` over TCP; its output, unaligned without headers."""
+        res = subprocess.run(
+            [
+                str(find_binary("psql")),
+                *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", database),
+                *("-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", statement),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return res.stdout.strip()
+
     def halt(self) -> None:
         """Stop the server (fast shutdown: open connections are cut), keeping its data."""
         stop_process(self.proc, signal.SIGINT, timeout=20)

@@ -156,6 +156,13 @@ class NoSpace(EtcdError):
     message = "etcdserver: mvcc: database space exceeded"
 
 
+class Corrupt(EtcdError):
+    """The database lost commits that were already acknowledged (store/corruption.py):
+    the CORRUPT alarm is raised and every request is refused until it is disarmed."""
+
+    message = "etcdserver: corrupt cluster"
+
+
 class WatchCanceled(EtcdError):
     message = "etcdserver: watch canceled"
 

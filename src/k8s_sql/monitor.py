@@ -21,8 +21,8 @@ What the checks mean for a SQL store (docs/monitoring.md):
   compaction run), as read within a term.
 - ``caught_up`` (readyz): this frontend's watchers are at most ``MAX_LAG_SECONDS``
   behind the database's newest commit.
-- ``data_corruption`` (readyz): no CORRUPT alarm (k8s-sql raises none: the database
-  owns its integrity); ``non_learner``: always ok (no learners).
+- ``data_corruption`` (readyz): no CORRUPT alarm (raised when the database lost
+  commits already served: store/corruption.py); ``non_learner``: always ok (no learners).
 - ``/health``: etcd's -- no alarm (``?exclude=NOSPACE`` to ignore one), a leader
   (unless ``?serializable=true``), and a read within the timeout.
 """
@@ -113,7 +113,7 @@ class Monitor(BackgroundLoop):
                     p.keys = await asyncio.wait_for(s.store.count_keys(), PROBE_TIMEOUT * 5)
             except (Exception, TimeoutError) as e:
                 log.debug("measuring the database failed: %s", errors.one_line(e))
-        healthy = p.database_up and s.membership.leader_known and not s.space.nospace
+        healthy = p.database_up and s.membership.leader_known and not s.space.nospace and not s.store.corruption.raised
         if healthy != self._healthy:
             self._healthy = healthy
             if self.on_change is not None:
@@ -167,7 +167,8 @@ class Health:
             raise CheckFailed("the store is not started")
 
     async def _no_corruption(self) -> None:
-        return  # k8s-sql raises no CORRUPT alarm: the database keeps its own integrity
+        if self.server.store.corruption.raised:
+            raise CheckFailed("ALARM CORRUPT")
 
     async def _non_learner(self) -> None:
         return  # every frontend is a full member
@@ -221,6 +222,8 @@ class Health:
     async def health(self, excluded_alarms: set[str], serializable: bool) -> tuple[bool, str]:
         """etcd's /health: ``(healthy, reason)``: alarms, then the leader (unless
         serializable), then a read."""
+        if self.server.store.corruption.raised and "CORRUPT" not in excluded_alarms:
+            return False, "ALARM CORRUPT"
         if self.server.space.nospace and "NOSPACE" not in excluded_alarms:
             return False, "ALARM NOSPACE"
         if not serializable and not self.server.membership.leader_known:
@@ -335,7 +338,10 @@ class ServerCollector(Collector):
             "k8s_sql_database_up": {(): 1 if p.database_up else 0},
             "k8s_sql_follower_lag_revisions": {(): p.lag_revisions},
             "k8s_sql_follower_lag_seconds": {(): p.lag_seconds},
-            "k8s_sql_alarm_active": {("NOSPACE",): 1 if s.space.nospace else 0, ("CORRUPT",): 0},
+            "k8s_sql_alarm_active": {
+                ("NOSPACE",): 1 if s.space.nospace else 0,
+                ("CORRUPT",): 1 if s.store.corruption.raised else 0,
+            },
             "k8s_sql_db_pool_connections": {(state,): n for state, n in s.backend.pool_stats().items()},
             "k8s_sql_compaction_pending_revisions": {(): max(0, store.compact_revision - done) if done else 0},
         }

@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health as grpc_health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from k8s_sql import mux
+from k8s_sql import errors, mux
 from k8s_sql.api.common import Context, Identity
 from k8s_sql.api.interceptor import ErrorInterceptor
 from k8s_sql.api.kv import KVServicer
@@ -181,6 +181,7 @@ class Server:
         await self.watch.stop()
         await self.expirer.stop()
         await self.space.stop()
+        await self.store.corruption.stop()
         await self.store.stop()
         await self.backend.close()
 
@@ -281,6 +282,12 @@ async def start(config: Config) -> Server:
         space.start()
         undo.append(space.stop)
         store.on_database_full = space.database_full
+        corruption = store.corruption
+        corruption.member_id = membership.member_id
+        corruption.on_change = lambda raised: hub.refuse_watches(errors.Corrupt.message if raised else "")
+        await corruption.open()
+        corruption.start()
+        undo.append(corruption.stop)
         hub.start(store.revision)
         store.subscribe(hub.publish)
         watch.start()

@@ -19,21 +19,31 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
 
     async def Alarm(self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext) -> pb.AlarmResponse:
         """etcd's Alarm: GET lists the raised alarms (of one type, or all for NONE);
-        ACTIVATE and DEACTIVATE answer the alarm they changed, if any. NOSPACE is the
-        one alarm k8s-sql raises (see store/space.py); corruption is the database's
-        own checksums' business, so a CORRUPT activation changes nothing."""
+        ACTIVATE and DEACTIVATE answer the alarm they changed, if any. NOSPACE: see
+        store/space.py. CORRUPT is raised when the database lost commits already
+        served (store/corruption.py); its DEACTIVATE accepts the loss. A client's
+        CORRUPT activation changes nothing: the database keeps its own checksums."""
         space = self.ctx.space
+        corruption = self.store.corruption
         resp = pb.AlarmResponse(header=self.ctx.header())
         nospace = request.alarm == pb.NOSPACE
         if request.action == pb.AlarmRequest.GET:
             if request.alarm in (pb.NONE, pb.NOSPACE):
                 resp.alarms.extend(pb.AlarmMember(memberID=m, alarm=pb.NOSPACE) for m, _ in await space.alarms())
+            if request.alarm in (pb.NONE, pb.CORRUPT):
+                resp.alarms.extend(pb.AlarmMember(memberID=m, alarm=pb.CORRUPT) for m, _ in await corruption.alarms())
         elif request.action == pb.AlarmRequest.ACTIVATE:
             if nospace and not space.nospace:
                 await space.activate(request.memberID)
                 resp.alarms.add(memberID=space.raised_by, alarm=pb.NOSPACE)
         elif request.action == pb.AlarmRequest.DEACTIVATE and nospace and await space.disarm(request.memberID):
             resp.alarms.add(memberID=request.memberID, alarm=pb.NOSPACE)
+        elif (
+            request.action == pb.AlarmRequest.DEACTIVATE
+            and request.alarm == pb.CORRUPT
+            and await corruption.disarm(request.memberID)
+        ):
+            resp.alarms.add(memberID=request.memberID, alarm=pb.CORRUPT)
         return resp
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
@@ -50,7 +60,10 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
             raftTerm=ident.raft_term,
             raftAppliedIndex=rev,
             storageVersion=self.ctx.version.rsplit(".", 1)[0] + ".0",
-            errors=[f"memberID:{m} alarm:NOSPACE " for m, _ in await self.ctx.space.alarms()],  # Go's String()
+            errors=[  # Go's String() of each AlarmMember
+                *(f"memberID:{m} alarm:NOSPACE " for m, _ in await self.ctx.space.alarms()),
+                *(f"memberID:{m} alarm:CORRUPT " for m, _ in await self.store.corruption.alarms()),
+            ],
         )
 
     async def Defragment(

@@ -33,6 +33,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.DatabaseUnavailable: S.UNAVAILABLE,
     errors.NoSpace: S.RESOURCE_EXHAUSTED,
     errors.WatchCanceled: S.CANCELLED,
+    errors.Corrupt: S.DATA_LOSS,
 }
 
 

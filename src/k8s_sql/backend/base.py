@@ -138,6 +138,7 @@ class WriteTx(abc.ABC):
     savepoints: bool  # give each request a savepoint (else see begin_request)
     dirty: bool  # the current request changed something
     nospace: bool  # etcd's NOSPACE alarm is raised (read under the revision lock)
+    corrupt: bool  # the CORRUPT alarm is raised (read under the revision lock)
 
     @abc.abstractmethod
     async def prefetch(self, keys: Iterable[bytes], lease_ids: Iterable[int]) -> None:

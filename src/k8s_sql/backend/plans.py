@@ -214,18 +214,25 @@ def meta_compare_and_set(d: Dialect, expect: dict[str, int], new: dict[str, int]
     return True
 
 
-def begin_write(d: Dialect) -> Plan[tuple[int, int, bool]]:
-    """The revision lock of a write batch: ``(revision, compact_revision, nospace)``, the
-    rows locked until commit so that commits happen in revision order (compact_revision
-    is locked along with it: only writers change it; the NOSPACE alarm is read under
-    the same lock, so a batch never writes past an alarm raised before it began)."""
+def begin_write(d: Dialect) -> Plan[tuple[int, int, bool, bool]]:
+    """The revision lock of a write batch: ``(revision, compact_revision, nospace,
+    corrupt)``, the rows locked until commit so that commits happen in revision order
+    (compact_revision is locked along with it: only writers change it; the NOSPACE and
+    CORRUPT alarms are read under the same lock, so a batch never writes past an alarm
+    raised before it began)."""
     rows = yield Fetch(
-        "SELECT name, value FROM meta WHERE name IN ('revision', 'compact_revision', 'alarm_nospace')" + d.for_update
+        "SELECT name, value FROM meta WHERE name IN "
+        "('revision', 'compact_revision', 'alarm_nospace', 'alarm_corrupt')" + d.for_update
     )
     held = {r[0]: r[1] for r in rows}
     if "revision" not in held or "compact_revision" not in held:
         raise SnapshotLost("the meta rows are missing from this transaction")
-    return int(held["revision"]), int(held["compact_revision"]), bool(held.get("alarm_nospace"))
+    return (
+        int(held["revision"]),
+        int(held["compact_revision"]),
+        bool(held.get("alarm_nospace")),
+        bool(held.get("alarm_corrupt")),
+    )
 
 
 # -- ranges ----------------------------------------------------------------------------------

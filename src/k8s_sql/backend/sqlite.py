@@ -210,7 +210,7 @@ class SQLiteBackend(SQLBackend):
             except sqlite3.Error as e:
                 raise _refusal(e) from e
 
-        def begin() -> tuple[int, int, bool]:
+        def begin() -> tuple[int, int, bool, bool]:
             conn.execute("BEGIN IMMEDIATE")
             return plans.run_sync(conn, plans.begin_write(self.dialect))
 

@@ -45,7 +45,9 @@ class Runner(Protocol):
 
 
 class SQLWriteTx(WriteTx):
-    def __init__(self, d: Dialect, run: Runner, revision: int, compact_revision: int, nospace: bool) -> None:
+    def __init__(
+        self, d: Dialect, run: Runner, revision: int, compact_revision: int, nospace: bool, corrupt: bool = False
+    ) -> None:
         self.d = d
         self._run = run
         self.revision = revision
@@ -54,6 +56,7 @@ class SQLWriteTx(WriteTx):
         self.savepoints = False  # set by the store when replaying a batch
         self.dirty = False  # changed something since begin_request()
         self.nospace = nospace
+        self.corrupt = corrupt  # the CORRUPT alarm is raised (store/corruption.py)
         self._rows: dict[bytes, Row | None] = {}  # known state of keys (None: absent)
         self._leases: dict[int, LeaseRow | None] = {}
         self._pending_kv: dict[bytes, Row | None] = {}  # to write (None: delete)

@@ -22,6 +22,7 @@ from typing import Any
 
 from k8s_sql import errors, metrics
 from k8s_sql.backend.base import BackendUnavailable, DatabaseFull, KeyValueLog, LogRow
+from k8s_sql.store.corruption import CorruptAlarm, LostCommits
 from k8s_sql.store.revisions import Revisions
 from k8s_sql.store.txn import Request
 
@@ -106,6 +107,9 @@ class GroupCommit:
         self._subscribers: list[CommitListener] = []
         # Called when the database reports that it is full (the NOSPACE alarm's raiser).
         self.on_database_full: Callable[[], None] | None = None
+        # The CORRUPT alarm: a batch that finds the database behind what was served
+        # rolls back rather than hand out a revision again (see store/corruption.py).
+        self.alarm: CorruptAlarm | None = None
 
     def subscribe(self, listener: CommitListener) -> None:
         """Call ``listener(revision, changes)`` after every commit, before answering."""
@@ -119,6 +123,8 @@ class GroupCommit:
         adds_data: bool = False,
     ) -> Any:
         """Apply ``apply`` in a coming batch; its result once the batch committed."""
+        if self.alarm is not None:
+            self.alarm.check()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Queued(apply, fut, keys or [], leases or [], adds_data))
         return await fut
@@ -143,6 +149,10 @@ class GroupCommit:
                     if not q.future.done():
                         q.future.set_exception(errors.Stopped())
                 raise
+            except LostCommits:  # rolled back: the alarm is raised, every request refused
+                for q in batch:
+                    if not q.future.done():
+                        q.future.set_exception(errors.Corrupt())
             except Exception as e:  # the database failed the batch as a whole: nothing in it is acknowledged
                 log.warning("write batch of %d failed: %s", len(batch), errors.one_line(e))
                 full = isinstance(e, DatabaseFull)
@@ -196,7 +206,7 @@ class GroupCommit:
         """Whether a failed batch may owe its failure to one of its requests, so that a
         replay with savepoints lets the others commit. A lost database and a conflict
         (retried whole by the backend) are the batch's, not a request's."""
-        return not isinstance(e, BackendUnavailable) and not self.backend.conflicted(e)
+        return not isinstance(e, (BackendUnavailable, LostCommits)) and not self.backend.conflicted(e)
 
     def _refused(self, e: BaseException) -> errors.EtcdError:
         """The answer to a request the database refused on its own (savepoint replay)."""
@@ -224,6 +234,11 @@ class GroupCommit:
         committed: list[LogRow] = []
         tally = Tally()
         async with self.backend.write() as tx:
+            alarm = self.alarm
+            if alarm is not None:
+                if tx.corrupt or alarm.raised:
+                    raise LostCommits(tx.revision, 0)
+                alarm.verify(tx.revision)  # the revision about to be handed out was never served
             tx.savepoints = savepoints
             await tx.prefetch(
                 (k for q in batch if not q.future.done() for k in q.keys),

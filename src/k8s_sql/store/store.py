@@ -25,6 +25,7 @@ from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.store import ranges, txn
 from k8s_sql.store.batch import CommitListener, GroupCommit
 from k8s_sql.store.compactor import Compactor
+from k8s_sql.store.corruption import CorruptAlarm, LostCommits
 from k8s_sql.store.revisions import Revisions
 from k8s_sql.store.space import txn_cost
 from k8s_sql.store.txn import MAX_LEASE_TTL, txn_hints
@@ -50,6 +51,8 @@ class Store:
         self.clock = clock
         self.revisions = Revisions()
         self.commits = GroupCommit(backend, self.revisions, max_batch)
+        self.corruption = CorruptAlarm(backend, self.revisions)
+        self.commits.alarm = self.corruption
         self.compactor = Compactor(backend, self.revisions)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -111,6 +114,7 @@ class Store:
     # -- reads -------------------------------------------------------------------
 
     async def range(self, r: pb.RangeRequest) -> pb.RangeResponse:
+        self.corruption.check()
         kr = KeyRange.from_etcd(r.key, r.range_end)
         try:
             res = await self.backend.range(
@@ -120,6 +124,10 @@ class Store:
             raise errors.Compacted() from None
         except FutureRevisionError:
             raise errors.FutureRevision() from None
+        try:
+            self.corruption.verify(res.revision)  # never answer from before what was served
+        except LostCommits:
+            raise errors.Corrupt() from None
         self.revisions.observe(res.revision, res.compact_revision)
         metrics.RANGES.inc()
         return ranges.build_response(r, res.rows, res.count, res.revision)
@@ -127,6 +135,8 @@ class Store:
     async def current(self) -> tuple[int, int]:
         """The database's ``(revision, compact_revision)`` now (other frontends' commits included)."""
         revision, compacted = await self.backend.current()
+        with contextlib.suppress(LostCommits):  # the alarm is raised; the numbers are still the database's
+            self.corruption.verify(revision)
         self.revisions.observe(revision, compacted)
         return revision, compacted
 

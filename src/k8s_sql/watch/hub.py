@@ -61,6 +61,9 @@ class Subscriber(Protocol):
     def detach(self) -> None:
         """The stream has ended: its watchers leave the hub's groups."""
 
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every watcher of the stream, telling its client ``reason``."""
+
 
 class Watching(Protocol):
     """A watcher, as the hub sees it."""
@@ -180,6 +183,9 @@ class Hub:
         # time is that of the first entry at or above it (one entry per commit batch: a
         # tuple per revision cost a write txn 1% of its CPU).
         self.published_at: list[tuple[int, float]] = []
+        # While set, watches are refused with this reason (the CORRUPT alarm: see
+        # store/corruption.py): cancel_all() ended the ones there were.
+        self.refusing = ""
         self._events: _Cache[kv_pb2.Event] = _Cache(2 * ring_events, cache_bytes)
         self._encoded: _Cache[bytes] = _Cache(2 * ring_events, cache_bytes)
 
@@ -190,6 +196,14 @@ class Hub:
     def attach(self, stream: Subscriber) -> None:
         """A Watch call began: its stream may now create watchers."""
         self.streams.add(stream)
+
+    def refuse_watches(self, reason: str) -> None:
+        """Cancel every watcher with ``reason`` and refuse new ones until
+        ``refuse_watches("")``: their clients must stop trusting what they were sent."""
+        self.refusing = reason
+        if reason:
+            for stream in list(self.streams):
+                stream.cancel_all(reason)
 
     def detach(self, stream: Subscriber) -> None:
         """A Watch call ended: its watchers leave the hub's groups."""

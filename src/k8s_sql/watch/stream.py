@@ -187,6 +187,13 @@ class WatchStream:
         self.watchers.clear()
         self.hub.progress_waiters.discard(self)
 
+    def cancel_all(self, reason: str) -> None:
+        for w in list(self.watchers.values()):
+            del self.watchers[w.id]
+            self._forget(w)
+            self.control.append(self._response(self.hub.revision, watch_id=w.id, canceled=True, cancel_reason=reason))
+        self.wake()
+
     @property
     def accepting(self) -> bool:
         """Whether another stream's read may hand this one a share now: only while it
@@ -303,7 +310,9 @@ class WatchStream:
         current = self.hub.revision
         wid = c.watch_id
         error = ""
-        if c.start_revision < 0:
+        if self.hub.refusing:
+            error = self.hub.refusing
+        elif c.start_revision < 0:
             error = errors.Compacted.message  # etcd's v3rpc refuses a negative start as compacted
         elif kr.is_empty:
             error = "mvcc: watcher range is empty"

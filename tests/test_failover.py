@@ -1,0 +1,184 @@
+"""PostgreSQL failovers, with real servers: a primary, a streaming standby, frontends
+on a multi-host DSN (``…@h1:p1,h2:p2/db?target_session_attrs=read-write``).
+
+- **A failover that loses commits**: an asynchronous standby stops receiving WAL, the
+  primary acknowledges more writes, dies (kill -9), and the standby is promoted without
+  them. The database is now behind revisions the frontends served: they must not hand
+  those numbers out again. Shown: every request answers etcd's ``corrupt cluster``
+  (DATA_LOSS), the CORRUPT alarm is listed, exported and logged, watches are canceled,
+  a frontend started afterwards refuses too; after ``etcdctl alarm disarm`` the next
+  write gets a revision above every one acknowledged before, and older revisions are
+  answered as compacted (kube-apiserver: 410 Gone, relist).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import free_port, missing
+
+from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
+from testing.databases import PostgresServer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def primary() -> Iterator[PostgresServer]:
+    why = PostgresServer.available()
+    if why:
+        missing(why)
+    server = PostgresServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def _multi_host(database: str, *servers: PostgresServer) -> str:
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    return f"postgres://postgres@{hosts}/{database}?target_session_attrs=read-write"
+
+
+def _put(endpoint: str, key: bytes, value: bytes = b"v") -> int:
+    with grpc.insecure_channel(endpoint) as ch:
+        return int(rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=key, value=value), timeout=10).header.revision)
+
+
+def _error(call: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value
+
+
+class Watcher:
+    """A watch of every key from a revision, its responses collected on a thread."""
+
+    def __init__(self, endpoint: str, start: int) -> None:
+        self.channel = grpc.insecure_channel(endpoint)
+        create = pb.WatchCreateRequest(key=b"\0", range_end=b"\0", start_revision=start)
+        self.call = rpc_pb2_grpc.WatchStub(self.channel).Watch(iter([pb.WatchRequest(create_request=create)]))
+        self.responses: list[pb.WatchResponse] = []
+        self.error: grpc.RpcError | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for r in self.call:
+                self.responses.append(r)
+                if r.canceled:
+                    break
+        except grpc.RpcError as e:
+            self.error = e
+        self.done.set()
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.channel.close()
+
+
+def test_lost_commits_raise_corrupt_and_revisions_are_never_reused(
+    primary: PostgresServer, k8s_sql_factory, etcdctl, tmp_path: Path
+) -> None:
+    standby = primary.standby(free_port())
+    standby.start()
+    try:
+        database = f"lost_{int(time.time())}"
+        dsn = _multi_host(database, primary, standby)
+        fe1 = k8s_sql_factory("--endpoint", dsn)
+        fe2 = k8s_sql_factory("--endpoint", dsn)
+        acknowledged = [_put((fe1, fe2)[i % 2].endpoint, b"/before/%d" % i) for i in range(100)]
+        watcher = Watcher(fe2.endpoint, 1)
+
+        # the standby has all of that, then stops receiving WAL ...
+        lsn = primary.psql("SELECT pg_current_wal_lsn()")
+        deadline = time.monotonic() + 30
+        while standby.psql(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn") != "t":
+            assert time.monotonic() < deadline, "the standby did not catch up"
+            time.sleep(0.1)
+        replicated = max(acknowledged)
+        standby.psql("ALTER SYSTEM SET primary_conninfo = ''")
+        standby.psql("SELECT pg_reload_conf()")
+        while standby.psql("SELECT count(*) FROM pg_stat_wal_receiver") != "0":
+            assert time.monotonic() < deadline, "the standby kept receiving WAL"
+            time.sleep(0.1)
+        # ... while the primary acknowledges 50 more writes, which the standby never sees
+        lost = [_put((fe1, fe2)[i % 2].endpoint, b"/lost/%d" % i) for i in range(50)]
+        assert min(lost) > replicated
+        highest = max(lost)
+        deadline = time.monotonic() + 30
+        while sum(len(r.events) for r in watcher.responses) < 150:
+            assert time.monotonic() < deadline, "the watcher did not see the writes"
+            time.sleep(0.05)
+
+        primary.kill9()
+        standby.psql("SELECT pg_promote()")
+
+        # the frontends find the promoted standby, behind what they served, and stop
+        deadline = time.monotonic() + 30
+        while True:
+            e = _error(lambda: _put(fe1.endpoint, b"/after"))
+            if e.code() == grpc.StatusCode.DATA_LOSS:
+                break
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            assert time.monotonic() < deadline, "no DATA_LOSS within 30 s of the promotion"
+            time.sleep(0.2)
+        assert e.details() == "etcdserver: corrupt cluster"
+        with grpc.insecure_channel(fe2.endpoint) as ch:
+            kv = rpc_pb2_grpc.KVStub(ch)
+            deadline = time.monotonic() + 10
+            while True:  # fe2 learns it from its own look at the database, or from the alarm row
+                e = _error(lambda kv=kv: kv.Range(pb.RangeRequest(key=b"/before/1"), timeout=5))
+                if e.code() == grpc.StatusCode.DATA_LOSS or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert e.code() == grpc.StatusCode.DATA_LOSS, e
+            alarms = rpc_pb2_grpc.MaintenanceStub(ch).Alarm(pb.AlarmRequest(action=pb.AlarmRequest.GET), timeout=10)
+            assert [a.alarm for a in alarms.alarms] == [pb.CORRUPT]
+        assert watcher.done.wait(10), "the watch was not canceled"
+        assert watcher.responses[-1].canceled and watcher.responses[-1].cancel_reason == "etcdserver: corrupt cluster"
+        assert "the database lost committed revisions" in fe1.log() + fe2.log()
+        with urllib.request.urlopen(f"http://{fe1.endpoint}/metrics", timeout=10) as r:
+            assert 'k8s_sql_alarm_active{alarm="CORRUPT"} 1.0' in r.read().decode()
+        listed = etcdctl(fe1.endpoint, "alarm", "list").stdout
+        assert "alarm:CORRUPT" in listed, listed
+        # a frontend started now knows nothing it served, and still refuses: the alarm is in the database
+        fe3 = k8s_sql_factory("--endpoint", dsn)
+        assert _error(lambda: _put(fe3.endpoint, b"/fe3")).code() == grpc.StatusCode.DATA_LOSS
+
+        # the operator accepts the loss
+        etcdctl(fe1.endpoint, "alarm", "disarm")
+        after = _put(fe1.endpoint, b"/after")
+        assert after > highest, (after, highest)
+        with grpc.insecure_channel(fe1.endpoint) as ch:
+            kv = rpc_pb2_grpc.KVStub(ch)
+            assert kv.Range(pb.RangeRequest(key=b"/before/7"), timeout=5).kvs[0].value == b"v"
+            assert kv.Range(pb.RangeRequest(key=b"/lost/0"), timeout=5).count == 0  # the database's loss
+            e = _error(lambda: kv.Range(pb.RangeRequest(key=b"/before/7", revision=replicated), timeout=5))
+            assert e.code() == grpc.StatusCode.OUT_OF_RANGE
+        old = Watcher(fe1.endpoint, replicated)
+        assert old.done.wait(10) and old.responses[-1].canceled and old.responses[-1].compact_revision >= highest
+        old.close()
+        # every frontend serves again, each write at a revision never handed out before
+        deadline = time.monotonic() + 10
+        later = []
+        for fe in (fe2, fe3):
+            while True:
+                try:
+                    later.append(_put(fe.endpoint, b"/later"))
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.DATA_LOSS and time.monotonic() < deadline, e
+                    time.sleep(0.2)
+        assert min([after, *later]) > highest
+        assert not set(acknowledged + lost) & {after, *later}
+        watcher.close()
+    finally:
+        standby.stop()
