@@ -458,3 +458,138 @@ def _free_ports(n: int) -> tuple[int, ...]:
     finally:
         for s in socks:
             s.close()
+
+
+@dataclass
+class AutoFailoverCluster:
+    """PostgreSQL with automatic failover by pg_auto_failover (``pg_autoctl``): a
+    monitor and two nodes, the second a synchronous standby of the first
+    (``synchronous_standby_names = 'ANY 1 (…)'``, ``synchronous_commit = on``). The
+    monitor's health checks are tightened so that a dead primary is replaced within
+    seconds (defaults: about 30 s). Each ``pg_autoctl`` runs in a session of its own,
+    as ``postgres`` when we are root, with the PostgreSQL it supervises."""
+
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-paf-")))
+    monitor_port: int = 0
+    ports: list[int] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _databases: int = 0
+
+    # the monitor's settings (milliseconds): a primary unanswering for ~3 s is failed over
+    MONITOR_SETTINGS = {
+        "pgautofailover.health_check_period": "1000",
+        "pgautofailover.health_check_timeout": "1000",
+        "pgautofailover.health_check_max_retries": "1",
+        "pgautofailover.health_check_retry_delay": "500",
+        "pgautofailover.node_considered_unhealthy_timeout": "3000",
+        "pgautofailover.primary_demote_timeout": "5000",
+    }
+
+    @staticmethod
+    def available() -> str | None:
+        why = PostgresServer.available()
+        if why:
+            return why
+        if shutil.which("pg_autoctl") is None:
+            return "pg_auto_failover is not installed (apt-get install postgresql-15-auto-failover)"
+        return None
+
+    def __post_init__(self) -> None:
+        if not self.monitor_port:
+            self.monitor_port, *self.ports = _free_ports(3)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+
+    @property
+    def monitor_uri(self) -> str:
+        return f"postgres://autoctl_node@127.0.0.1:{self.monitor_port}/pg_auto_failover?sslmode=disable"
+
+    def _autoctl(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        prefix = PostgresServer(0, root=self.root)._exec_as_owner()
+        # the directory of PostgreSQL's own binaries (pg_autoctl runs pg_controldata
+        # and others next to pg_ctl), not a symlink to pg_ctl elsewhere
+        pg_ctl = Path(str(find_binary("pg_ctl"))).resolve()
+        env = {
+            **os.environ,
+            "PATH": f"{pg_ctl.parent}:{os.environ.get('PATH', '')}",
+            # its state and configuration files go under XDG directories: keep them here
+            "HOME": str(self.root),
+            "XDG_CONFIG_HOME": str(self.root / "config"),
+            "XDG_DATA_HOME": str(self.root / "share"),
+        }
+        return start_logged(
+            [*prefix, str(shutil.which("pg_autoctl")), *args, "--pgctl", str(pg_ctl)],
+            self.root / f"{name}.log",
+            cwd=self.root,
+            env=env,
+        )
+
+    def start(self) -> None:
+        self.procs["monitor"] = self._autoctl(
+            "monitor",
+            *("create", "monitor", "--pgdata", str(self.root / "monitor"), "--pgport", str(self.monitor_port)),
+            *("--hostname", "127.0.0.1", "--auth", "trust", "--no-ssl", "--run"),
+        )
+        monitor = PostgresServer(self.monitor_port, root=self.root)
+        _wait_started(
+            "the pg_auto_failover monitor",
+            lambda: _answers(lambda: monitor.psql("SELECT 1", "pg_auto_failover") == "1"),
+            60,
+            self.procs["monitor"],
+            self.root / "monitor.log",
+        )
+        for name, value in self.MONITOR_SETTINGS.items():
+            monitor.psql(f"ALTER SYSTEM SET {name} = {value}")
+        monitor.psql("SELECT pg_reload_conf()")
+        self.start_node(0)
+        self.wait_state(0, "single", 90)  # a primary once a standby joins
+        self.start_node(1)
+        self.wait_state(1, "secondary", 90)
+        self.wait_state(0, "primary", 30)
+
+    def start_node(self, i: int) -> None:
+        name = f"node{i}"
+        self.procs[name] = self._autoctl(
+            name,
+            *("create", "postgres", "--pgdata", str(self.root / name), "--pgport", str(self.ports[i])),
+            *("--hostname", "127.0.0.1", "--auth", "trust", "--no-ssl", "--name", name),
+            *("--monitor", self.monitor_uri, "--run"),
+        )
+
+    def states(self) -> dict[str, tuple[str, str]]:
+        """Each node's (reported, assigned) state, as the monitor holds them."""
+        monitor = PostgresServer(self.monitor_port, root=self.root)
+        out = monitor.psql("SELECT nodename, reportedstate, goalstate FROM pgautofailover.node", "pg_auto_failover")
+        return {n: (r, g) for n, r, g in (line.split("|") for line in out.splitlines() if line)}
+
+    def wait_state(self, i: int, state: str, timeout: float) -> None:
+        proc = self.procs[f"node{i}"]
+
+        def reached() -> bool:
+            return _answers(lambda: self.states().get(f"node{i}") == (state, state))
+
+        _wait_started(f"pg_auto_failover node{i} ({state})", reached, timeout, proc, self.root / f"node{i}.log")
+
+    def kill9_node(self, i: int) -> None:
+        """A host crash: SIGKILL to the node's pg_autoctl and its PostgreSQL together."""
+        stop_process(self.procs[f"node{i}"], signal.SIGKILL, group=True)
+
+    def dsn(self, database: str) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        return f"postgres://postgres@{hosts}/{database}?target_session_attrs=read-write"
+
+    def new_dsn(self) -> str:
+        self._databases += 1
+        return self.dsn(f"k8s_sql_{os.getpid()}_{self._databases}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop_process(proc, signal.SIGKILL, group=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _answers(probe: Callable[[], bool]) -> bool:
+    try:
+        return probe()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return False

@@ -238,7 +238,9 @@ class GroupCommit:
             if alarm is not None:
                 if tx.corrupt or alarm.raised:
                     raise LostCommits(tx.revision, 0)
-                alarm.verify(tx.revision)  # the revision about to be handed out was never served
+                # Under the revision lock the row holds the newest commit: nothing seen
+                # before may be newer (the revision about to be handed out was never served).
+                alarm.verify(tx.revision, self.revisions.current)
             tx.savepoints = savepoints
             await tx.prefetch(
                 (k for q in batch if not q.future.done() for k in q.keys),

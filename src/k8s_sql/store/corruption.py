@@ -90,11 +90,14 @@ class CorruptAlarm(BackgroundLoop):
         if self.raised_by:
             raise errors.Corrupt()
 
-    def verify(self, database: int) -> None:
-        """``database``, a revision the database just reported, must not be behind one
-        this frontend has served: LostCommits (and the alarm raised) if it is."""
-        if database < self.revisions.current:
-            lost = LostCommits(database, self.revisions.current)
+    def verify(self, database: int, seen: int) -> None:
+        """``database``, a revision the database reported from a snapshot taken after
+        this frontend had seen revision ``seen``, must not be behind it: LostCommits
+        (and the alarm raised) if it is. ``seen`` is read *before* the database is
+        asked: a read whose snapshot predates a commit this frontend makes meanwhile
+        rightly reports the older revision (measured: 554 read while 560 committed)."""
+        if database < seen:
+            lost = LostCommits(database, seen)
             self.detected(lost)
             raise lost
 

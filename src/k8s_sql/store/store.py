@@ -116,6 +116,7 @@ class Store:
     async def range(self, r: pb.RangeRequest) -> pb.RangeResponse:
         self.corruption.check()
         kr = KeyRange.from_etcd(r.key, r.range_end)
+        seen = self.revisions.current
         try:
             res = await self.backend.range(
                 kr, r.revision, ranges.fetch_limit(r), r.count_only, r.keys_only and not ranges.sorts_by_value(r)
@@ -125,7 +126,7 @@ class Store:
         except FutureRevisionError:
             raise errors.FutureRevision() from None
         try:
-            self.corruption.verify(res.revision)  # never answer from before what was served
+            self.corruption.verify(res.revision, seen)  # never answer from before what was served
         except LostCommits:
             raise errors.Corrupt() from None
         self.revisions.observe(res.revision, res.compact_revision)
@@ -134,9 +135,10 @@ class Store:
 
     async def current(self) -> tuple[int, int]:
         """The database's ``(revision, compact_revision)`` now (other frontends' commits included)."""
+        seen = self.revisions.current
         revision, compacted = await self.backend.current()
         with contextlib.suppress(LostCommits):  # the alarm is raised; the numbers are still the database's
-            self.corruption.verify(revision)
+            self.corruption.verify(revision, seen)
         self.revisions.observe(revision, compacted)
         return revision, compacted
 
