@@ -593,3 +593,49 @@ def _answers(probe: Callable[[], bool]) -> bool:
         return probe()
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return False
+
+
+@dataclass
+class PgBouncer:
+    """PgBouncer in front of a PostgreSQL server, in transaction-pooling mode (a server
+    connection is a client's only for the length of a transaction), as ``postgres``
+    when we are root (it refuses to run as root)."""
+
+    port: int
+    server_port: int
+    pool_mode: str = "transaction"
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-pgbouncer-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> str | None:
+        if shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
+            return "PgBouncer is not installed (apt-get install pgbouncer)"
+        return PostgresServer.available()
+
+    def start(self) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        (self.root / "userlist.txt").write_text('"postgres" ""\n')
+        (self.root / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={self.server_port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir = {self.root}\n"
+            f"auth_type = trust\nauth_file = {self.root / 'userlist.txt'}\n"
+            f"pool_mode = {self.pool_mode}\nmax_client_conn = 1000\ndefault_pool_size = 20\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+        )
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        prefix = PostgresServer(0, root=self.root)._exec_as_owner()
+        self.proc = start_logged([*prefix, binary, str(self.root / "pgbouncer.ini")], self.root / "pgbouncer.log")
+
+        def ready() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        _wait_started("PgBouncer", ready, 30, self.proc, self.root / "pgbouncer.log")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=10)
+        shutil.rmtree(self.root, ignore_errors=True)

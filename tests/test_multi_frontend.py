@@ -15,12 +15,47 @@ from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 WRITES = 200
 
 
+@pytest.fixture
+def pgbouncer(postgres_server):
+    """PgBouncer in transaction-pooling mode in front of the session's PostgreSQL."""
+    from conftest import free_port, missing
+
+    from testing.databases import PgBouncer
+
+    why = PgBouncer.available()
+    if why:
+        missing(why)
+    bouncer = PgBouncer(free_port(), postgres_server.port)
+    bouncer.start()
+    yield bouncer
+    bouncer.stop()
+
+
 @pytest.fixture(params=["sqlite", "postgres", "mariadb"])
 def two_frontends(request, k8s_sql_factory, tmp_path):
+    return _two_frontends(request, k8s_sql_factory, tmp_path)
+
+
+# pgbouncer: the frontends find out by themselves that prepared statements and
+# LISTEN/NOTIFY do not work through it; pgbouncer-flag: told so by ?pgbouncer=true
+@pytest.fixture(params=["sqlite", "postgres", "mariadb", "pgbouncer", "pgbouncer-flag"])
+def two_frontends_or_pgbouncer(request, k8s_sql_factory, tmp_path):
+    return _two_frontends(request, k8s_sql_factory, tmp_path)
+
+
+def _two_frontends(request, k8s_sql_factory, tmp_path):
     if request.param == "sqlite":
         shared = tmp_path / "shared"
         a = k8s_sql_factory(data_dir=shared)
         b = k8s_sql_factory(data_dir=shared)
+    elif request.param.startswith("pgbouncer"):
+        bouncer = request.getfixturevalue("pgbouncer")
+        name = request.getfixturevalue("postgres_server").new_dsn().rsplit("/", 1)[1]
+        dsn = f"postgres://postgres@127.0.0.1:{bouncer.port}/{name}"
+        if request.param == "pgbouncer-flag":
+            dsn += "?pgbouncer=true"
+        a = k8s_sql_factory("--endpoint", dsn)
+        b = k8s_sql_factory("--endpoint", dsn)
     else:
         dsn = request.getfixturevalue(f"{request.param}_server").new_dsn()
         a = k8s_sql_factory("--endpoint", dsn)
@@ -28,8 +63,8 @@ def two_frontends(request, k8s_sql_factory, tmp_path):
     return request.param, a, b
 
 
-def test_writes_on_one_frontend_reach_reads_and_watches_on_another(two_frontends) -> None:
-    backend, a, b = two_frontends
+def test_writes_on_one_frontend_reach_reads_and_watches_on_another(two_frontends_or_pgbouncer) -> None:
+    backend, a, b = two_frontends_or_pgbouncer
     ch_a, ch_b = grpc.insecure_channel(a.endpoint), grpc.insecure_channel(b.endpoint)
     kv_a, kv_b = rpc_pb2_grpc.KVStub(ch_a), rpc_pb2_grpc.KVStub(ch_b)
     watch_b = rpc_pb2_grpc.WatchStub(ch_b)

@@ -218,6 +218,19 @@ class MyConn(Conn):
             raise
 
 
+class _Released:
+    """``async with``: the acquired connection, released to its pool on exit."""
+
+    def __init__(self, pool: Any, conn: Any) -> None:
+        self.pool, self.conn = pool, conn
+
+    async def __aenter__(self) -> Any:
+        return self.conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pool.release(self.conn)
+
+
 class MySQLBackend(NetworkBackend):
     """A store in a MySQL or MariaDB database, created (with its schema) if absent.
 
@@ -390,12 +403,25 @@ class MySQLBackend(NetworkBackend):
             await self._pool.wait_closed()
             self._pool = None
 
+    async def _acquire(self) -> tuple[Any, Any]:
+        """A connection from the current pool, and that pool. A pool closed between
+        looking it up and acquiring from it (another request lost its server and moved
+        on) is looked up again: nothing was sent yet."""
+        for _ in range(3):
+            pool = await self._pool_for()
+            try:
+                return pool, await pool.acquire()
+            except RuntimeError as e:  # asyncmy: "Cannot acquire connection after closing pool"
+                if pool is self._pool:
+                    raise BackendUnavailable(str(e)) from e
+        raise BackendUnavailable("the connection pool kept being replaced")
+
     @contextlib.asynccontextmanager
     async def _conn(self, begin: str | None) -> AsyncIterator[Conn]:
         pool = None
         try:
-            pool = await self._pool_for()
-            async with pool.acquire() as raw:
+            pool, acquired = await self._acquire()
+            async with _Released(pool, acquired) as raw:
                 conn = MyConn(raw)
                 if begin is None:
                     yield conn

@@ -16,6 +16,7 @@ from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
+from k8s_sql import errors
 from k8s_sql.backend import migrations, plans, sql, transient
 from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
 from k8s_sql.backend.network import NetworkBackend
@@ -62,6 +63,8 @@ SCHEMA = [
 
 COMMIT_CHANNEL = "k8s_sql_commit"  # see migration 4
 RELISTEN_SECONDS = 1.0
+PROBE = "probe"  # the payload of the announcement that checks announcements arrive
+PROBE_SECONDS = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,15 @@ UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.InternalClientError,
+)
+
+
+# What asyncpg meets when its named prepared statements are gone or clash between two
+# statements of one connection: a transaction-pooling proxy handed it another server.
+PREPARED_STATEMENT_LOST = (
+    asyncpg.InvalidSQLStatementNameError,
+    asyncpg.DuplicatePreparedStatementError,
+    asyncpg.ProtocolViolationError,  # "bind message supplies 2 parameters, but prepared statement … requires 4"
 )
 
 
@@ -137,6 +149,20 @@ class PgConn(Conn):
             raise DatabaseFull(str(e)) from e
 
 
+def _without_pgbouncer(dsn: str) -> tuple[str, bool]:
+    """The DSN without k8s-sql's own ``pgbouncer=true`` parameter (asyncpg would send it
+    to the server as a setting), and whether it was given."""
+    u = urlparse(dsn)
+    if not u.query:
+        return dsn, False
+    params = [p for p in u.query.split("&") if p]
+    kept = [p for p in params if p.split("=", 1)[0] != "pgbouncer"]
+    flag = next((p.split("=", 1)[1] if "=" in p else "true" for p in params if p.split("=", 1)[0] == "pgbouncer"), "")
+    if len(kept) == len(params):
+        return dsn, False
+    return urlunparse(u._replace(query="&".join(kept))), flag.lower() in ("true", "1", "yes", "on")
+
+
 class PostgresBackend(NetworkBackend):
     """A store in a PostgreSQL database, created (with its schema) if absent."""
 
@@ -148,9 +174,17 @@ class PostgresBackend(NetworkBackend):
     max_key_bytes = 2680
 
     def __init__(self, dsn: str, pool_size: int = 8) -> None:
-        self.dsn = dsn
+        self.dsn, self.pgbouncer = _without_pgbouncer(dsn)
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        # Through a transaction-pooling proxy (``?pgbouncer=true``) consecutive
+        # statements of a connection may reach different server connections, where
+        # asyncpg's named prepared statements do not exist: it then prepares each
+        # statement unnamed, in the statement's own round trip.
+        self.connect_args: dict[str, Any] = {"statement_cache_size": 0} if self.pgbouncer else {}
+
+    async def _connect(self, dsn: str | None = None) -> asyncpg.Connection:
+        return await asyncpg.connect(dsn or self.dsn, **self.connect_args)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -166,7 +200,7 @@ class PostgresBackend(NetworkBackend):
     async def _create_database(self) -> None:
         u = urlparse(self.dsn)
         name = u.path.lstrip("/")
-        conn = await asyncpg.connect(urlunparse(u._replace(path="/postgres")))
+        conn = await self._connect(urlunparse(u._replace(path="/postgres")))
         try:
             await conn.execute('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
         except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
@@ -185,7 +219,13 @@ class PostgresBackend(NetworkBackend):
         verification, a schema from a newer k8s-sql. Either way the message holds
         no password."""
         try:
-            await self._open()
+            try:
+                await self._open()
+            except PREPARED_STATEMENT_LOST as e:
+                if self.pgbouncer or "prepared statement" not in str(e):
+                    raise
+                self._statement_cache_off(e)
+                await self._open()
         except Exception as e:
             if _unavailable_at_start(e):
                 raise BackendUnavailable(scrub(str(e), secrets(self.dsn)) or type(e).__name__) from e
@@ -193,10 +233,13 @@ class PostgresBackend(NetworkBackend):
 
     async def _open(self) -> None:
         try:
-            conn = await asyncpg.connect(self.dsn)
-        except asyncpg.InvalidCatalogNameError:
+            conn = await self._connect()
+        except (asyncpg.InvalidCatalogNameError, asyncpg.PostgresConnectionError) as e:
+            # PgBouncer reports a database it cannot reach as a connection failure
+            if not isinstance(e, asyncpg.InvalidCatalogNameError) and "does not exist" not in str(e):
+                raise
             await self._create_database()
-            conn = await asyncpg.connect(self.dsn)
+            conn = await self._connect()
         try:
             async with conn.transaction():
                 # Several frontends may start at once: one creates the schema.
@@ -216,7 +259,31 @@ class PostgresBackend(NetworkBackend):
                     await conn.execute("UPDATE meta SET value = $1 WHERE name = 'schema_version'", to)
         finally:
             await conn.close()
-        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size)
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size, **self.connect_args)
+
+    async def _without_statement_cache(self, e: BaseException) -> None:
+        """A prepared statement vanished between two statements of one connection: a
+        transaction-pooling proxy (PgBouncer) is in the way. From now on statements are
+        prepared unnamed, each in its own round trip, as with ``?pgbouncer=true``; the
+        request that met it fails as UNAVAILABLE (clients retry)."""
+        if self.pgbouncer:
+            return
+        self._statement_cache_off(e)
+        old, self._pool = (
+            self._pool,
+            await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size, **self.connect_args),
+        )
+        if old is not None:
+            old.terminate()
+
+    def _statement_cache_off(self, e: BaseException) -> None:
+        self.pgbouncer = True
+        self.connect_args = {"statement_cache_size": 0}
+        log.warning(
+            "prepared statements do not survive between statements (%s): a transaction-pooling proxy such as "
+            "PgBouncer? Preparing every statement anew from now on; add ?pgbouncer=true to the DSN to start so",
+            errors.one_line(e, 200),
+        )
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -236,6 +303,11 @@ class PostgresBackend(NetworkBackend):
                     yield PgConn(conn)
         except UNAVAILABLE as e:
             raise BackendUnavailable(str(e)) from e
+        except PREPARED_STATEMENT_LOST as e:
+            if self.pgbouncer or "prepared statement" not in str(e):
+                raise
+            await self._without_statement_cache(e)
+            raise BackendUnavailable(str(e)) from e
 
     def snapshot_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         return self._conn(isolation="repeatable_read", readonly=True)
@@ -253,18 +325,34 @@ class PostgresBackend(NetworkBackend):
         return isinstance(error, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
 
     async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
-        """LISTEN on a connection of its own; reconnect after losing it."""
+        """LISTEN on a connection of its own; reconnect after losing it. Through a
+        transaction-pooling proxy (PgBouncer) a LISTEN holds on to no server
+        connection and announcements never arrive: said so (``?pgbouncer=true``), or
+        found so by an announcement of its own that does not come back, the follower
+        relies on polling alone (its ``follow_interval``)."""
 
         def heard(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            on_commit(int(payload))
+            if payload != PROBE:
+                on_commit(int(payload))
 
+        if self.pgbouncer:
+            log.info("commit announcements are off (?pgbouncer=true): other frontends' commits are polled")
+            return
         while True:
             try:
-                conn = await asyncpg.connect(self.dsn)
+                conn = await self._connect()
             except (*UNAVAILABLE, asyncpg.PostgresError) as e:
                 log.debug("listening for commits: %s", e)
             else:
                 try:
+                    if not await self._announcements_arrive(conn):
+                        log.warning(
+                            "commit announcements (LISTEN/NOTIFY) do not arrive through %s -- a transaction-pooling "
+                            "proxy such as PgBouncer? Other frontends' commits are polled; add ?pgbouncer=true to "
+                            "the DSN to skip this check",
+                            scrub(self.dsn, secrets(self.dsn)),
+                        )
+                        return
                     await self._listen_until_lost(conn, heard)
                 except (*UNAVAILABLE, asyncpg.PostgresError) as e:
                     log.debug("listening for commits: %s", e)
@@ -272,6 +360,24 @@ class PostgresBackend(NetworkBackend):
                     if not conn.is_closed():
                         await conn.close()
             await asyncio.sleep(RELISTEN_SECONDS)
+
+    async def _announcements_arrive(self, conn: asyncpg.Connection) -> bool:
+        """LISTEN, then NOTIFY from another connection: whether it is heard within
+        PROBE_SECONDS."""
+        arrived = asyncio.Event()
+
+        def probe(_conn: object, _pid: int, _channel: str, _payload: str) -> None:
+            arrived.set()
+
+        await conn.add_listener(COMMIT_CHANNEL, probe)
+        try:
+            async with self.autocommit_conn() as other:
+                await other.execute("SELECT pg_notify(?, ?)", (COMMIT_CHANNEL, PROBE))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), PROBE_SECONDS)
+        finally:
+            await conn.remove_listener(COMMIT_CHANNEL, probe)
+        return arrived.is_set()
 
     @staticmethod
     async def _listen_until_lost(conn: asyncpg.Connection, heard: Callable[..., None]) -> None:
