@@ -92,6 +92,14 @@ def _progress_interval(seconds: float) -> float:
     "out of argv. Not together with --endpoint.",
 )
 @click.option(
+    "--read-endpoint",
+    default="",
+    metavar="DSN",
+    help="A read-only replica of --endpoint's database (a PostgreSQL hot standby, a MySQL/MariaDB "
+    "replica) to serve serializable Ranges from, never older than what this frontend has already "
+    "answered; otherwise the primary answers (docs/high-availability.md).",
+)
+@click.option(
     "--listen-client-urls",
     default=DEFAULT_CLIENT_URL,
     show_default=True,
@@ -247,6 +255,7 @@ def main(
     data_dir: str,
     endpoint: str,
     endpoint_file: str | None,
+    read_endpoint: str,
     listen_client_urls: str,
     advertise_client_urls: str,
     cert_file: str,
@@ -285,6 +294,7 @@ def main(
         name=name,
         data_dir=data_dir,
         endpoint=endpoint,
+        read_endpoint=read_endpoint,
         listen_client_urls=_urls(listen_client_urls),
         advertise_client_urls=_urls(advertise_client_urls),
         cert_file=cert_file,

@@ -25,6 +25,7 @@ class Config:
     name: str = "default"
     data_dir: str = ""
     endpoint: str = field(default="", repr=False)  # may hold a password: never in a repr
+    read_endpoint: str = field(default="", repr=False)  # a replica for serializable reads (store/replica.py)
     listen_client_urls: list[str] = field(default_factory=lambda: [DEFAULT_CLIENT_URL])
     advertise_client_urls: list[str] = field(default_factory=list)
     cert_file: str = ""
@@ -111,6 +112,13 @@ class Config:
         from k8s_sql.backend import check_endpoint
 
         check_endpoint(self.endpoint)
+        if self.read_endpoint:
+            check_endpoint(self.read_endpoint)
+            scheme = self.read_endpoint.split("://", 1)[0].replace("postgresql", "postgres")
+            if scheme not in ("postgres", "mysql"):
+                raise ValueError("--read-endpoint must name a PostgreSQL or MySQL/MariaDB replica")
+            if scheme != self.endpoint.split("://", 1)[0].replace("postgresql", "postgres"):
+                raise ValueError("--read-endpoint must be a replica of --endpoint's database, of the same kind")
 
 
 def _check_url(url: str, flag: str) -> None:
@@ -232,4 +240,4 @@ def configure_logging(config: Config) -> None:
     endpoint's password out of every line (see :mod:`k8s_sql.logs`). Called by the
     command and again in each --workers process."""
     level = LOG_LEVELS.get(config.log_level.lower(), logging.INFO)
-    logs.configure(level, config.log_format, config.log_outputs, config.endpoint)
+    logs.configure(level, config.log_format, config.log_outputs, config.endpoint, config.read_endpoint)

@@ -69,9 +69,10 @@ def check_outputs(outputs: list[str]) -> None:
         raise ValueError("--log-outputs: give stderr, stdout or a file path")
 
 
-def configure(level: int, log_format: str, outputs: list[str], endpoint: str) -> None:
-    """Set up the root logger: level, format, outputs, the endpoint's password kept out."""
-    hidden = dsn.secrets(endpoint)
+def configure(level: int, log_format: str, outputs: list[str], endpoint: str, *more: str) -> None:
+    """Set up the root logger: level, format, outputs, the endpoint's password (and
+    those of ``more`` DSNs) kept out."""
+    hidden = sorted({s for d in (endpoint, *more) if d for s in dsn.secrets(d)}, key=len, reverse=True)
     tracebacks = level <= logging.DEBUG
     formatter: logging.Formatter
     if log_format == "json":

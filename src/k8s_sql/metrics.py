@@ -227,6 +227,12 @@ COMPACTION_SECONDS = Histogram(
     buckets=_exponential(0.001, 2, 16),
 )
 COMPACTION_DELETED = Counter("k8s_sql_compaction_deleted_rows_total", "Log rows deleted by physical compaction.")
+REPLICA_RANGES = Counter(
+    "k8s_sql_read_replica_ranges_total",
+    "Serializable Ranges offered to the --read-endpoint replica, by result: served there, or "
+    "answered by the primary because the replica was behind this frontend or unavailable.",
+    ("result",),
+)
 
 
 _statement_children: dict[tuple[str, str], Any] = {}

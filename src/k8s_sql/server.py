@@ -44,6 +44,7 @@ from k8s_sql.lease.manager import LeaseExpirer
 from k8s_sql.migrate import MARKER as MIGRATING
 from k8s_sql.monitor import Health, Monitor, ServerCollector
 from k8s_sql.pb import rpc_pb2, rpc_pb2_grpc
+from k8s_sql.store.replica import ReadReplica
 from k8s_sql.store.space import Space
 from k8s_sql.store.store import Store
 from k8s_sql.watch.follower import Follower
@@ -182,6 +183,8 @@ class Server:
         await self.expirer.stop()
         await self.space.stop()
         await self.store.corruption.stop()
+        if self.store.replica is not None:
+            await self.store.replica.close()
         await self.store.stop()
         await self.backend.close()
 
@@ -282,6 +285,10 @@ async def start(config: Config) -> Server:
         space.start()
         undo.append(space.stop)
         store.on_database_full = space.database_full
+        if config.read_endpoint:
+            store.replica = ReadReplica(open_backend(config.read_endpoint), redact(config.read_endpoint))
+            await store.replica.open()
+            undo.append(store.replica.close)
         corruption = store.corruption
         corruption.member_id = membership.member_id
         corruption.on_change = lambda raised: hub.refuse_watches(errors.Corrupt.message if raised else "")

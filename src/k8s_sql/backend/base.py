@@ -325,4 +325,8 @@ class Backend(KeyValueLog, LeaseTable, ClusterTable, Maintenance, Protocol):
     async def open(self) -> None:
         """Connect, create the schema if absent, migrate it forward."""
 
+    async def open_for_reads(self) -> None:
+        """Connect to a read-only replica of a store: create nothing, and check that it
+        holds a store (BackendUnavailable while it cannot be reached)."""
+
     async def close(self) -> None: ...

@@ -307,6 +307,16 @@ class MySQLBackend(NetworkBackend):
                 log.warning("%s: %s; trying the next server", self.server_name, scrub(str(e), self._secrets))
                 self._host = (self._host + 1) % len(self.hosts)
 
+    async def open_for_reads(self) -> None:
+        try:
+            await self._new_pool()
+            await self.current()  # holds a store
+        except Exception as e:
+            await self.close()
+            if _unavailable_at_start(e):
+                raise BackendUnavailable(scrub(str(e), self._secrets)) from e
+            raise
+
     async def _new_pool(self) -> None:
         """A pool to the current server; Galera's read wait set on each of its sessions."""
         server = self._server()

@@ -285,6 +285,18 @@ class PostgresBackend(NetworkBackend):
             errors.one_line(e, 200),
         )
 
+    async def open_for_reads(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size, **self.connect_args)
+            await self.current()  # holds a store
+        except Exception as e:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
+            if _unavailable_at_start(e):
+                raise BackendUnavailable(scrub(str(e), secrets(self.dsn)) or type(e).__name__) from e
+            raise
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()

@@ -226,6 +226,9 @@ class SQLiteBackend(SQLBackend):
 
     # -- schema -------------------------------------------------------------------
 
+    async def open_for_reads(self) -> None:
+        await self.open()  # (a replica of an SQLite file is not offered: see Config.validate)
+
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)

@@ -26,6 +26,7 @@ from k8s_sql.store import ranges, txn
 from k8s_sql.store.batch import CommitListener, GroupCommit
 from k8s_sql.store.compactor import Compactor
 from k8s_sql.store.corruption import CorruptAlarm, LostCommits
+from k8s_sql.store.replica import ReadReplica
 from k8s_sql.store.revisions import Revisions
 from k8s_sql.store.space import txn_cost
 from k8s_sql.store.txn import MAX_LEASE_TTL, txn_hints
@@ -52,6 +53,7 @@ class Store:
         self.revisions = Revisions()
         self.commits = GroupCommit(backend, self.revisions, max_batch)
         self.corruption = CorruptAlarm(backend, self.revisions)
+        self.replica: ReadReplica | None = None  # --read-endpoint (store/replica.py)
         self.commits.alarm = self.corruption
         self.compactor = Compactor(backend, self.revisions)
         self._tasks: list[asyncio.Task[None]] = []
@@ -117,6 +119,21 @@ class Store:
         self.corruption.check()
         kr = KeyRange.from_etcd(r.key, r.range_end)
         seen = self.revisions.current
+        if r.serializable and self.replica is not None:
+            try:
+                replica = await self.replica.range(
+                    kr,
+                    r.revision,
+                    ranges.fetch_limit(r),
+                    r.count_only,
+                    r.keys_only and not ranges.sorts_by_value(r),
+                    seen,
+                )
+            except CompactedError:
+                raise errors.Compacted() from None
+            if replica is not None:
+                metrics.RANGES.inc()
+                return ranges.build_response(r, replica.rows, replica.count, replica.revision)
         try:
             res = await self.backend.range(
                 kr, r.revision, ranges.fetch_limit(r), r.count_only, r.keys_only and not ranges.sorts_by_value(r)
