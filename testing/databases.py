@@ -639,3 +639,52 @@ class PgBouncer:
     def stop(self) -> None:
         stop_process(self.proc, timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class HAProxy:
+    """HAProxy in TCP mode in front of several servers (a Galera cluster's nodes):
+    connections go round robin to the servers its health checks (a TCP connect every
+    0.5 s) find up; a server marked down has its connections cut."""
+
+    port: int
+    servers: list[int]
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="k8s-sql-haproxy-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> str | None:
+        if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+            return "HAProxy is not installed (apt-get install haproxy)"
+        return None
+
+    def start(self) -> None:
+        lines = [
+            "global",
+            "  maxconn 4000",
+            "defaults",
+            "  mode tcp",
+            "  timeout connect 2s",
+            "  timeout client 1h",
+            "  timeout server 1h",
+            "listen galera",
+            f"  bind 127.0.0.1:{self.port}",
+            "  balance roundrobin",
+            *(
+                f"  server n{i} 127.0.0.1:{p} check inter 500 fall 2 rise 2 on-marked-down shutdown-sessions"
+                for i, p in enumerate(self.servers)
+            ),
+        ]
+        (self.root / "haproxy.cfg").write_text("\n".join(lines) + "\n")
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self.proc = start_logged([binary, "-db", "-f", str(self.root / "haproxy.cfg")], self.root / "haproxy.log")
+
+        def ready() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        _wait_started("HAProxy", ready, 30, self.proc, self.root / "haproxy.log")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=10)
+        shutil.rmtree(self.root, ignore_errors=True)

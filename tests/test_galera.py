@@ -146,3 +146,26 @@ def test_frontend_moves_to_the_next_node(galera: GaleraCluster, k8s_sql_factory)
         finally:
             galera.start_node(first)
     assert "lost the database server" in fe.log() and f"connecting to 127.0.0.1:{second.port}" in fe.log()
+
+
+def test_node_kills_behind_haproxy(galera: GaleraCluster, k8s_sql_factory, tmp_path: Path) -> None:
+    """The same through HAProxy (TCP, round robin over the three nodes, TCP health
+    checks): a frontend's connections land on any node, and a killed node's are cut."""
+    from conftest import free_port
+
+    from testing.databases import HAProxy
+
+    why = HAProxy.available()
+    if why:
+        missing(why)
+    proxy = HAProxy(free_port(), [n.port for n in galera.nodes])
+    proxy.start()
+    try:
+        dsn = f"mysql://root@tcp(127.0.0.1:{proxy.port})/{galera.new_database()}"
+        frontends = [k8s_sql_factory("--watch-progress-notify-interval", "1s", "--endpoint", dsn) for _ in range(2)]
+        history, faults, line = _run(frontends, galera, ["kill9-galera-node"], int(time.time()) % 100000, tmp_path)
+        odd = {e: n for e, n in summarize_errors(history).items() if e not in FAULT_CODES and not e.islower()}
+        assert not odd, f"errors no fault explains: {line}"
+        assert faults.injected and all("IST" in f.note for f in faults.injected), line
+    finally:
+        proxy.stop()
