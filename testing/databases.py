@@ -625,6 +625,9 @@ class PgBouncer:
             f"auth_type = trust\nauth_file = {self.root / 'userlist.txt'}\n"
             f"pool_mode = {self.pool_mode}\nmax_client_conn = 1000\ndefault_pool_size = 20\n"
             "ignore_startup_parameters = extra_float_digits\n"
+            # after a failed server login (a database not created yet) PgBouncer waits this
+            # long before it tries the server again: 15 s by default
+            "server_login_retry = 1\n"
         )
         binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         prefix = PostgresServer(0, root=self.root)._exec_as_owner()
