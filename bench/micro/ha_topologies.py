@@ -4,7 +4,8 @@ create and update txns, 1 KiB values) and etcd's ``benchmark`` for serializable 
 
 - ``galera``: one frontend on a single MariaDB; one frontend on one Galera node; three
   frontends, one per node of a 3-node Galera cluster (galera-4), the driver's connections
-  spread over them.
+  spread over them; three frontends all writing through the first node (the same DSN
+  order: Galera's single-writer advice).
 - ``replica``: serializable single-key Ranges through one frontend on PostgreSQL, without
   and with ``--read-endpoint`` naming a streaming hot standby.
 
@@ -62,6 +63,9 @@ def _row(topology: str, clients: int, results: dict[str, dict[str, float]]) -> s
     c = results["w1-create"]
     u = results["w1-update"]
     cl, ul = c["latency_ms"], u["latency_ms"]
+    for r in (c, u):
+        if r.get("first_error"):
+            print(f"<!-- {topology}, {clients} clients, {r['workload']}: {r['first_error']} -->", flush=True)
     return (
         f"| {topology} | {clients} | {c['throughput']:,.0f} | {cl['p50']:.1f} | {cl['p99']:.1f} "
         f"| {u['throughput']:,.0f} | {ul['p50']:.1f} | {ul['p99']:.1f} | {c['errors'] + u['errors']:.0f} |"
@@ -99,6 +103,19 @@ def galera(bins: Path, clients: list[int], total: int, work: Path) -> None:
         ]
         for c in clients:
             print(_row("Galera, 3 frontends on 3 nodes", c, _w1(bins, [f.endpoint for f in fes], c, total)), flush=True)
+        for f in fes:
+            f.stop()
+        db = cluster.new_database()  # every frontend lists the nodes in the same order: one writer node
+        fes = [_frontend(work / f"galera-same-{i}", "--endpoint", cluster.dsn(db)) for i in range(len(nodes))]
+        for c in clients:
+            print(
+                _row(
+                    "Galera, 3 frontends, all on node 1 (same DSN order)",
+                    c,
+                    _w1(bins, [f.endpoint for f in fes], c, total),
+                ),
+                flush=True,
+            )
         for f in fes:
             f.stop()
     finally:

@@ -31,7 +31,7 @@ from k8s_sql.dsn import redact, scrub, secrets
 
 MAX_KEY_BYTES = 3000
 # attempts of a transaction that Galera's certification aborts (see MySQLBackend)
-GALERA_CONFLICT_RETRIES = 30
+GALERA_CONFLICT_RETRIES = 100
 
 log = logging.getLogger(__name__)
 
