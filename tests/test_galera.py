@@ -59,12 +59,14 @@ def _frontends(galera: GaleraCluster, factory, database: str) -> list:  # type: 
     ]
 
 
-def _run(frontends: list, db: GaleraCluster | None, kinds: list[str], seed: int, tmp_path: Path) -> tuple:  # type: ignore[type-arg]
+def _run(  # type: ignore[type-arg]
+    frontends: list, db: GaleraCluster | None, kinds: list[str], seed: int, tmp_path: Path, seconds: float = SECONDS
+) -> tuple:
     workload = Workload([f.endpoint for f in frontends], seed)
     faults = Faults(frontends, db, kinds, seed)
     workload.start()
-    faults.run(begin=2.0, end=max(2.5, SECONDS - 3.0))
-    time.sleep(SECONDS)
+    faults.run(begin=2.0, end=max(2.5, seconds - 3.0))
+    time.sleep(seconds)
     faults.stop()
     problems = workload.finish()
     history = workload.rec.history
@@ -104,7 +106,7 @@ def test_galera_is_detected_and_reads_wait(galera: GaleraCluster) -> None:
 def test_writers_on_every_node_without_faults(galera: GaleraCluster, k8s_sql_factory, tmp_path: Path) -> None:
     """Concurrent writers through all three nodes: no error at all, a linearizable history."""
     frontends = _frontends(galera, k8s_sql_factory, galera.new_database())
-    history, _, line = _run(frontends, None, [], int(time.time()) % 100000, tmp_path)
+    history, _, line = _run(frontends, None, [], int(time.time()) % 100000, tmp_path, seconds=SECONDS * 2 / 3)
     errors = summarize_errors(history)
     assert not {e: n for e, n in errors.items() if not e.islower()}, f"errors without a fault: {line}"
 
