@@ -120,7 +120,7 @@ BAD_FLAGS: dict[str, tuple[list[str], str]] = {
     "garbage-ca": (["--trusted-ca-file", "{garbage}", "--client-cert-auth"], "--trusted-ca-file"),
     "client-cert-auth-without-ca": (["--client-cert-auth"], "--client-cert-auth needs --trusted-ca-file"),
     "workers-zero": (["--workers", "0"], "--workers must be at least 1"),
-    "workers-not-a-number": (["--workers", "many"], "'many' is not a valid integer"),
+    "workers-not-a-number": (["--workers", "many"], "'many' is not a number or auto"),
     "max-request-bytes-zero": (["--max-request-bytes", "0"], "--max-request-bytes must be positive"),
     "log-level": (["--log-level", "verbose"], "'verbose' is not one of"),
     "metrics-url-scheme": (["--listen-metrics-urls", "ftp://127.0.0.1:2381"], "--listen-metrics-urls: invalid URL"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -187,11 +188,11 @@ def _progress_interval(seconds: float) -> float:
 )
 @click.option(
     "--workers",
-    default=1,
+    default="1",
     show_default=True,
-    metavar="N",
+    metavar="N|auto",
     help="Frontend processes serving the same ports (SO_REUSEPORT) from the same database, so that one host "
-    "uses every core.",
+    "uses every core; auto: one per core this process may run on.",
 )
 @click.option(
     "--event-loop",
@@ -268,7 +269,7 @@ def main(
     max_concurrent_streams: int,
     progress_interval: float,
     sqlite_synchronous: str,
-    workers: int,
+    workers: str,
     event_loop: str,
     log_level: str,
     log_format: str,
@@ -306,7 +307,7 @@ def main(
         quota_backend_bytes=quota_backend_bytes,
         max_concurrent_streams=max_concurrent_streams,
         sqlite_synchronous=sqlite_synchronous.upper(),
-        workers=workers,
+        workers=_workers(workers),
         event_loop=event_loop.lower(),
         log_level=log_level.lower(),
         log_format=log_format.lower(),
@@ -335,6 +336,16 @@ def main(
         run(config)
     except StartupError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _workers(text: str) -> int:
+    """--workers: a count, or auto -- the cores this process may run on."""
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a number or auto", param_hint="'--workers'") from None
 
 
 def _read_endpoint_file(path: str) -> str:
