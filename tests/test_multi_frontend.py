@@ -252,3 +252,31 @@ async def test_postgres_announces_each_commit(postgres_server, k8s_sql_factory) 
         follow.cancel()
         await asyncio.gather(follow, return_exceptions=True)
         await listener.close()
+
+
+async def test_a_vanished_prepared_statement_is_retried_without_the_cache(postgres_server) -> None:
+    """What a transaction-pooling proxy does to a request mid-flight (PgBouncer handed the
+    connection another server): the transaction is run again on a pool without asyncpg's
+    statement cache, and the request succeeds."""
+    import asyncpg
+
+    from k8s_sql.backend.postgres import PostgresBackend
+
+    backend = PostgresBackend(postgres_server.new_dsn())
+    await backend.open()
+    try:
+        assert not backend.pgbouncer
+        calls = 0
+
+        async def attempt() -> int:
+            nonlocal calls
+            calls += 1
+            async with backend.snapshot_conn() as conn:
+                if calls == 1:
+                    raise asyncpg.InvalidSQLStatementNameError('prepared statement "__asyncpg_stmt_7__" does not exist')
+                return int((await conn.fetch("SELECT 41 + 1", ()))[0][0])
+
+        assert await backend.retrying(attempt) == 42
+        assert calls == 2 and backend.pgbouncer and backend.connect_args == {"statement_cache_size": 0}
+    finally:
+        await backend.close()

@@ -90,6 +90,11 @@ PREPARED_STATEMENT_LOST = (
 )
 
 
+class PreparedStatementsLost(BackendUnavailable):
+    """A transaction met a prepared statement gone (a transaction-pooling proxy): it
+    applied nothing, and runs again on a pool without the statement cache."""
+
+
 def _unavailable_at_start(e: BaseException) -> bool:
     """Whether an error opening the database may pass by trying again (see open())."""
     if isinstance(e, asyncpg.ClientConfigurationError):  # an InterfaceError, but a bad DSN
@@ -182,6 +187,7 @@ class PostgresBackend(NetworkBackend):
         # asyncpg's named prepared statements do not exist: it then prepares each
         # statement unnamed, in the statement's own round trip.
         self.connect_args: dict[str, Any] = {"statement_cache_size": 0} if self.pgbouncer else {}
+        self._closing: set[asyncio.Task[None]] = set()  # pools replaced, closing as their connections return
 
     async def _connect(self, dsn: str | None = None) -> asyncpg.Connection:
         return await asyncpg.connect(dsn or self.dsn, **self.connect_args)
@@ -264,8 +270,9 @@ class PostgresBackend(NetworkBackend):
     async def _without_statement_cache(self, e: BaseException) -> None:
         """A prepared statement vanished between two statements of one connection: a
         transaction-pooling proxy (PgBouncer) is in the way. From now on statements are
-        prepared unnamed, each in its own round trip, as with ``?pgbouncer=true``; the
-        request that met it fails as UNAVAILABLE (clients retry)."""
+        prepared unnamed, each in its own round trip, as with ``?pgbouncer=true``. The
+        transaction that met it applied nothing and is run again on the new pool (see
+        :meth:`conflicted`); the old pool closes as its connections come back."""
         if self.pgbouncer:
             return
         self._statement_cache_off(e)
@@ -274,7 +281,9 @@ class PostgresBackend(NetworkBackend):
             await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size, **self.connect_args),
         )
         if old is not None:
-            old.terminate()
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _statement_cache_off(self, e: BaseException) -> None:
         self.pgbouncer = True
@@ -316,10 +325,10 @@ class PostgresBackend(NetworkBackend):
         except UNAVAILABLE as e:
             raise BackendUnavailable(str(e)) from e
         except PREPARED_STATEMENT_LOST as e:
-            if self.pgbouncer or "prepared statement" not in str(e):
+            if "prepared statement" not in str(e):
                 raise
             await self._without_statement_cache(e)
-            raise BackendUnavailable(str(e)) from e
+            raise PreparedStatementsLost(str(e)) from e
 
     def snapshot_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         return self._conn(isolation="repeatable_read", readonly=True)
@@ -334,7 +343,7 @@ class PostgresBackend(NetworkBackend):
         return isinstance(error, asyncpg.PostgresError)
 
     def conflicted(self, error: BaseException) -> bool:
-        return isinstance(error, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
+        return isinstance(error, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError, PreparedStatementsLost))
 
     async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
         """LISTEN on a connection of its own; reconnect after losing it. Through a
