@@ -108,6 +108,38 @@ def kine_bin() -> Path:
 
 
 @pytest.fixture
+def kine_factory(
+    kine_bin: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[str], tuple[ServerProcess, str]]]:
+    """Start kine on ``sqlite``, ``postgres`` or ``mariadb`` (a new database on the
+    session's server): the running kine and its DSN, for reading its table afterwards."""
+    started: list[ServerProcess] = []
+
+    def make(db: str) -> tuple[ServerProcess, str]:
+        if db == "sqlite":
+            dsn = f"sqlite://{tmp_path}/kine-{len(started)}.db"
+        elif db == "postgres":
+            dsn = request.getfixturevalue("postgres_server").new_dsn() + "?sslmode=disable"
+        else:
+            dsn = request.getfixturevalue("mariadb_server").new_dsn()
+        port = free_port()
+        kine = ServerProcess(
+            f"127.0.0.1:{port}",
+            tmp_path / "kine",
+            [str(kine_bin), "--listen-address", f"127.0.0.1:{port}", "--endpoint", dsn],
+            tmp_path / f"kine-{port}.log",
+            probe="range",
+        )
+        started.append(kine)
+        kine.start()
+        return kine, dsn
+
+    yield make
+    for kine in started:
+        kine.stop()
+
+
+@pytest.fixture
 def etcdctl(peers_bin: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real etcdctl: ``etcdctl(endpoint, *args, input=None, check=True)``."""
 

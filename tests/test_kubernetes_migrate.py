@@ -365,25 +365,11 @@ def test_live_etcd_endpoint_into_k8s_sql(
 
 @pytest.mark.parametrize("db", ["sqlite", "postgres", "mariadb"])
 def test_kine_into_k8s_sql(
-    db: str, kine_bin: Path, kube_bin: Path, tmp_path: Path, request: pytest.FixtureRequest
+    db: str, kine_factory: Any, kube_bin: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """kine (its own table on each database) under a kube-apiserver, moved into
     k8s-sql on the same kind of database."""
-    if db == "sqlite":
-        kine_dsn = f"sqlite://{tmp_path}/kine.db"
-    elif db == "postgres":
-        kine_dsn = request.getfixturevalue("postgres_server").new_dsn() + "?sslmode=disable"
-    else:
-        kine_dsn = request.getfixturevalue("mariadb_server").new_dsn()
-    port = free_port()
-    kine = ServerProcess(
-        f"127.0.0.1:{port}",
-        tmp_path / "kine",
-        [str(kine_bin), "--listen-address", f"127.0.0.1:{port}", "--endpoint", kine_dsn],
-        tmp_path / "kine.log",
-        probe="range",
-    )
-    kine.start()
+    kine, kine_dsn = kine_factory(db)
     try:
         k = _apiserver(kube_bin, tmp_path / "kine-apiserver", kine, watch_cache=True)
         try:

@@ -198,29 +198,11 @@ def _kine_writes(ch: grpc.Channel) -> None:
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgres", "mariadb"])
-def test_from_kine(db: str, kine_bin: Path, k8s_sql_factory, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_from_kine(db: str, kine_factory, k8s_sql_factory, tmp_path: Path) -> None:
     """kine's table read directly: the same keys, create and mod revisions, values and
     leases; the same changes replayed by a watch from an old revision; the next write
     at kine's next revision."""
-    from conftest import free_port
-
-    from testing.servers import ServerProcess
-
-    if db == "sqlite":
-        kine_dsn = f"sqlite://{tmp_path}/kine.db"
-    elif db == "postgres":
-        kine_dsn = request.getfixturevalue("postgres_server").new_dsn() + "?sslmode=disable"
-    else:
-        kine_dsn = request.getfixturevalue("mariadb_server").new_dsn()
-    port = free_port()
-    kine = ServerProcess(
-        f"127.0.0.1:{port}",
-        tmp_path / "kine",
-        [str(kine_bin), "--listen-address", f"127.0.0.1:{port}", "--endpoint", kine_dsn],
-        tmp_path / "kine.log",
-        probe="range",
-    )
-    kine.start()
+    kine, kine_dsn = kine_factory(db)
     try:
         with grpc.insecure_channel(kine.endpoint) as ch:
             _kine_writes(ch)
