@@ -167,13 +167,21 @@ def etcd_factory(peers_bin: Path, tmp_path: Path) -> Iterator[Callable[..., Serv
     servers: list[ServerProcess] = []
 
     def make(*extra: str) -> ServerProcess:
-        port, peer = free_port(), free_port()
-        d = tmp_path / f"etcd-{len(servers)}"
-        argv = etcd_argv(peers_bin, port, peer, d, "--unsafe-no-fsync", *extra, name="oracle")
-        s = ServerProcess(f"127.0.0.1:{port}", d, argv, tmp_path / f"etcd-{port}.log")
-        servers.append(s)
-        s.start()
-        return s
+        for attempt in range(3):
+            port, peer = free_port(), free_port()
+            d = tmp_path / f"etcd-{len(servers)}-{attempt}"
+            argv = etcd_argv(peers_bin, port, peer, d, "--unsafe-no-fsync", *extra, name="oracle")
+            s = ServerProcess(f"127.0.0.1:{port}", d, argv, tmp_path / f"etcd-{port}.log")
+            try:
+                s.start()
+            except RuntimeError as e:
+                # a free port taken by another worker's server before etcd bound it
+                if "address already in use" not in str(e) or attempt == 2:
+                    raise
+                continue
+            servers.append(s)
+            return s
+        raise AssertionError("unreachable")
 
     yield make
     for s in servers:

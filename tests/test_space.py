@@ -178,11 +178,25 @@ def test_full_disk_raises_nospace_on_postgres(
         finally:
             await conn.close()
 
-    asyncio.run(create())
-    server = k8s_sql_factory("--endpoint", dsn)
-    with grpc.insecure_channel(server.endpoint) as ch:
-        acked = _fill(rpc_pb2_grpc.KVStub(ch), b"fill/", 400)
-    assert len(acked) >= 5
+    async def drop() -> None:
+        conn = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/postgres")
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            await conn.execute(f"DROP TABLESPACE IF EXISTS {name}")
+        finally:
+            await conn.close()
 
-    _check_recovery(server, etcdctl, acked, lambda kv, rev: _grow(small_disk), disk_full=True)
-    assert "Traceback" not in server.log()
+    asyncio.run(create())
+    try:
+        server = k8s_sql_factory("--endpoint", dsn)
+        with grpc.insecure_channel(server.endpoint) as ch:
+            acked = _fill(rpc_pb2_grpc.KVStub(ch), b"fill/", 400)
+        assert len(acked) >= 5
+
+        _check_recovery(server, etcdctl, acked, lambda kv, rev: _grow(small_disk), disk_full=True)
+        assert "Traceback" not in server.log()
+        server.stop()
+    finally:
+        # The session's server is shared with later tests: nothing of it may stay on the
+        # tmpfs that is unmounted next (a database left there broke later connections).
+        asyncio.run(drop())

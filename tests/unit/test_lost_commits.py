@@ -39,6 +39,13 @@ def test_lost_commits_stop_writes_and_reads_until_disarmed(tmp_path: Path) -> No
         try:
             revs = [(await store.put(pb.PutRequest(key=b"k%d" % i, value=b"v"))).header.revision for i in range(5)]
             _lose(tmp_path, revs[1])
+            # behind, but maybe only for a while (a server catching up): refused, no alarm yet
+            with pytest.raises(errors.DatabaseUnavailable):
+                await store.range(pb.RangeRequest(key=b"k0"))
+            with pytest.raises(errors.DatabaseUnavailable):
+                await store.put(pb.PutRequest(key=b"new", value=b"v"))
+            assert not store.corruption.raised and canceled == []
+            store.corruption.confirm_seconds = 0  # it lasted: the alarm
             with pytest.raises(errors.Corrupt):  # the batch saw the revision row behind
                 await store.put(pb.PutRequest(key=b"new", value=b"v"))
             assert store.corruption.raised and canceled == [True]

@@ -149,10 +149,11 @@ class GroupCommit:
                     if not q.future.done():
                         q.future.set_exception(errors.Stopped())
                 raise
-            except LostCommits:  # rolled back: the alarm is raised, every request refused
+            except LostCommits as lost:  # rolled back: nothing in it is acknowledged
+                raised = self.alarm is not None and (lost.seen == 0 or self.alarm.suspect(lost))
                 for q in batch:
                     if not q.future.done():
-                        q.future.set_exception(errors.Corrupt())
+                        q.future.set_exception(errors.Corrupt() if raised else errors.DatabaseUnavailable())
             except Exception as e:  # the database failed the batch as a whole: nothing in it is acknowledged
                 log.warning("write batch of %d failed: %s", len(batch), errors.one_line(e))
                 full = isinstance(e, DatabaseFull)
@@ -189,6 +190,8 @@ class GroupCommit:
 
         # A transaction the database aborted as a conflict applied nothing: run it again.
         revision, compact, committed, results, tally = await self.backend.retrying(attempt)
+        if self.alarm is not None:
+            self.alarm.committed()
         tally.publish()
         self.revisions.observe(revision, compact)
         if committed:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from k8s_sql import errors
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 ALARM_ROW = "alarm_corrupt"  # the member that raised it; 0 when none
 REVISION_ROW = "alarm_corrupt_revision"  # the newest revision a frontend had seen
 CORRUPT = 2  # etcdserverpb.AlarmType.CORRUPT
+CONFIRM_SECONDS = 3.0  # see CorruptAlarm.suspect
 
 
 class LostCommits(Exception):
@@ -80,6 +82,8 @@ class CorruptAlarm(BackgroundLoop):
         self._unwritten = False
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.confirm_seconds = CONFIRM_SECONDS
+        self._behind_since: float | None = None  # when write batches began to find the database behind
 
     @property
     def raised(self) -> bool:
@@ -92,14 +96,40 @@ class CorruptAlarm(BackgroundLoop):
 
     def verify(self, database: int, seen: int) -> None:
         """``database``, a revision the database reported from a snapshot taken after
-        this frontend had seen revision ``seen``, must not be behind it: LostCommits
-        (and the alarm raised) if it is. ``seen`` is read *before* the database is
-        asked: a read whose snapshot predates a commit this frontend makes meanwhile
-        rightly reports the older revision (measured: 554 read while 560 committed)."""
+        this frontend had seen revision ``seen``, must not be behind it: LostCommits if
+        it is. ``seen`` is read *before* the database is asked: a read whose snapshot
+        predates a commit this frontend makes meanwhile rightly reports the older
+        revision (measured: 554 read while 560 committed)."""
         if database < seen:
-            lost = LostCommits(database, seen)
+            raise LostCommits(database, seen)
+
+    def suspect(self, lost: LostCommits) -> bool:
+        """The write path found the revision row behind what was served; whether that
+        now raises the alarm. A server can be behind for a while without having lost
+        anything -- a Galera node rejoining behind a proxy that sends it clients before
+        it is synced -- so the alarm is raised only when write batches keep finding
+        the database behind for ``confirm_seconds`` with none committing in between
+        (a failover that lost commits stays behind); until then the batch fails as
+        UNAVAILABLE, and clients retry (measured: HAProxy's TCP checks sent new
+        connections to a node still recovering, and its stale answers raised the alarm)."""
+        now = time.monotonic()
+        if self._behind_since is None:
+            self._behind_since = now
+            log.warning(
+                "the database is at revision %d, behind revision %d already served: a server behind (a replica, "
+                "a node rejoining) or lost commits; refusing writes, and raising the CORRUPT alarm if it lasts "
+                "%.0f s",
+                lost.database,
+                lost.seen,
+                self.confirm_seconds,
+            )
+        if now - self._behind_since >= self.confirm_seconds:
             self.detected(lost)
-            raise lost
+        return self.raised
+
+    def committed(self) -> None:
+        """A write batch committed: whatever was behind is not any more."""
+        self._behind_since = None
 
     def detected(self, lost: LostCommits) -> None:
         """Lost commits found here: raise the alarm at once (in memory), and record it in

@@ -145,7 +145,9 @@ class Store:
         try:
             self.corruption.verify(res.revision, seen)  # never answer from before what was served
         except LostCommits:
-            raise errors.Corrupt() from None
+            # a server behind (a replica, a node rejoining) or lost commits: the write
+            # path tells them apart (CorruptAlarm.suspect); a read is only refused
+            raise errors.DatabaseUnavailable() from None
         self.revisions.observe(res.revision, res.compact_revision)
         metrics.RANGES.inc()
         return ranges.build_response(r, res.rows, res.count, res.revision)
