@@ -189,3 +189,35 @@ def etcd_argv(
         f"http://127.0.0.1:{peer_port}",
         *extra,
     ]
+
+
+def restored_etcd(peers_bin: Path, snapshot: Path, d: Path) -> tuple[ServerProcess, dict[str, object]]:
+    """``etcdutl snapshot status`` of an etcd snapshot (its JSON), then ``etcdutl snapshot
+    restore`` into ``d/data`` and a single-node etcd started on it."""
+    import json
+
+    etcdutl = str(peers_bin / "etcdutl")
+    status = subprocess.run(
+        [etcdutl, "snapshot", "status", str(snapshot), "-w", "json"], capture_output=True, text=True
+    )
+    assert status.returncode == 0, status.stderr
+    port, peer = free_port(), free_port()
+    data = d / "data"
+    restore = subprocess.run(
+        [
+            etcdutl, "snapshot", "restore", str(snapshot), "--data-dir", str(data), "--name", "restored",
+            "--initial-cluster", f"restored=http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+        ],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert restore.returncode == 0, restore.stderr
+    etcd = ServerProcess(
+        f"127.0.0.1:{port}",
+        data,
+        etcd_argv(peers_bin, port, peer, data, "--unsafe-no-fsync", name="restored"),
+        d / "etcd.log",
+    )
+    etcd.start()
+    return etcd, json.loads(status.stdout)

@@ -42,7 +42,7 @@ import test_kubernetes_e2e as e2e
 from conftest import free_port, k8s_sql_argv
 from test_kubernetes_e2e import _BUILT, Cluster, RawWatch, ns_manifest, summary
 
-from testing.servers import ServerProcess, etcd_argv
+from testing.servers import ServerProcess, etcd_argv, restored_etcd
 
 kube_bin = e2e.kube_bin  # the session fixture that builds (or finds) kube-apiserver
 pytestmark = pytest.mark.timeout(900 if _BUILT else 3600)
@@ -402,33 +402,6 @@ def _etcdctl_dump(peers_bin: Path, endpoint: str) -> tuple[int, list[dict[str, A
     return int(body["header"]["revision"]), body.get("kvs", [])
 
 
-def _restore(peers_bin: Path, snapshot: Path, d: Path) -> ServerProcess:
-    etcdutl = str(peers_bin / "etcdutl")
-    status = subprocess.run(
-        [etcdutl, "snapshot", "status", str(snapshot), "-w", "json"], capture_output=True, text=True
-    )
-    assert status.returncode == 0, status.stderr
-    port, peer = free_port(), free_port()
-    restore = subprocess.run(
-        [
-            etcdutl, "snapshot", "restore", str(snapshot), "--data-dir", str(d / "data"), "--name", "restored",
-            "--initial-cluster", f"restored=http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        ],
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
-    assert restore.returncode == 0, restore.stderr
-    etcd = ServerProcess(
-        f"127.0.0.1:{port}",
-        d / "data",
-        etcd_argv(peers_bin, port, peer, d / "data", "--unsafe-no-fsync", name="restored"),
-        d / "etcd.log",
-    )
-    etcd.start()
-    return etcd
-
-
 def test_k8s_sql_into_etcd(kube_bin: Path, peers_bin: Path, tmp_path: Path, mariadb_server: Any) -> None:
     """k8s-sql (on MariaDB) under a kube-apiserver → an etcd snapshot, written by
     ``k8s-sql migrate`` and by ``etcdctl snapshot save`` → ``etcdutl snapshot restore``
@@ -460,7 +433,7 @@ def test_k8s_sql_into_etcd(kube_bin: Path, peers_bin: Path, tmp_path: Path, mari
     try:
         restored = {}
         for name, snapshot in (("exported", exported), ("saved", saved)):
-            restored[name] = etcd = _restore(peers_bin, snapshot, tmp_path / name)
+            restored[name] = etcd = restored_etcd(peers_bin, snapshot, tmp_path / name)[0]
             stops.append(etcd.stop)
             assert _etcdctl_dump(peers_bin, etcd.endpoint) == source_dump, f"{name}: etcdctl reads other keys"
         k = _apiserver(kube_bin, tmp_path / "etcd-apiserver", restored["exported"], watch_cache=False)

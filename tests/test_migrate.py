@@ -6,7 +6,6 @@ refused; an interrupted copy is never served and a rerun completes it."""
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import sqlite3
 import subprocess
@@ -252,9 +251,8 @@ def test_back_to_etcd(k8s_sql_factory, postgres_server, peers_bin: Path, tmp_pat
     """k8s-sql (on PostgreSQL) → an etcd snapshot file → etcdutl snapshot status and
     restore (etcd 3.6) → a real etcd serving every revision since the compaction, the
     watch history and the leases as k8s-sql did, and taking the next revision."""
-    from conftest import free_port
 
-    from testing.servers import ServerProcess, etcd_argv
+    from testing.servers import restored_etcd
 
     dsn = postgres_server.new_dsn()
     source = k8s_sql_factory("--endpoint", dsn)
@@ -268,28 +266,8 @@ def test_back_to_etcd(k8s_sql_factory, postgres_server, peers_bin: Path, tmp_pat
     assert out.returncode == 0 and "HashKV equal" in out.stdout, out.stderr
     source.stop()
 
-    etcdutl = str(peers_bin / "etcdutl")
-    status = subprocess.run(
-        [etcdutl, "snapshot", "status", str(snapshot), "-w", "json"], capture_output=True, text=True
-    )
-    assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["revision"] == want[0]
-    port, peer = free_port(), free_port()
-    data_dir = tmp_path / "etcd-data"
-    restore = subprocess.run(
-        [
-            etcdutl, "snapshot", "restore", str(snapshot), "--data-dir", str(data_dir), "--name", "restored",
-            "--initial-cluster", f"restored=http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        ],
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
-    assert restore.returncode == 0, restore.stderr
-    etcd = ServerProcess(
-        f"127.0.0.1:{port}", data_dir, etcd_argv(peers_bin, port, peer, data_dir, name="restored"), tmp_path / "e.log"
-    )
-    etcd.start()
+    etcd, status = restored_etcd(peers_bin, snapshot, tmp_path)
+    assert status["revision"] == want[0]
     try:
         assert _recorded(etcd.endpoint) == want
         with grpc.insecure_channel(etcd.endpoint) as ch:
