@@ -112,7 +112,9 @@ def test_writers_on_every_node_without_faults(galera: GaleraCluster, k8s_sql_fac
     # is latency, not an answer: under CI's load a retried certification conflict
     # occasionally outlasted one (1 op in about 3,800).
     answered = {e: n for e, n in errors.items() if not e.islower() and e != "DEADLINE_EXCEEDED"}
-    assert not answered, f"errors without a fault: {line}"
+    details = sorted({op.error[:300] for op in history.ops if op.status != "ok" and op.error.startswith("UNAVAILABLE")})
+    logs = "\n".join(f.log()[-3000:] for f in frontends)
+    assert not answered, f"errors without a fault: {line}\n{details}\nfrontend logs:\n{logs}"
     assert errors.get("DEADLINE_EXCEEDED", 0) <= 5, f"requests outlasting their deadline: {line}"
 
 

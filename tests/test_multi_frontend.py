@@ -190,9 +190,9 @@ def test_workers_share_one_port(k8s_sql_factory, backend_args) -> None:
     # The factory saw one worker answer; the other may still be opening the database
     # (answering UNAVAILABLE meanwhile, as a frontend does): wait until both answer.
     ready: set[int] = set()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while len(ready) < 2:
-        assert time.monotonic() < deadline, f"only workers {ready} became ready"
+        assert time.monotonic() < deadline, f"only workers {ready} became ready; log:\n{server.log()}"
         with grpc.insecure_channel(server.endpoint, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
             try:
                 ready.add(rpc_pb2_grpc.MaintenanceStub(ch).Status(pb.StatusRequest(), timeout=5).header.member_id)

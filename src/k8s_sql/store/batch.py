@@ -22,7 +22,7 @@ from typing import Any
 
 from k8s_sql import errors, metrics
 from k8s_sql.backend.base import BackendUnavailable, DatabaseFull, KeyValueLog, LogRow
-from k8s_sql.store.corruption import CorruptAlarm, LostCommits
+from k8s_sql.store.corruption import CATCH_UP_DELAYS, CorruptAlarm, LostCommits
 from k8s_sql.store.revisions import Revisions
 from k8s_sql.store.txn import Request
 
@@ -143,7 +143,7 @@ class GroupCommit:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._apply_batch(batch)
+                await self._apply_catching_up(batch)
             except asyncio.CancelledError:
                 for q in batch:
                     if not q.future.done():
@@ -162,6 +162,20 @@ class GroupCommit:
                 for q in batch:
                     if not q.future.done():
                         q.future.set_exception(errors.NoSpace() if full else errors.DatabaseUnavailable())
+
+    async def _apply_catching_up(self, batch: list[_Queued]) -> None:
+        """Apply the batch; one that finds the database behind what was served (rolled
+        back, nothing acknowledged) is run again after short pauses (CATCH_UP_DELAYS)
+        before LostCommits reaches :meth:`run`: a server merely behind catches up within
+        them, and one that lost commits stays behind."""
+        for pause in CATCH_UP_DELAYS:
+            try:
+                return await self._apply_batch(batch)
+            except LostCommits as lost:
+                if lost.seen == 0:  # the alarm is raised: no point asking again
+                    raise
+            await asyncio.sleep(pause)
+        await self._apply_batch(batch)
 
     async def _apply_batch(self, batch: list[_Queued]) -> None:
         began = perf_counter()

@@ -25,7 +25,7 @@ from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.store import ranges, txn
 from k8s_sql.store.batch import CommitListener, GroupCommit
 from k8s_sql.store.compactor import Compactor
-from k8s_sql.store.corruption import CorruptAlarm, LostCommits
+from k8s_sql.store.corruption import CATCH_UP_DELAYS, CorruptAlarm, LostCommits
 from k8s_sql.store.replica import ReadReplica
 from k8s_sql.store.revisions import Revisions
 from k8s_sql.store.space import txn_cost
@@ -134,7 +134,7 @@ class Store:
             if replica is not None:
                 metrics.RANGES.inc()
                 return ranges.build_response(r, replica.rows, replica.count, replica.revision)
-        for attempt in range(2):
+        for pause in (*CATCH_UP_DELAYS, None):
             try:
                 res = await self.backend.range(
                     kr, r.revision, ranges.fetch_limit(r), r.count_only, r.keys_only and not ranges.sorts_by_value(r)
@@ -149,10 +149,10 @@ class Store:
             except LostCommits:
                 # A server behind (a replica, a node rejoining) or lost commits: the
                 # write path tells them apart (CorruptAlarm.suspect). The read is taken
-                # once more (a Galera node answered one read in 2,734 from behind in
-                # CI), then refused.
-                if attempt == 1:
+                # again after short pauses, then refused.
+                if pause is None:
                     raise errors.DatabaseUnavailable() from None
+                await asyncio.sleep(pause)
         self.revisions.observe(res.revision, res.compact_revision)
         metrics.RANGES.inc()
         return ranges.build_response(r, res.rows, res.count, res.revision)
