@@ -37,9 +37,19 @@ def missing(what: str) -> None:
     pytest.skip(what)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the test (``item.failed_call``) for fixtures' teardown."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.failed_call = True  # type: ignore[attr-defined]
+    return report
+
+
 @pytest.fixture
-def k8s_sql_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start k8s-sql servers: ``factory(*extra_args, data_dir=None, start=True)``."""
+def k8s_sql_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerProcess]]:
+    """Start k8s-sql servers: ``factory(*extra_args, data_dir=None, start=True)``. When
+    the test fails, the end of each server's log is printed with the failure."""
     servers: list[ServerProcess] = []
 
     def make(*extra: str, data_dir: Path | None = None, start: bool = True) -> ServerProcess:
@@ -54,6 +64,9 @@ def k8s_sql_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield make
     for s in servers:
         s.stop()
+    if getattr(request.node, "failed_call", False):
+        for s in servers:
+            print(f"--- k8s-sql {s.endpoint} log (end) ---\n{s.log()[-4000:]}")
 
 
 BACKENDS = [b for b in os.environ.get("K8S_SQL_BACKENDS", "sqlite,postgres,mariadb").split(",") if b]

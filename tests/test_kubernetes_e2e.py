@@ -701,7 +701,14 @@ def widget(name: str, size: int) -> dict[str, Any]:
 def test_crd_and_custom_resources(cluster: Cluster) -> None:
     k = cluster
     k.apply_json("create", CRD)
-    k.kubectl("wait", "--for=condition=Established", "crd/widgets.e2e.k8s-sql.io", "--timeout=60s")
+    # Polled rather than `kubectl wait`: a CRD read before the apiserver's controller
+    # first writes its status has `conditions: null`, which kubectl wait reports as an
+    # error instead of waiting (CI, with the watch cache on).
+    established = '{.status.conditions[?(@.type=="Established")].status}'
+    deadline = time.monotonic() + 60
+    while k.kubectl("get", "crd/widgets.e2e.k8s-sql.io", "-o", f"jsonpath={established}").stdout != "True":
+        assert time.monotonic() < deadline, "the CRD did not become Established"
+        time.sleep(0.2)
     # discovery can lag Established by a moment
     deadline = time.monotonic() + 30
     while k.kubectl("get", "widgets", "-n", "e2e", check=False).returncode != 0:

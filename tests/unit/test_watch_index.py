@@ -228,7 +228,7 @@ class FakeLog:
         if self.gate is not None:
             await self.gate.wait()
         if start < self.compacted:
-            raise CompactedError
+            raise CompactedError(self.compacted)
         if self.unavailable:
             self.unavailable -= 1
             raise BackendUnavailable
@@ -350,12 +350,13 @@ async def test_a_share_goes_only_to_a_stream_holding_nothing() -> None:
 
 
 async def test_a_group_read_ends_cleanly() -> None:
-    """A compacted start cancels the whole group, each with compact_revision; a member
+    """A compacted start cancels the whole group, each with the database's
+    compact_revision (another frontend compacted: this one knew only 3); a member
     canceled while the read was out gets nothing; when the reading stream ends, the
     others go back to ready."""
     log = FakeLog(50, 4)
     hub = Hub(log=log)  # type: ignore[arg-type]
-    hub.revisions.compacted = 10
+    hub.revisions.compacted = 3
     hub.start(50)
     me, other = parked_stream(hub), parked_stream(hub)
     for s in (me, other):

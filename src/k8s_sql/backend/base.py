@@ -101,7 +101,13 @@ class MemberRow(NamedTuple):
 
 
 class CompactedError(Exception):
-    """The requested revision is below the compaction point."""
+    """The requested revision is below the compaction point, ``compact_revision`` (as
+    the database read it: possibly newer than this frontend had seen, when another
+    frontend compacted)."""
+
+    def __init__(self, compact_revision: int = 0) -> None:
+        super().__init__(compact_revision)
+        self.compact_revision = compact_revision
 
 
 class FutureRevisionError(Exception):

@@ -57,7 +57,7 @@ class SQLBackend(abc.ABC):
 
     @abc.abstractmethod
     async def _statement(self, make: PlanFactory[T]) -> T:
-        """Run a plan of one statement outside any transaction (its own snapshot)."""
+        """Run a read plan of one statement outside any transaction (its own snapshot)."""
 
     @abc.abstractmethod
     async def _write(self, make: PlanFactory[T]) -> T:

@@ -67,8 +67,14 @@ class NetworkBackend(SQLBackend):
             raise
 
     async def _statement(self, make: PlanFactory[T]) -> T:
-        async with self.autocommit_conn() as conn:
-            return await plans.run_async(conn, make())
+        """One read statement, run again on a conflict as :meth:`_read` is (a prepared
+        statement lost to a transaction-pooling proxy is one: CI's Status met it)."""
+
+        async def attempt() -> T:
+            async with self.autocommit_conn() as conn:
+                return await plans.run_async(conn, make())
+
+        return await self.retrying(attempt)
 
     async def _write(self, make: PlanFactory[T]) -> T:
         async def attempt() -> T:

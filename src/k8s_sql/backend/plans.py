@@ -269,7 +269,7 @@ def range_(d: Dialect, kr: KeyRange, rev: int, limit: int, count_only: bool, key
     if rev > now:
         raise FutureRevisionError
     if 0 < rev < compact:
-        raise CompactedError
+        raise CompactedError(compact)
     if kr.is_empty:
         return RangeResult([], 0, now, compact)
     if rev <= 0 or rev == now:
@@ -286,7 +286,7 @@ def changes(
     about ``limit`` of them, and the highest revision the answer covers."""
     _, compact = yield from current()
     if start_rev < compact:
-        raise CompactedError
+        raise CompactedError(compact)
     query = sql.changes_where(start_rev, end_rev, ranges, d.key)
     if query is None:
         return [], end_rev
@@ -311,7 +311,7 @@ def hash_kv(d: Dialect, rev: int) -> Plan[tuple[int, int, int]]:
     if at > now:
         raise FutureRevisionError
     if at < compact:
-        raise CompactedError
+        raise CompactedError(compact)
     h = StateHash()
     last: tuple[int, int] | None = None
     # The changes after the compaction point, in (rev, sub) order, a page at a time. The

@@ -322,13 +322,16 @@ class PostgresBackend(NetworkBackend):
                     return
                 async with conn.transaction(**transaction):
                     yield PgConn(conn)
-        except UNAVAILABLE as e:
-            raise BackendUnavailable(str(e)) from e
-        except PREPARED_STATEMENT_LOST as e:
-            if "prepared statement" not in str(e):
-                raise
-            await self._without_statement_cache(e)
-            raise PreparedStatementsLost(str(e)) from e
+        except (*UNAVAILABLE, *PREPARED_STATEMENT_LOST) as e:
+            # Checked first: "bind message supplies 0 parameters, but prepared statement
+            # … requires 2" is a ProtocolViolationError, of the connection-error class
+            # (08P01), and was answered UNAVAILABLE to a read before (CI, PgBouncer).
+            if isinstance(e, PREPARED_STATEMENT_LOST) and "prepared statement" in str(e):
+                await self._without_statement_cache(e)
+                raise PreparedStatementsLost(str(e)) from e
+            if isinstance(e, UNAVAILABLE):
+                raise BackendUnavailable(str(e)) from e
+            raise
 
     def snapshot_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         return self._conn(isolation="repeatable_read", readonly=True)
