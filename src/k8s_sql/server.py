@@ -93,6 +93,27 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
+class _GenericHandlersOnly:
+    """What the generated ``add_*Servicer_to_server`` functions are given instead of
+    the server: their generic handlers are added, their "registered methods" are not.
+
+    grpc.aio's server keeps one pending request-call task per registered method and,
+    for every call that arrives, runs ``asyncio.wait(FIRST_COMPLETED)`` over all of
+    them: with etcd's 46 methods that is 46 callbacks added and removed per call.
+    Measured (SQLite, one pinned core, etcd's benchmark): Put at 64 clients 647 ->
+    552 µs of server CPU, one-key Range at 64 clients 422 -> 381 µs, with calls
+    found through the generic handlers instead (a lookup by service name)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        pass
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -246,14 +267,15 @@ async def start(config: Config) -> Server:
     monitor = Monitor(frontend, on_change=health_changed)
     observers = Observers(monitor, WebServer(application(Health(frontend, monitor), ETCD_VERSION)), health_service)
     watch = WatchServicer(ctx, hub, config.watch_progress_notify_interval)
-    rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(ctx), server)
+    services = _GenericHandlersOnly(server)
+    rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(ctx), services)  # type: ignore[arg-type]
     add_watch_to_server(watch, server)
-    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(ctx), server)
-    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(ctx), server)
-    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(ctx), server)
-    rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(ctx), server)
+    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(ctx), services)  # type: ignore[arg-type]
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(ctx), services)  # type: ignore[arg-type]
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(ctx), services)  # type: ignore[arg-type]
+    rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(ctx), services)  # type: ignore[arg-type]
     # Last: a handler registered earlier is tried first for every call.
-    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, services)  # type: ignore[arg-type]
 
     undo: list[Callable[[], Awaitable[object]]] = [backend.close]  # run in reverse on a failed start
     try:

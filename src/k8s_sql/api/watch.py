@@ -22,12 +22,11 @@ def _encode(resp: pb.WatchResponse | bytes) -> bytes:
 
 def add_to_server(servicer: WatchServicer, server: grpc.aio.Server) -> None:
     """Register the Watch service as the generated code would, except that responses
-    may come pre-encoded."""
+    may come pre-encoded, and as a generic handler only (see server._GenericHandlersOnly)."""
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=_encode
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("etcdserverpb.Watch", {"Watch": handler}),))
-    server.add_registered_method_handlers("etcdserverpb.Watch", {"Watch": handler})
 
 
 class WatchServicer(rpc_pb2_grpc.WatchServicer, BackgroundLoop):
