@@ -229,6 +229,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, slow: float = 0.1) -> None:
         self.slow = slow
         self._methods: dict[str, GrpcMethod] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def register(self, services: Any) -> None:
         """Create every method's series at 0 (protobuf ServiceDescriptors)."""
@@ -270,14 +271,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
+        # The wrapper holds nothing of one call: made once per method, not per call
+        # (three closures and a handler tuple each time before).
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(details.method, handler)
+        self._wrapped[details.method] = (handler, wrapped)  # one per served method: bounded
+        return wrapped
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        method = full_method.rsplit("/", 1)[-1]
         decode = _tolerant(handler.request_deserializer)
         serialize = handler.response_serializer
         warn_slow = self._warn_slow
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
-            m = self.method(details.method, "unary")
+            m = self.method(full_method, "unary")
             slow = m.slow
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -307,7 +318,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None and inspect.iscoroutinefunction(handler.unary_stream):
             # A streaming handler that writes with context.write (grpc.health.v1's Watch).
             inner_writer = handler.unary_stream
-            m = self.method(details.method, "server_stream")
+            m = self.method(full_method, "server_stream")
 
             async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
                 started = perf_counter()
@@ -324,7 +335,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
-            m = self.method(details.method, "server_stream")
+            m = self.method(full_method, "server_stream")
 
             async def first_checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if isinstance(request, Malformed):
@@ -343,7 +354,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
-            m = self.method(details.method, "bidi_stream")
+            m = self.method(full_method, "bidi_stream")
 
             async def stream_stream(
                 requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
