@@ -91,6 +91,23 @@ def test_current_and_historical_ranges(db: sqlite3.Connection) -> None:
     assert [(r.key, r.value) for r in keys.rows] == [(b"a", b"")] and keys.count == 2
 
 
+def test_a_point_read_is_one_statement(db: sqlite3.Connection) -> None:
+    """One key now: revision, compaction point and the row from one SELECT, the same
+    answer as the general range plan for every shape of request."""
+    write(db, 2, (b"a", b"1"), (b"b", b"1"))
+    write(db, 3, (b"a", b"2"))
+    write(db, 4, (b"b", None))
+    for key in (b"a", b"b", b"zz"):
+        for keys_only, count_only in ((False, False), (True, False), (False, True)):
+            result, asked = feed(
+                plans.point(D, key, keys_only, count_only), lambda st: db.execute(st.sql, st.params).fetchall()
+            )
+            assert len(asked) == 1
+            general = plans.run_sync(db, plans.range_(D, KeyRange(key, None), 0, 0, count_only, keys_only))
+            assert result == general, (key, keys_only, count_only)
+    assert plans.run_sync(db, plans.point(D, b"a", False, False)).rows[0].value == b"2"
+
+
 def test_changes_come_in_whole_revisions(db: sqlite3.Connection) -> None:
     write(db, 2, (b"a", b"1"), (b"b", b"1"), (b"c", b"1"))
     write(db, 3, (b"a", b"2"))
@@ -182,6 +199,8 @@ def test_a_snapshot_without_its_meta_rows_is_taken_again() -> None:
         feed(plans.range_(D, KeyRange(b"a", None), 0, 0, False, False), lambda st: [])
     with pytest.raises(SnapshotLost):
         feed(plans.begin_write(D), lambda st: [])
+    with pytest.raises(SnapshotLost):  # the aggregate's one row, of NULLs
+        feed(plans.point(D, b"a", False, False), lambda st: [(None, None, None, None, None, None, None, None)])
 
     attempts: list[int] = []
 

@@ -51,9 +51,8 @@ class SQLBackend(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def _read(self, make: PlanFactory[T], cheap: bool = False) -> T:
-        """Run a plan in one consistent snapshot. ``cheap``: a point read that takes
-        microseconds (SQLite may run it on the event loop)."""
+    async def _read(self, make: PlanFactory[T]) -> T:
+        """Run a plan in one consistent snapshot."""
 
     @abc.abstractmethod
     async def _statement(self, make: PlanFactory[T]) -> T:
@@ -110,9 +109,9 @@ class SQLBackend(abc.ABC):
 
     async def range(self, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool) -> RangeResult:
         d = self.dialect
-        return await self._read(
-            lambda: plans.range_(d, kr, rev, limit, count_only, keys_only), cheap=kr.end is None and rev <= 0
-        )
+        if kr.end is None and rev <= 0:  # one key now: one statement, its own snapshot
+            return await self._statement(lambda: plans.point(d, kr.key, keys_only, count_only))
+        return await self._read(lambda: plans.range_(d, kr, rev, limit, count_only, keys_only))
 
     async def changes(
         self, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None, limit: int

@@ -46,7 +46,7 @@ class NetworkBackend(SQLBackend):
 
     # -- the engine's hooks ------------------------------------------------------------
 
-    async def _read(self, make: PlanFactory[T], cheap: bool = False) -> T:
+    async def _read(self, make: PlanFactory[T]) -> T:
         """A read in a snapshot of its own, taken again if the database aborts it as a
         conflict: MySQL answers 1412 "Table definition has changed, please retry
         transaction" to a snapshot that meets a table rebuilt since it began (a

@@ -279,6 +279,18 @@ def range_(d: Dialect, kr: KeyRange, rev: int, limit: int, count_only: bool, key
     return RangeResult(rows, count, now, compact)
 
 
+def point(d: Dialect, key: bytes, keys_only: bool, count_only: bool) -> Plan[RangeResult]:
+    """etcd's Range of one key at the current revision, in one statement (see
+    sql.point_query): what Kubernetes' GETs and most of its txn compares read."""
+    rows = yield Fetch(sql.point_query(d, keys_only or count_only), (key,))
+    now, compact = rows[0][0], rows[0][1]
+    if now is None or compact is None:
+        raise SnapshotLost("the meta rows are missing from this snapshot")
+    found = rows[0][2] is not None
+    kvs = [sql.to_row(rows[0][2:])] if found and not count_only else []
+    return RangeResult(kvs, int(found), int(now), int(compact))
+
+
 def changes(
     d: Dialect, start_rev: int, end_rev: int, ranges: Sequence[KeyRange] | None, limit: int
 ) -> Plan[tuple[list[LogRow], int]]:

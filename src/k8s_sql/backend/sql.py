@@ -141,6 +141,22 @@ def head_queries(d: Dialect, kr: KeyRange, limit: int, keys_only: bool) -> tuple
     return f"SELECT COUNT(*) FROM {d.count_from} WHERE {where}", rows, params
 
 
+def point_query(d: Dialect, keys_only: bool) -> str:
+    """One key's current row (NULLs when absent) and the store's revision and compaction
+    point, in one statement -- so in one snapshot with no transaction around it: the
+    subquery yields exactly one row, which the key's row is joined to. One round trip
+    where BEGIN, two SELECTs and COMMIT took four."""
+    k = d.key
+    value = d.empty_blob if keys_only else "kv.value"
+    return (
+        f"SELECT m.rev, m.compact, kv.{k}, kv.create_rev, kv.mod_rev, kv.version, kv.lease, {value} "
+        "FROM (SELECT MAX(CASE WHEN name = 'revision' THEN value END) AS rev, "
+        "MAX(CASE WHEN name = 'compact_revision' THEN value END) AS compact "
+        "FROM meta WHERE name IN ('revision', 'compact_revision')) AS m "
+        f"LEFT JOIN kv ON kv.{k} = ?"
+    )
+
+
 def historical_queries(d: Dialect, kr: KeyRange, rev: int, limit: int, keys_only: bool) -> tuple[str, str, list[Any]]:
     """(count SQL, rows SQL, params) for a range as of an older revision ``rev``.
 

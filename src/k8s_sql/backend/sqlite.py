@@ -159,7 +159,7 @@ class SQLiteBackend(SQLBackend):
 
     # -- the engine's hooks ----------------------------------------------------
 
-    async def _read(self, make: PlanFactory[T], cheap: bool = False) -> T:
+    async def _read(self, make: PlanFactory[T]) -> T:
         def run(conn: sqlite3.Connection) -> T:
             conn.execute("BEGIN")
             try:
@@ -168,8 +168,6 @@ class SQLiteBackend(SQLBackend):
                 conn.execute("COMMIT")
 
         try:
-            if cheap:
-                return run(self._inline_conn())
             return await asyncio.get_running_loop().run_in_executor(self._reader_threads, lambda: run(self._reader()))
         except sqlite3.Error as e:
             # The file cannot be read (an I/O error, a lock held past busy_timeout): the
@@ -177,6 +175,8 @@ class SQLiteBackend(SQLBackend):
             raise BackendUnavailable(errors.one_line(e)) from e
 
     async def _statement(self, make: PlanFactory[T]) -> T:
+        # On the event loop: a one-statement point read in WAL mode takes microseconds
+        # and never waits for a lock, so the thread hop would cost more than the read.
         try:
             return plans.run_sync(self._inline_conn(), make())
         except sqlite3.Error as e:
