@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -88,6 +88,17 @@ PREPARED_STATEMENT_LOST = (
     asyncpg.DuplicatePreparedStatementError,
     asyncpg.ProtocolViolationError,  # "bind message supplies 2 parameters, but prepared statement … requires 4"
 )
+
+
+async def _session_kept(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a connection given back, in place of asyncpg's default: that
+    sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
+    release -- one more round trip per read and per write batch -- to undo session
+    state that k8s-sql never leaves on a pooled connection (its advisory lock is
+    transaction-scoped, it sets nothing, it listens on a connection of its own). A
+    transaction left open is still rolled back (asyncpg does that before calling this).
+    Measured (one pinned core, etcd's benchmark): one-key Range at 1 client 645 -> 561
+    µs of server CPU and 1,158 -> 1,440 requests/s; at 16 clients 474 -> 441 µs."""
 
 
 class PreparedStatementsLost(BackendUnavailable):
@@ -203,6 +214,11 @@ class PostgresBackend(NetworkBackend):
         size, idle = self._pool.get_size(), self._pool.get_idle_size()
         return {"in_use": size - idle, "idle": idle, "max": self._pool.get_max_size()}
 
+    def _create_pool(self) -> Awaitable[asyncpg.Pool]:
+        return asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self.pool_size, reset=_session_kept, **self.connect_args
+        )
+
     async def _create_database(self) -> None:
         u = urlparse(self.dsn)
         name = u.path.lstrip("/")
@@ -265,7 +281,7 @@ class PostgresBackend(NetworkBackend):
                     await conn.execute("UPDATE meta SET value = $1 WHERE name = 'schema_version'", to)
         finally:
             await conn.close()
-        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size, **self.connect_args)
+        self._pool = await self._create_pool()
 
     async def _without_statement_cache(self, e: BaseException) -> None:
         """A prepared statement vanished between two statements of one connection: a
@@ -278,7 +294,7 @@ class PostgresBackend(NetworkBackend):
         self._statement_cache_off(e)
         old, self._pool = (
             self._pool,
-            await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size, **self.connect_args),
+            await self._create_pool(),
         )
         if old is not None:
             task = asyncio.get_running_loop().create_task(old.close())
@@ -296,7 +312,7 @@ class PostgresBackend(NetworkBackend):
 
     async def open_for_reads(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size, **self.connect_args)
+            self._pool = await self._create_pool()
             await self.current()  # holds a store
         except Exception as e:
             if self._pool is not None:
