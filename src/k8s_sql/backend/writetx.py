@@ -111,9 +111,14 @@ class SQLWriteTx(WriteTx):
 
     async def finish(self) -> None:
         """Everything the commit needs: the buffered changes and the new revision."""
-        await self.flush()
-        if self.revision != self._stored_revision:  # a batch of failed compares changes nothing
-            await self._run(plans.set_meta("revision", self.revision))
+        if self.revision == self._stored_revision:  # a batch of failed compares changes nothing
+            await self.flush()
+            return
+        puts = [r for r in self._pending_kv.values() if r is not None]
+        deletes = [k for k, r in self._pending_kv.items() if r is None]
+        rows, self._pending_log = self._pending_log, []
+        self._pending_kv.clear()
+        await self._run(plans.finish_batch(self.d, puts, deletes, rows, self.revision))
 
     # -- WriteTx -------------------------------------------------------------------------
 
