@@ -197,6 +197,7 @@ class Run:
             kine_bin=self.bench_bin,
             server_cores="0" if self.pinned else None,
             log_dir=self.out_dir / "logs",
+            k8s_sql_workers=self.args.k8s_sql_workers,
         )
 
     def _rel(self, argv: list[str]) -> str:
@@ -472,9 +473,15 @@ class Run:
                     "W3 across two frontends: frontend 0 on core 0 (with the database), frontend 1 on core 1 "
                     "(with the driver)"
                     if self.pinned
-                    else "none: every process may use both cores"
+                    else "none: every process may use every core"
+                )
+                + (
+                    f"; each k8s-sql frontend runs --workers {self.args.k8s_sql_workers}"
+                    if self.args.k8s_sql_workers > 1
+                    else ""
                 ),
                 "pinned": self.pinned,
+                "k8s_sql_workers": self.args.k8s_sql_workers,
                 "selection": dataclasses.asdict(self.sel),
                 "sizes": dataclasses.asdict(self.sizes),
                 "machine": self.machine,
@@ -572,7 +579,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--soak-minutes", type=float, help="soak length per backend (default 30; 1 with --quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size (see Sizes)")
-    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2)
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=(os.cpu_count() or 1) >= 2,
+        help="servers and databases on core 0, drivers on core 1 (the default with two cores or more); "
+        "--no-pin lets every process use every core (the two-core layout, with --k8s-sql-workers 2)",
+    )
+    p.add_argument(
+        "--k8s-sql-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each k8s-sql frontend with --workers N (etcd keeps its default GOMAXPROCS, kine is one process)",
+    )
     p.add_argument("--out", help="results directory (default bench/results/<UTC timestamp>)")
     p.add_argument(
         "--report",

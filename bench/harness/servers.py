@@ -122,6 +122,7 @@ class Launcher:
     kine_bin: Path | None
     server_cores: str | None  # "0" to wrap servers in `taskset -c 0`
     log_dir: Path
+    k8s_sql_workers: int = 1  # --workers of each k8s-sql frontend (the two-core layout: 2)
     _n: int = 0
 
     def _taskset(self, cores: str | None) -> list[str]:
@@ -177,6 +178,8 @@ class Launcher:
             return etcd_argv(self.peers_bin, port, free_port(), store / "etcd", name="bench")
         if server == "k8s-sql":
             argv = k8s_sql_argv(port, store / f"fe{i}", "--name", f"fe{i}")
+            if self.k8s_sql_workers > 1:
+                argv += ["--workers", str(self.k8s_sql_workers)]
             if backend.startswith("sqlite"):
                 argv += ["--endpoint", f"sqlite://{store}/state.db"]
                 argv += ["--sqlite-synchronous", "full" if backend == "sqlite-full" else "normal"]
