@@ -220,11 +220,16 @@ class MariaDBServer:
         user = ["--user=root"] if os.geteuid() == 0 else []
         if not data.exists():
             self._install(data, user)
+        tmp = self.root / "tmp"  # its own: CI once found an internal temporary table's file gone from /tmp
+        tmp.mkdir(exist_ok=True)
+        if user:
+            os.chmod(tmp, 0o1777)
         self.proc = start_logged(
             [
                 str(self.server_binary()),
                 "--no-defaults",
                 f"--datadir={data}",
+                f"--tmpdir={tmp}",
                 f"--socket={self.root / 'mysqld.sock'}",
                 f"--port={self.port}",
                 "--bind-address=127.0.0.1",

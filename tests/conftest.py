@@ -56,6 +56,9 @@ def k8s_sql_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
         port = free_port()
         d = data_dir or tmp_path / f"k8s-sql-{len(servers)}"
         s = ServerProcess(f"127.0.0.1:{port}", d, k8s_sql_argv(port, d, *extra), tmp_path / f"k8s-sql-{port}.log")
+        # A native crash prints every thread's Python stack to the log (CI saw a --workers
+        # process abort once with glibc's "double free or corruption" and nothing else).
+        s.env["PYTHONFAULTHANDLER"] = "1"
         servers.append(s)
         if start:
             s.start()
