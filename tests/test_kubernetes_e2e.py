@@ -701,12 +701,17 @@ def widget(name: str, size: int) -> dict[str, Any]:
 def test_crd_and_custom_resources(cluster: Cluster) -> None:
     k = cluster
     k.apply_json("create", CRD)
+
     # Polled rather than `kubectl wait`: a CRD read before the apiserver's controller
     # first writes its status has `conditions: null`, which kubectl wait reports as an
     # error instead of waiting (CI, with the watch cache on).
-    established = '{.status.conditions[?(@.type=="Established")].status}'
+    # (Read as JSON: a jsonpath filter over `conditions: null` fails too.)
+    def established() -> bool:
+        conditions = k.kjson("get", "crd/widgets.e2e.k8s-sql.io")["status"].get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
     deadline = time.monotonic() + 60
-    while k.kubectl("get", "crd/widgets.e2e.k8s-sql.io", "-o", f"jsonpath={established}").stdout != "True":
+    while not established():
         assert time.monotonic() < deadline, "the CRD did not become Established"
         time.sleep(0.2)
     # discovery can lag Established by a moment
