@@ -8,7 +8,8 @@ resident memory (``VmRSS`` in /proc/PID/status), failing past a stated bound.
   the same client, is the control);
 - watchers that never read hold a bounded amount, then get every event once, in order;
 - unlimited Ranges over 50 MB give their memory back;
-- ``--max-concurrent-streams`` queues a connection's calls past the limit, as etcd's.
+- ``--max-concurrent-streams`` queues a connection's calls past the limit, as etcd's;
+- clients opening a connection per call, many at once, fail none and crash nothing.
 
 Sizes fit CI (about a minute per backend); ``K8S_SQL_RESOURCE_SCALE=N`` multiplies the
 counts and durations for longer local runs (the issue's numbers are at 1 where they
@@ -478,3 +479,36 @@ async def test_max_concurrent_streams(k8s_sql_factory: Callable[..., ServerProce
 
 async def test_max_concurrent_streams_on_real_etcd(etcd_factory: Callable[..., ServerProcess]) -> None:
     await streams_past_the_limit(etcd_factory("--max-concurrent-streams", "2").endpoint)
+
+
+def test_connection_churn_fails_no_one(k8s_sql_factory: Callable[..., ServerProcess]) -> None:
+    """Clients that open a connection per call, many at once, through the plain-HTTP
+    client URL (its relay) and on two --workers: every call succeeds and the server
+    lives. Before, passing a client's end-of-stream on to the other side (write_eof)
+    let uvloop free a transport twice when it was closed with the shutdown pending:
+    the process aborted ("double free or corruption") within seconds of this."""
+    import threading
+
+    from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
+
+    server = k8s_sql_factory("--workers", "2")
+    stop = time.monotonic() + 6 * SCALE
+    calls, errors = collections.Counter[str](), collections.Counter[str]()
+
+    def churn() -> None:
+        while time.monotonic() < stop:
+            with grpc.insecure_channel(server.endpoint, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                try:
+                    rpc_pb2_grpc.KVStub(ch).Put(pb.PutRequest(key=b"/churn", value=b"v"), timeout=10)
+                    calls["ok"] += 1
+                except grpc.RpcError as e:
+                    errors[e.code().name] += 1
+
+    threads = [threading.Thread(target=churn) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert server.proc is not None and server.proc.poll() is None, f"the server died:\n{server.log()}"
+    assert not errors, f"{dict(errors)} failed of {calls['ok'] + sum(errors.values())}:\n{server.log()}"
+    assert calls["ok"] > 500, calls
