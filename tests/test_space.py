@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -170,21 +170,19 @@ def test_full_disk_raises_nospace_on_postgres(
     name = f"full_{free_port()}"
     dsn = postgres_server.new_dsn().rsplit("/", 1)[0] + "/" + name
 
-    async def create() -> None:
+    async def admin(*statements: str) -> None:
         conn = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/postgres")
         try:
-            await conn.execute(f"CREATE TABLESPACE {name} LOCATION '{small_disk}'")
-            await conn.execute(f"CREATE DATABASE {name} TABLESPACE {name}")
+            for statement in statements:
+                await conn.execute(statement)
         finally:
             await conn.close()
 
-    async def drop() -> None:
-        conn = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/postgres")
-        try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            await conn.execute(f"DROP TABLESPACE IF EXISTS {name}")
-        finally:
-            await conn.close()
+    def create() -> Awaitable[None]:
+        return admin(f"CREATE TABLESPACE {name} LOCATION '{small_disk}'", f"CREATE DATABASE {name} TABLESPACE {name}")
+
+    def drop() -> Awaitable[None]:
+        return admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"DROP TABLESPACE IF EXISTS {name}")
 
     asyncio.run(create())
     try:
