@@ -610,7 +610,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--tenants"]:  # many control planes on one database: a harness of its own
+        from .tenants import main as tenants_main
+
+        return tenants_main(argv[1:])
+    args = parse(argv)
     sizes = dataclasses.replace(QUICK) if args.quick else Sizes()
     for a in args.set:
         _set_size(sizes, a)

@@ -497,16 +497,33 @@ class Log:
         return out, end
 
 
+@pytest.mark.parametrize("follower", [False, True], ids=["no-follower", "follower"])
 @pytest.mark.parametrize("seed", range(4))
-async def test_every_event_once_in_order_under_churn(seed: int) -> None:
+async def test_every_event_once_in_order_under_churn(seed: int, follower: bool) -> None:
     """Random commits (some published, some only in the log, as another frontend's),
     watchers created from old, current and future revisions and canceled, readers that
     stall while the small ring moves on: each watcher gets exactly its events, once
-    and in order, and nothing after its cancel; at the end every watcher is synced."""
+    and in order, and nothing after its cancel; at the end every watcher is synced.
+    With a follower, a commit above another frontend's revisions is parked until the
+    (fake) follower publishes them, or until it gives up (flush_parked)."""
     rng = random.Random(seed)
     log = Log()
     hub = Hub(log=log, ring_events=12)  # type: ignore[arg-type]
     hub.start(0)
+    gaps: list[int] = []
+    if follower:
+        hub.on_gap = lambda: gaps.append(1)
+
+    def fill_gap() -> None:  # what Follower.poll_once does, up to the parked revisions
+        end = hub.gap_end()
+        if end is None or end <= hub.revision:
+            return
+        rows = [ch for ch in log.rows if hub.revision < ch.rev <= end]
+        if rows:
+            hub.publish(end, rows)
+        else:
+            hub.advance(end)
+
     streams = [WatchStream(hub, pb.ResponseHeader(), 1 << 20) for _ in range(4)]
     got: dict[tuple[int, int], list[int]] = {}
     canceled: set[tuple[int, int]] = set()
@@ -565,8 +582,14 @@ async def test_every_event_once_in_order_under_churn(seed: int) -> None:
         elif op < 0.85:
             i = rng.randrange(len(streams))
             stalled.symmetric_difference_update({i})
+        elif follower and op < 0.95:
+            fill_gap()
+        elif follower:
+            hub.flush_parked(0)  # the follower could not read the gap
         for _ in range(rng.randrange(3)):
             await asyncio.sleep(0)
+    fill_gap()
+    assert not hub.parked
     if rev > hub.revision:
         hub.advance(rev)
     stalled.clear()
@@ -583,6 +606,7 @@ async def test_every_event_once_in_order_under_churn(seed: int) -> None:
         else:  # canceled: what it got before, no more
             assert have == want[: len(have)], (key, w.kr)
     assert log.reads > 0
+    assert bool(gaps) == follower
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

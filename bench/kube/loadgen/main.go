@@ -78,7 +78,35 @@ func main() {
 	flag.DurationVar(&sc.window, "window", time.Minute, "soak: how often /metrics is read into -windows")
 	flag.StringVar(&sc.samplesPath, "samples", "", "soak: CSV of every request (t,op,ms,ok)")
 	flag.StringVar(&sc.windowPath, "windows", "", "soak: JSON lines, one per -window")
+	var tc tenantsConfig
+	var tenantServers string
+	flag.StringVar(&tenantServers, "tenants", "", "tenants mode (tenants.go): comma-separated kube-apiserver URLs, one per tenant")
+	flag.Float64Var(&tc.rate, "rate", 40, "tenants: ConfigMap writes per second offered, over all tenants")
+	flag.DurationVar(&tc.duration, "duration", time.Minute, "tenants: how long writes are offered")
+	flag.IntVar(&tc.slots, "slots", 50, "tenants: ConfigMaps each tenant cycles through create, update and delete")
+	flag.IntVar(&tc.watchers, "watchers", 2, "tenants: ConfigMap watches per tenant")
 	flag.Parse()
+	if tenantServers != "" {
+		tc.servers = strings.Split(tenantServers, ",")
+		if c.out == "" || tc.rate <= 0 || tc.slots < 1 || tc.duration <= 0 {
+			flag.Usage()
+			os.Exit(2)
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		res, err := runTenants(ctx, c, tc)
+		if res != nil {
+			if werr := writeJSON(c.out, []*tenantsResult{res}); werr != nil {
+				fmt.Fprintln(os.Stderr, "loadgen:", werr)
+				os.Exit(1)
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "loadgen:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if c.server == "" || c.out == "" || c.nodes < 1 || c.pods < 1 || c.concurrency < 1 || c.namespaces < 1 {
 		flag.Usage()
 		os.Exit(2)

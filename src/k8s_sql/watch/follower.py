@@ -18,7 +18,7 @@ import logging
 from k8s_sql.backend.base import CompactedError
 from k8s_sql.background import BackgroundLoop
 from k8s_sql.store.store import Store
-from k8s_sql.watch.hub import Hub
+from k8s_sql.watch.hub import PARK_SECONDS, Hub
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,15 @@ class Follower(BackgroundLoop):
         if revision > max(self.hub.revision, self.store.revisions.committing):
             self._news.set()
 
+    def _gap(self) -> None:
+        # An own commit is parked above revisions the others wrote (Hub.parked): read them now.
+        self._news.set()
+
     async def poll_once(self) -> None:
         revision, _ = await self.store.current()
+        stop = self.hub.gap_end()
+        if stop is not None:  # the parked revisions above are this frontend's own: not read back
+            revision = min(revision, stop)
         while self.hub.revision < revision:
             start = self.hub.revision + 1
             try:
@@ -49,6 +56,7 @@ class Follower(BackgroundLoop):
                 # History this frontend never saw is gone; watchers still behind it
                 # get etcd's compacted cancel when they try to read it.
                 self.hub.advance(revision)
+                self.hub.flush_parked(0)
                 break
             if rows:
                 self.hub.publish(covered, rows)
@@ -57,6 +65,7 @@ class Follower(BackgroundLoop):
 
     async def run(self) -> None:
         listener = asyncio.create_task(self.store.follow_commits(self._heard), name="commit-listener")
+        self.hub.on_gap = self._gap
         try:
             while True:
                 self._news.clear()
@@ -66,9 +75,13 @@ class Follower(BackgroundLoop):
                     raise
                 except Exception as e:  # the database is away: keep trying
                     log.debug("following the log failed: %s", e)
+                self.hub.flush_parked()
+                wait = self.interval if not self.hub.parked else min(self.interval, PARK_SECONDS / 4)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._news.wait(), self.interval)
+                    await asyncio.wait_for(self._news.wait(), wait)
         finally:
+            self.hub.on_gap = None
+            self.hub.flush_parked(0)
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
