@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -236,6 +237,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--watchers", type=int, default=2, help="ConfigMap watches per tenant")
     p.add_argument("--k8s-sql-workers", type=int, default=1, help="--workers of each k8s-sql frontend")
     p.add_argument("--out", help="results directory (default bench/results/<UTC timestamp>-tenants)")
+    p.add_argument(
+        "--report",
+        help="Markdown file whose tenants section is written (default: docs/benchmarks.md for a run of the "
+        "defaults, else report.md in the results directory); 'none' to skip",
+    )
     args = p.parse_args(argv)
     args.rates = [float(x) for x in args.rates.split(",") if x]
     return args
@@ -243,6 +249,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # also when started in the background: every apiserver, frontend and database is stopped
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out_dir = Path(args.out or ROOT / "bench/results" / f"{stamp}-tenants").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,4 +287,14 @@ def main(argv: list[str]) -> int:
     finally:
         dbs.stop()
     print(f"results: {out_dir / 'tenants.json'}", flush=True)
+    report = args.report
+    if report is None:  # docs/benchmarks.md's section from a run of the defaults only
+        defaults = parse([])
+        same = all(getattr(args, k) == getattr(defaults, k) for k in vars(defaults) if k not in ("out", "report"))
+        report = str(ROOT / "docs/benchmarks.md") if same else str(out_dir / "report.md")
+    if report != "none" and recs:
+        from report import render_tenants  # bench/report.py (bench/ is on sys.path)
+
+        render_tenants([out_dir / "tenants.json"], Path(report))
+        print(f"report: {report}", flush=True)
     return 1 if failures else 0

@@ -198,7 +198,7 @@ def test_a_snapshot_without_its_meta_rows_is_taken_again() -> None:
     with pytest.raises(SnapshotLost):
         feed(plans.range_(D, KeyRange(b"a", None), 0, 0, False, False), lambda st: [])
     with pytest.raises(SnapshotLost):
-        feed(plans.begin_write(D), lambda st: [])
+        feed(plans.begin_write(D), lambda st: [[] for _ in st.steps])  # one answer per pipelined step
     with pytest.raises(SnapshotLost):  # the aggregate's one row, of NULLs
         feed(plans.point(D, b"a", False, False), lambda st: [(None, None, None, None, None, None, None, None)])
 
@@ -212,3 +212,46 @@ def test_a_snapshot_without_its_meta_rows_is_taken_again() -> None:
     backend = SQLiteBackend.__new__(SQLiteBackend)  # the engine's retrying alone
     assert asyncio.run(backend.retrying(flaky)) == (5, 0)
     assert len(attempts) == 3
+
+
+def test_a_write_begins_with_its_keys_and_leases_in_one_pipeline(db: sqlite3.Connection) -> None:
+    """begin_write asks one Pipeline: the revision lock, the batch's keys (in chunks of
+    64) and leases; absent ones are simply missing from the answer."""
+    keys = [b"k%03d" % i for i in range(70)]
+    db.executemany("INSERT INTO kv VALUES (?, ?, ?, ?, ?, ?)", [(k, 1, 1, 1, 0, b"v" + k) for k in keys[::2]])
+    db.execute("INSERT INTO lease VALUES (7, 60, 123.5)")
+    _, asked = feed(
+        plans.begin_write(D, keys, [7, 8]),
+        lambda st: [[("revision", 1), ("compact_revision", 0)]] + [[]] * (len(st.steps) - 1),
+    )
+    assert len(asked) == 1 and isinstance(asked[0], plans.Pipeline)
+    assert len(asked[0].steps) == 1 + 2 + 1  # the lock, two chunks of keys, the leases
+    start = plans.run_sync(db, plans.begin_write(D, keys, [7, 8]))
+    assert (start.revision, start.compact_revision, start.nospace, start.corrupt) == (1, 0, False, False)
+    assert sorted(start.rows) == keys[::2] and start.rows[keys[0]].value == b"v" + keys[0]
+    assert list(start.leases) == [7] and start.leases[7].ttl == 60
+
+
+@pytest.mark.parametrize("dialect", [sql.SQLITE, sql.MYSQL], ids=["sqlite", "mysql"])
+def test_a_batch_ends_in_one_pipeline(dialect: sql.Dialect) -> None:
+    """Without a one-statement finish, the deletes, upserts, log rows and revision go as
+    one Pipeline, with the COMMIT where the dialect pipelines (MySQL)."""
+    row = Row(b"a", 5, 5, 1, 0, b"v")
+    log = [(5, 0, b"a", 0, 5, 1, 0, b"v", None, None, None, None, None)]
+    _, asked = feed(
+        plans.finish_batch(dialect, [row], [b"gone"], log, 5, commit=dialect.pipelines), lambda st: [None] * 5
+    )
+    assert len(asked) == 1 and isinstance(asked[0], plans.Pipeline)
+    steps = asked[0].steps
+    assert [type(s).__name__ for s in steps[:4]] == ["Execute", "ExecuteMany", "ExecuteMany", "Execute"]
+    assert (steps[-1] is plans.COMMIT) == dialect.pipelines
+
+
+def test_a_finished_batch_is_in_the_tables(db: sqlite3.Connection) -> None:
+    db.execute("INSERT INTO kv VALUES (?, 1, 1, 1, 0, ?)", (b"gone", b"x"))
+    row = Row(b"a", 5, 5, 1, 0, b"v")
+    log = [(5, 0, b"a", 0, 5, 1, 0, b"v", None, None, None, None, None)]
+    plans.run_sync(db, plans.finish_batch(D, [row], [b"gone"], log, 5))
+    assert db.execute("SELECT key, value FROM kv").fetchall() == [(b"a", b"v")]
+    assert db.execute("SELECT rev, key FROM log").fetchall() == [(5, b"a")]
+    assert db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchall() == [(5,)]

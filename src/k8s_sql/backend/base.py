@@ -223,8 +223,10 @@ class KeyValueLog(Protocol):
         longest a watcher on one frontend waits for a change written through another,
         unless the database announces commits (follow_commits)."""
 
-    def write(self) -> AbstractAsyncContextManager[WriteTx]:
+    def write(self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()) -> AbstractAsyncContextManager[WriteTx]:
         """A write transaction; it commits durably on a clean exit and rolls back otherwise.
+        ``keys`` and ``lease_ids`` are read as it begins (the batch's requests name them):
+        single-key reads of them cost nothing more.
 
         The revision stored in ``meta`` is set to ``tx.revision`` at commit.
         """

@@ -63,7 +63,9 @@ class SQLBackend(abc.ABC):
         """Run a plan in a small write transaction of its own, committed at its end."""
 
     @abc.abstractmethod
-    def write(self) -> AbstractAsyncContextManager[WriteTx]: ...
+    def write(
+        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()
+    ) -> AbstractAsyncContextManager[WriteTx]: ...
 
     @abc.abstractmethod
     async def size(self) -> tuple[int, int]: ...

@@ -84,13 +84,14 @@ class NetworkBackend(SQLBackend):
         return await self.retrying(attempt)
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[WriteTx]:
+    async def write(self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()) -> AsyncIterator[WriteTx]:
         async with self.transaction() as conn:
 
             def run(plan: Plan[T], slow: bool = False) -> Any:
                 return plans.run_async(conn, plan)
 
-            tx = SQLWriteTx(self.dialect, run, *await plans.run_async(conn, plans.begin_write(self.dialect)))
+            start = await plans.run_async(conn, plans.begin_write(self.dialect, keys, lease_ids))
+            tx = SQLWriteTx.started(self.dialect, run, start, keys, lease_ids)
             yield tx
             await tx.finish()
 

@@ -82,7 +82,22 @@ class Load:
         return f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES ({sql.marks(len(self.columns))})"
 
 
-Statement = Fetch | Execute | ExecuteMany | Load
+Step = Fetch | Execute | ExecuteMany
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """Statements none of which needs another's result, sent together where the driver
+    can (MySQL's multi-statements: one round trip for all), else one after another; its
+    result is the list of theirs, in order. A step may be the transaction's ``COMMIT``
+    (:data:`COMMIT`), last: the transaction then ends with it."""
+
+    steps: tuple[Step, ...]
+
+
+COMMIT = Execute("COMMIT")
+
+Statement = Fetch | Execute | ExecuteMany | Load | Pipeline
 Plan = Generator[Statement, Any, T]
 
 # Rows per page of a long read. Hashing a row costs about 13 us of loop CPU (measured:
@@ -104,22 +119,28 @@ def run_sync(conn: sqlite3.Connection, plan: Plan[T]) -> T:
             st = plan.send(result)
             started = perf_counter()
             try:
-                if isinstance(st, Fetch):
-                    result = conn.execute(st.sql, st.params).fetchall()
-                elif isinstance(st, Execute):
-                    result = conn.execute(st.sql, st.params).rowcount
+                if isinstance(st, Pipeline):
+                    result = [_run_step(conn, step) for step in st.steps]
                 elif isinstance(st, Load):
                     conn.executemany(st.insert, st.rows)
                     result = None
                 else:
-                    conn.executemany(st.sql, st.rows)
-                    result = None
+                    result = _run_step(conn, st)
             except Exception as e:
                 observe_statement(name, type(e).__name__, perf_counter() - started)
                 raise
             observe_statement(name, "", perf_counter() - started)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
+
+
+def _run_step(conn: sqlite3.Connection, st: Step) -> Any:
+    if isinstance(st, Fetch):
+        return conn.execute(st.sql, st.params).fetchall()
+    if isinstance(st, Execute):
+        return conn.execute(st.sql, st.params).rowcount
+    conn.executemany(st.sql, st.rows)
+    return None
 
 
 class Conn(abc.ABC):
@@ -139,6 +160,20 @@ class Conn(abc.ABC):
         """Bulk rows (see :class:`Load`); a driver with a faster way overrides this."""
         await self.executemany(st.insert, st.rows)
 
+    async def pipeline(self, steps: Sequence[Step]) -> list[Any]:
+        """Run :class:`Pipeline` steps, one round trip each; a driver that can send them
+        together overrides this."""
+        out: list[Any] = []
+        for st in steps:
+            if isinstance(st, Fetch):
+                out.append(await self.fetch(st.sql, st.params))
+            elif isinstance(st, Execute):
+                out.append(await self.execute(st.sql, st.params))
+            else:
+                await self.executemany(st.sql, st.rows)
+                out.append(None)
+        return out
+
 
 async def run_async(conn: Conn, plan: Plan[T]) -> T:
     """Run a plan on a server database's connection (statements timed as in run_sync)."""
@@ -156,6 +191,8 @@ async def run_async(conn: Conn, plan: Plan[T]) -> T:
                 elif isinstance(st, Load):
                     await conn.load(st)
                     result = None
+                elif isinstance(st, Pipeline):
+                    result = await conn.pipeline(st.steps)
                 else:
                     await conn.executemany(st.sql, st.rows)
                     result = None
@@ -214,24 +251,52 @@ def meta_compare_and_set(d: Dialect, expect: dict[str, int], new: dict[str, int]
     return True
 
 
-def begin_write(d: Dialect) -> Plan[tuple[int, int, bool, bool]]:
-    """The revision lock of a write batch: ``(revision, compact_revision, nospace,
-    corrupt)``, the rows locked until commit so that commits happen in revision order
-    (compact_revision is locked along with it: only writers change it; the NOSPACE and
-    CORRUPT alarms are read under the same lock, so a batch never writes past an alarm
-    raised before it began)."""
-    rows = yield Fetch(
-        "SELECT name, value FROM meta WHERE name IN "
-        "('revision', 'compact_revision', 'alarm_nospace', 'alarm_corrupt')" + d.for_update
-    )
-    held = {r[0]: r[1] for r in rows}
+@dataclass(frozen=True, slots=True)
+class WriteStart:
+    """What a write batch reads first: the revision lock's rows, and the current rows
+    of the keys and leases its requests name (absent ones are missing here)."""
+
+    revision: int
+    compact_revision: int
+    nospace: bool
+    corrupt: bool
+    rows: dict[bytes, Row]
+    leases: dict[int, LeaseRow]
+
+
+def begin_write(d: Dialect, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()) -> Plan[WriteStart]:
+    """The revision lock of a write batch, the rows locked until commit so that commits
+    happen in revision order (compact_revision is locked along with it: only writers
+    change it; the NOSPACE and CORRUPT alarms are read under the same lock, so a batch
+    never writes past an alarm raised before it began), and then ``keys`` and
+    ``lease_ids`` -- one pipeline: on MySQL, with the transaction's start, one round
+    trip where there were four."""
+    steps: list[Step] = [
+        Fetch(
+            "SELECT name, value FROM meta WHERE name IN "
+            "('revision', 'compact_revision', 'alarm_nospace', 'alarm_corrupt')" + d.for_update
+        )
+    ]
+    if len(keys) == 1:
+        steps.append(Fetch(d.get_kv, (keys[0],)))
+    else:
+        steps += [Fetch(d.get_kv_many(len(chunk)), chunk) for chunk in _in_chunks(keys)]
+    n_kv = len(steps) - 1
+    for chunk in _in_chunks(lease_ids):
+        steps.append(Fetch(f"SELECT id, ttl, expires_at FROM lease WHERE id IN ({sql.marks(len(chunk))})", chunk))
+    results = yield Pipeline(tuple(steps))
+    held = {r[0]: r[1] for r in results[0]}
     if "revision" not in held or "compact_revision" not in held:
         raise SnapshotLost("the meta rows are missing from this transaction")
-    return (
+    rows = {row.key: row for part in results[1 : 1 + n_kv] for row in map(sql.to_row, part)}
+    leases = {int(r[0]): LeaseRow(int(r[0]), int(r[1]), float(r[2])) for part in results[1 + n_kv :] for r in part}
+    return WriteStart(
         int(held["revision"]),
         int(held["compact_revision"]),
         bool(held.get("alarm_nospace")),
         bool(held.get("alarm_corrupt")),
+        rows,
+        leases,
     )
 
 
@@ -464,17 +529,31 @@ def lease_keys(d: Dialect, lease_id: int) -> Plan[list[bytes]]:
 
 
 def finish_batch(
-    d: Dialect, puts: Sequence[Row], deletes: Sequence[bytes], log: Sequence[tuple[Any, ...]], revision: int
+    d: Dialect,
+    puts: Sequence[Row],
+    deletes: Sequence[bytes],
+    log: Sequence[tuple[Any, ...]],
+    revision: int,
+    commit: bool = False,
 ) -> Plan[None]:
     """A write batch's buffered rows and its new revision: one statement where the
     dialect has one (PostgreSQL: two or three round trips fewer per batch; W1 at one
     client 1,270 -> 1,110-1,135 µs of server CPU per txn, p50 1.81 -> 1.69-1.78 ms),
-    else the deletes, the upserts, the log rows and the revision row in turn."""
+    else the deletes, the upserts, the log rows and the revision row as one pipeline --
+    with ``commit``, the transaction's COMMIT too (MySQL: one round trip for all)."""
     if d.finish_batch is None:
-        yield from write_kv(d, puts, deletes)
+        steps: list[Step] = [
+            Execute(f"DELETE FROM kv WHERE {d.key} IN ({sql.marks(len(chunk))})", chunk)
+            for chunk in _in_chunks(deletes)
+        ]
+        if puts:
+            steps.append(ExecuteMany(d.upsert_kv, puts))
         if log:
-            yield from insert_log(d, log)
-        yield from set_meta("revision", revision)
+            steps.append(ExecuteMany(d.insert_log, log))
+        steps.append(Execute("UPDATE meta SET value = ? WHERE name = ?", (revision, "revision")))
+        if commit:
+            steps.append(COMMIT)
+        yield Pipeline(tuple(steps))
         return
     kv_columns = [list(c) for c in zip(*puts, strict=True)] if puts else [[] for _ in range(6)]
     log_columns = [list(c) for c in zip(*log, strict=True)] if log else [[] for _ in range(13)]

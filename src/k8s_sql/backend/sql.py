@@ -59,6 +59,9 @@ class Dialect:
     # One statement writing a batch's buffered rows and its revision, where the
     # dialect has one (PostgreSQL); otherwise a statement each (plans.finish_batch).
     finish_batch: str | None = None
+    # The driver sends a plans.Pipeline in one round trip (MySQL's multi-statements):
+    # a write batch's COMMIT then goes with its last writes (plans.finish_batch).
+    pipelines: bool = False
     _in_lists: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -128,6 +131,7 @@ MYSQL = Dialect(
     "ON DUPLICATE KEY UPDATE ttl = VALUES(ttl), expires_at = VALUES(expires_at)",
     # (not INSERT IGNORE, which would also hide other errors, as warnings)
     insert_meta_absent="INSERT INTO meta (name, value) VALUES (?, ?) ON DUPLICATE KEY UPDATE name = name",
+    pipelines=True,
 )
 
 

@@ -15,7 +15,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -199,7 +199,7 @@ class SQLiteBackend(SQLBackend):
             return await self._on_writer(run)
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[WriteTx]:
+    async def write(self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()) -> AsyncIterator[WriteTx]:
         conn = self._writer_conn
 
         async def run(plan: Plan[T], slow: bool = False) -> T:
@@ -210,12 +210,12 @@ class SQLiteBackend(SQLBackend):
             except sqlite3.Error as e:
                 raise _refusal(e) from e
 
-        def begin() -> tuple[int, int, bool, bool]:
+        def begin() -> plans.WriteStart:
             conn.execute("BEGIN IMMEDIATE")
-            return plans.run_sync(conn, plans.begin_write(self.dialect))
+            return plans.run_sync(conn, plans.begin_write(self.dialect, keys, lease_ids))
 
         async with self._write_lock:
-            tx = SQLWriteTx(self.dialect, run, *await self._on_writer(begin))
+            tx = SQLWriteTx.started(self.dialect, run, await self._on_writer(begin), keys, lease_ids)
             try:
                 yield tx
                 await tx.finish()

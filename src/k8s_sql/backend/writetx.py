@@ -45,6 +45,19 @@ class Runner(Protocol):
 
 
 class SQLWriteTx(WriteTx):
+    @classmethod
+    def started(
+        cls, d: Dialect, run: Runner, start: plans.WriteStart, keys: Iterable[bytes] = (), lease_ids: Iterable[int] = ()
+    ) -> SQLWriteTx:
+        """The transaction :func:`plans.begin_write` began, knowing the state of the
+        ``keys`` and ``lease_ids`` it read with the lock (what :meth:`prefetch` reads)."""
+        tx = cls(d, run, start.revision, start.compact_revision, start.nospace, start.corrupt)
+        for k in keys:
+            tx._rows[k] = start.rows.get(k)
+        for i in lease_ids:
+            tx._leases[i] = start.leases.get(i)
+        return tx
+
     def __init__(
         self, d: Dialect, run: Runner, revision: int, compact_revision: int, nospace: bool, corrupt: bool = False
     ) -> None:
@@ -118,7 +131,7 @@ class SQLWriteTx(WriteTx):
         deletes = [k for k, r in self._pending_kv.items() if r is None]
         rows, self._pending_log = self._pending_log, []
         self._pending_kv.clear()
-        await self._run(plans.finish_batch(self.d, puts, deletes, rows, self.revision))
+        await self._run(plans.finish_batch(self.d, puts, deletes, rows, self.revision, commit=self.d.pipelines))
 
     # -- WriteTx -------------------------------------------------------------------------
 

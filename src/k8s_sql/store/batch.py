@@ -30,6 +30,15 @@ log = logging.getLogger(__name__)
 
 CommitListener = Callable[[int, list[LogRow]], None]
 MAX_BATCH = 256  # requests per transaction
+# Gathering a batch (GroupCommit.run): when fewer requests are queued than the last
+# batch held, wait for as many, at most this long and at most LINGER_SHARE of the last
+# batch's own time. A batch's fixed cost (its round trips, its commit, publishing) is
+# paid per batch, so batches that shrink because commits got faster cost CPU per
+# request: MySQL's two-round-trip batches, taken as soon as one request was queued,
+# held 1.8 requests at 16 W1 clients and ran at 780 txn/s where seven-round-trip ones
+# ran at 1,160. A lone client (last batch of one) never waits.
+LINGER_MAX = 0.002
+LINGER_SHARE = 1.0
 
 
 @dataclass
@@ -105,6 +114,10 @@ class GroupCommit:
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
         self._subscribers: list[CommitListener] = []
+        self._last_size = 0  # requests in the last batch
+        self._last_seconds = 0.0  # and how long it took
+        self._want = 0  # while gathering: wake when this many are queued
+        self._enough = asyncio.Event()
         # Called when the database reports that it is full (the NOSPACE alarm's raiser).
         self.on_database_full: Callable[[], None] | None = None
         # The CORRUPT alarm: a batch that finds the database behind what was served
@@ -127,6 +140,8 @@ class GroupCommit:
             self.alarm.check()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Queued(apply, fut, keys or [], leases or [], adds_data))
+        if self._want and self._queue.qsize() >= self._want:
+            self._enough.set()
         return await fut
 
     def fail_queued(self) -> None:
@@ -136,12 +151,30 @@ class GroupCommit:
             if not q.future.done():
                 q.future.set_exception(errors.Stopped())
 
+    async def _gather(self) -> list[_Queued]:
+        """The next batch: what is queued once a request is, or, when that is fewer than
+        the last batch held, as many as that after a short wait (LINGER_MAX)."""
+        first = await self._queue.get()
+        want = min(self._last_size, self.max_batch) - 1
+        if want > 0 and self._queue.qsize() < want:
+            linger = min(LINGER_MAX, self._last_seconds * LINGER_SHARE)
+            self._want = want
+            self._enough.clear()
+            try:
+                await asyncio.wait_for(self._enough.wait(), linger)
+            except TimeoutError:
+                pass
+            finally:
+                self._want = 0
+        batch = [first]
+        while len(batch) < self.max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
     async def run(self) -> None:
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = await self._gather()
+            began = perf_counter()
             try:
                 await self._apply_catching_up(batch)
             except asyncio.CancelledError:
@@ -162,6 +195,7 @@ class GroupCommit:
                 for q in batch:
                     if not q.future.done():
                         q.future.set_exception(errors.NoSpace() if full else errors.DatabaseUnavailable())
+            self._last_size, self._last_seconds = len(batch), perf_counter() - began
 
     async def _apply_catching_up(self, batch: list[_Queued]) -> None:
         """Apply the batch; one that finds the database behind what was served (rolled
@@ -250,7 +284,10 @@ class GroupCommit:
         results: list[tuple[bool, Any]] = []
         committed: list[LogRow] = []
         tally = Tally()
-        async with self.backend.write() as tx:
+        live = [q for q in batch if not q.future.done()]
+        keys = list(dict.fromkeys(k for q in live for k in q.keys))
+        lease_ids = list(dict.fromkeys(i for q in live for i in q.leases))
+        async with self.backend.write(keys, lease_ids) as tx:  # with the revision lock, their rows
             alarm = self.alarm
             if alarm is not None:
                 if tx.corrupt or alarm.raised:
@@ -259,10 +296,6 @@ class GroupCommit:
                 # before may be newer (the revision about to be handed out was never served).
                 alarm.verify(tx.revision, self.revisions.current)
             tx.savepoints = savepoints
-            await tx.prefetch(
-                (k for q in batch if not q.future.done() for k in q.keys),
-                (i for q in batch if not q.future.done() for i in q.leases),
-            )
             for index, q in enumerate(batch):
                 if q.future.done():  # the caller went away before we started
                     results.append((False, None))
