@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -286,6 +287,7 @@ def main(argv: list[str]) -> int:
                 (out_dir / "tenants.json").write_text(json.dumps(recs, indent=1) + "\n")
     finally:
         dbs.stop()
+        shutil.rmtree(out_dir / "work", ignore_errors=True)  # stores, certificates; logs/ stay
     print(f"results: {out_dir / 'tenants.json'}", flush=True)
     report = args.report
     if report is None:  # docs/benchmarks.md's section from a run of the defaults only
