@@ -715,16 +715,7 @@ def render(results_path: Path, out_md: Path) -> None:
     out_md.write_text("\n".join(lines).rstrip() + "\n")
 
 
-# -- the soak ------------------------------------------------------------------------------
-
-
-def soak_block(text: str) -> str | None:
-    """The soak section of a rendered report (markers included), or None."""
-    i = text.find(SOAK_BEGIN)
-    j = text.find(SOAK_END, i)
-    if i < 0 or j < 0:
-        return None
-    return text[i : j + len(SOAK_END)]
+# -- sections of their own (kept when the rest is regenerated) -------------------------------
 
 
 _KEPT = re.compile(r"<!-- ([a-z0-9-]+):begin.*?<!-- \1:end -->", re.DOTALL)
@@ -821,7 +812,9 @@ def tenants_section(docs: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
 TENANTS_P99_MS = 100.0
 
 
-def render_tenants(results_paths: list[Path], out_md: Path) -> None:
+def _load(results_paths: list[Path]) -> list[tuple[str, Any]]:
+    """Each results file's contents, with its path relative to the repository (as the
+    section names its sources)."""
     docs = []
     for path in results_paths:
         try:
@@ -829,7 +822,17 @@ def render_tenants(results_paths: list[Path], out_md: Path) -> None:
         except ValueError:
             src = str(path)
         docs.append((src, json.loads(Path(path).read_text())))
-    replace_block(out_md, "tenants", "\n".join(tenants_section(docs)), "Many control planes on one database")
+    return docs
+
+
+def render_tenants(results_paths: list[Path], out_md: Path) -> None:
+    """Render bench/run --tenants results (merged, later files winning) into ``out_md``'s
+    tenants section."""
+    section = tenants_section(_load(results_paths))
+    replace_block(out_md, "tenants", "\n".join(section), "Many control planes on one database")
+
+
+# -- the soak ------------------------------------------------------------------------------
 
 
 def _arrow(a: Any, b: Any, digits: int = 1) -> str:
@@ -1231,26 +1234,8 @@ STEADY_SOAK = 1.5
 def render_soak(results_paths: list[Path], out_md: Path) -> None:
     """Render soak results into ``out_md``'s soak section (replaced, or added before
     "## Failures"/"## Exact commands"; a new file if there is none)."""
-    docs = []
-    for path in results_paths:
-        try:
-            src = os.path.relpath(Path(path).resolve(), ROOT)
-        except ValueError:
-            src = str(path)
-        docs.append((src, json.loads(Path(path).read_text())))
-    block = "\n".join(soak_section(docs, out_md.with_suffix("")))
-    text = out_md.read_text() if out_md.exists() else ""
-    old = soak_block(text)
-    if old:
-        text = text.replace(old, block)
-    elif text:
-        cut = [i for i in (text.find("\n## Failures"), text.find("\n## Exact commands")) if i >= 0]
-        at = min(cut) + 1 if cut else len(text)
-        text = text[:at].rstrip("\n") + "\n\n" + block + "\n\n" + text[at:]
-    else:
-        text = "# Soak: k8s-sql under kube-apiserver churn\n\n" + block + "\n"
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(text.rstrip() + "\n")
+    block = "\n".join(soak_section(_load(results_paths), out_md.with_suffix("")))
+    replace_block(out_md, "soak", block, "Soak: k8s-sql under kube-apiserver churn")
 
 
 def main() -> None:

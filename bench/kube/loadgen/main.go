@@ -95,16 +95,7 @@ func main() {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
 		res, err := runTenants(ctx, c, tc)
-		if res != nil {
-			if werr := writeJSON(c.out, []*tenantsResult{res}); werr != nil {
-				fmt.Fprintln(os.Stderr, "loadgen:", werr)
-				os.Exit(1)
-			}
-		}
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "loadgen:", err)
-			os.Exit(1)
-		}
+		exitWith(c.out, res, err)
 		return
 	}
 	if c.server == "" || c.out == "" || c.nodes < 1 || c.pods < 1 || c.concurrency < 1 || c.namespaces < 1 {
@@ -119,21 +110,18 @@ func main() {
 			os.Exit(2)
 		}
 		res, err := runSoak(ctx, c, sc)
-		if res != nil {
-			if werr := writeJSON(c.out, []*soakResult{res}); werr != nil {
-				fmt.Fprintln(os.Stderr, "loadgen:", werr)
-				os.Exit(1)
-			}
-		}
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "loadgen:", err)
-			os.Exit(1)
-		}
+		exitWith(c.out, res, err)
 		return
 	}
 	res, err := run(ctx, c)
+	exitWith(c.out, res, err)
+}
+
+// exitWith writes a run's result (what it has, also after a failure) to path as a
+// one-element JSON array, and exits non-zero on err.
+func exitWith[T any](path string, res *T, err error) {
 	if res != nil {
-		if werr := writeJSON(c.out, []*result{res}); werr != nil {
+		if werr := writeJSON(path, []*T{res}); werr != nil {
 			fmt.Fprintln(os.Stderr, "loadgen:", werr)
 			os.Exit(1)
 		}
