@@ -304,32 +304,45 @@ def begin_write(d: Dialect, keys: Sequence[bytes] = (), lease_ids: Sequence[int]
 
 
 def head(
-    d: Dialect, kr: KeyRange, limit: int, keys_only: bool = False, count_only: bool = False
+    d: Dialect, kr: KeyRange, limit: int, keys_only: bool = False, count_only: bool = False, known: int | None = None
 ) -> Plan[tuple[list[Row], int]]:
-    """Rows (at most ``limit``, 0 = all) and count of the range's current state."""
+    """Rows (at most ``limit``, 0 = all) and count of the range's current state (the
+    count not asked for when ``known``)."""
     count_sql, rows_sql, params = sql.head_queries(d, kr, limit, keys_only)
     if count_only:
-        return [], int((yield Fetch(count_sql, params))[0][0])
+        return [], known if known is not None else int((yield Fetch(count_sql, params))[0][0])
     rows = [sql.to_row(r) for r in (yield Fetch(rows_sql, params))]
     if limit <= 0 or len(rows) < limit:
         return rows, len(rows)  # every row of the range is here: no need to count
+    if known is not None:
+        return rows, known
     return rows, int((yield Fetch(count_sql, params))[0][0])
 
 
 def historical(
-    d: Dialect, kr: KeyRange, rev: int, limit: int, keys_only: bool = False, count_only: bool = False
+    d: Dialect,
+    kr: KeyRange,
+    rev: int,
+    limit: int,
+    keys_only: bool = False,
+    count_only: bool = False,
+    known: int | None = None,
 ) -> Plan[tuple[list[Row], int]]:
-    """Rows and count of the range as of an older revision ``rev``."""
+    """Rows and count of the range as of an older revision ``rev`` (the count not asked
+    for when ``known``)."""
     count_sql, rows_sql, params = sql.historical_queries(d, kr, rev, limit, keys_only)
-    count = int((yield Fetch(count_sql, params))[0][0])
+    count = known if known is not None else int((yield Fetch(count_sql, params))[0][0])
     if count_only or count == 0:
         return [], count
     return [sql.to_row(r) for r in (yield Fetch(rows_sql, params))], count
 
 
-def range_(d: Dialect, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool) -> Plan[RangeResult]:
+def range_(
+    d: Dialect, kr: KeyRange, rev: int, limit: int, count_only: bool, keys_only: bool, known: int | None = None
+) -> Plan[RangeResult]:
     """etcd's Range in one snapshot (mvcc's ``rangeKeys``): the revision checks, then
-    the current state or a historical one."""
+    the current state or a historical one. ``known``: the range's count at ``rev``
+    (> 0), already known (see SQLBackend.range): not counted again."""
     now, compact = yield from current()
     if rev > now:
         raise FutureRevisionError
@@ -338,9 +351,9 @@ def range_(d: Dialect, kr: KeyRange, rev: int, limit: int, count_only: bool, key
     if kr.is_empty:
         return RangeResult([], 0, now, compact)
     if rev <= 0 or rev == now:
-        rows, count = yield from head(d, kr, limit, keys_only, count_only)
+        rows, count = yield from head(d, kr, limit, keys_only, count_only, known if rev == now else None)
     else:
-        rows, count = yield from historical(d, kr, rev, limit, keys_only, count_only)
+        rows, count = yield from historical(d, kr, rev, limit, keys_only, count_only, known)
     return RangeResult(rows, count, now, compact)
 
 
