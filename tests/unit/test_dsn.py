@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import asyncmy.errors
 import pytest
 
 from k8s_sql import dsn
 from k8s_sql.backend import check_endpoint
-from k8s_sql.backend.mysql import parse_dsn
+from k8s_sql.backend.mysql import MySQLBackend, parse_dsn
 
 
 @pytest.mark.parametrize(
@@ -131,3 +132,23 @@ def test_mysql_dsn_with_several_servers() -> None:
         parse_hosts("mysql://u:s3cretpw@tcp(n1:3306,n2:x)/db")
     with pytest.raises(ValueError, match="empty host"):
         parse_hosts("mysql://u@tcp(n1:3306,)/db")
+
+
+async def test_a_server_refusing_new_connections_moves_the_pool_on() -> None:
+    """A pool with no idle connection that cannot open one (its server was killed) is
+    lost like one whose connection broke: the next request goes to the next host."""
+
+    class Refusing:
+        closed = False
+
+        async def acquire(self) -> None:
+            raise asyncmy.errors.OperationalError(2003, "Can't connect to MySQL server on 'h1' (111)")
+
+        def close(self) -> None:
+            self.closed = True
+
+    backend = MySQLBackend("mysql://root@tcp(h1:3306,h2:3306)/db")
+    pool = backend._pool = Refusing()
+    with pytest.raises(asyncmy.errors.OperationalError):
+        await backend._acquire()
+    assert backend._pool is None and backend.server_name.startswith("h2") and pool.closed

@@ -501,6 +501,13 @@ class MySQLBackend(NetworkBackend):
             except RuntimeError as e:  # asyncmy: "Cannot acquire connection after closing pool"
                 if pool is self._pool:
                     raise BackendUnavailable(str(e)) from e
+            except Exception as e:
+                # The pool had no idle connection and could not open one (CI: a killed
+                # Galera node refused every new connection for 30 s): its server is lost
+                # as surely as when a pooled connection breaks.
+                if _unavailable(e):
+                    self._next_server(pool)
+                raise
         raise BackendUnavailable("the connection pool kept being replaced")
 
     @contextlib.asynccontextmanager
