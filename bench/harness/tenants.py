@@ -81,8 +81,8 @@ class Apiservers:
                 "--endpoint-reconciler-type=none",
                 "--v=1",
             ]
-            log = open(d / "kube-apiserver.log", "wb")  # noqa: SIM115 - closed with the process
-            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+            with open(d / "kube-apiserver.log", "wb") as log:  # the child keeps its own descriptor
+                self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             self.urls.append(f"https://127.0.0.1:{port}")
         ctx = ssl.create_default_context()
         ctx.check_hostname = False

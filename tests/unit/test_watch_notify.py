@@ -103,6 +103,22 @@ def test_a_parked_commit_goes_out_when_the_follower_cannot_fill_the_gap() -> Non
     assert hub.unsynced.revisions() == {11: 1}
 
 
+def test_parked_commits_wait_no_longer_than_park_seconds(monkeypatch) -> None:
+    """A follower stalled in a read flushes nothing; the next commit does."""
+    from k8s_sql.watch import hub as hub_mod
+
+    now = [100.0]
+    monkeypatch.setattr(hub_mod, "monotonic", lambda: now[0])
+    hub = Hub(log=None)  # type: ignore[arg-type]
+    hub.start(10)
+    hub.on_gap = lambda: None
+    hub.publish(15, [_change(15, b"/k")])
+    assert hub.revision == 10 and len(hub.parked) == 1
+    now[0] += hub_mod.PARK_SECONDS
+    hub.publish(16, [_change(16, b"/k")])
+    assert hub.revision == 16 and not hub.parked
+
+
 def test_a_stream_that_ends_leaves_the_hub() -> None:
     hub = Hub(log=None)  # type: ignore[arg-type]
     hub.start(10)

@@ -277,19 +277,15 @@ def begin_write(d: Dialect, keys: Sequence[bytes] = (), lease_ids: Sequence[int]
             "('revision', 'compact_revision', 'alarm_nospace', 'alarm_corrupt')" + d.for_update
         )
     ]
-    if len(keys) == 1:
-        steps.append(Fetch(d.get_kv, (keys[0],)))
-    else:
-        steps += [Fetch(d.get_kv_many(len(chunk)), chunk) for chunk in _in_chunks(keys)]
+    steps += _rows_steps(d, keys)
     n_kv = len(steps) - 1
-    for chunk in _in_chunks(lease_ids):
-        steps.append(Fetch(f"SELECT id, ttl, expires_at FROM lease WHERE id IN ({sql.marks(len(chunk))})", chunk))
+    steps += _leases_steps(lease_ids)
     results = yield Pipeline(tuple(steps))
     held = {r[0]: r[1] for r in results[0]}
     if "revision" not in held or "compact_revision" not in held:
         raise SnapshotLost("the meta rows are missing from this transaction")
     rows = {row.key: row for part in results[1 : 1 + n_kv] for row in map(sql.to_row, part)}
-    leases = {int(r[0]): LeaseRow(int(r[0]), int(r[1]), float(r[2])) for part in results[1 + n_kv :] for r in part}
+    leases = {lease.id: lease for part in results[1 + n_kv :] for lease in map(_lease_row, part)}
     return WriteStart(
         int(held["revision"]),
         int(held["compact_revision"]),
@@ -501,28 +497,50 @@ def _in_chunks(items: Sequence[Any], size: int = 64) -> Iterable[list[Any]]:
         yield chunk + [chunk[-1]] * (width - len(chunk))
 
 
-def get_rows(d: Dialect, keys: Sequence[bytes]) -> Plan[list[Row]]:
+def _rows_steps(d: Dialect, keys: Sequence[bytes]) -> list[Step]:
+    """The statements reading these keys' rows (in chunks of a few IN-list shapes)."""
     if len(keys) == 1:
-        return [sql.to_row(r) for r in (yield Fetch(d.get_kv, (keys[0],)))]
+        return [Fetch(d.get_kv, (keys[0],))]
+    return [Fetch(d.get_kv_many(len(chunk)), chunk) for chunk in _in_chunks(keys)]
+
+
+def _leases_steps(ids: Sequence[int]) -> list[Step]:
+    return [
+        Fetch(f"SELECT id, ttl, expires_at FROM lease WHERE id IN ({sql.marks(len(chunk))})", chunk)
+        for chunk in _in_chunks(ids)
+    ]
+
+
+def _lease_row(r: Record) -> LeaseRow:
+    return LeaseRow(int(r[0]), int(r[1]), float(r[2]))
+
+
+def _write_kv_steps(d: Dialect, puts: Sequence[Row], deletes: Sequence[bytes]) -> list[Step]:
+    steps: list[Step] = [
+        Execute(f"DELETE FROM kv WHERE {d.key} IN ({sql.marks(len(chunk))})", chunk) for chunk in _in_chunks(deletes)
+    ]
+    if puts:
+        steps.append(ExecuteMany(d.upsert_kv, puts))
+    return steps
+
+
+def get_rows(d: Dialect, keys: Sequence[bytes]) -> Plan[list[Row]]:
     out: list[Row] = []
-    for chunk in _in_chunks(keys):
-        out += [sql.to_row(r) for r in (yield Fetch(d.get_kv_many(len(chunk)), chunk))]
+    for st in _rows_steps(d, keys):
+        out += [sql.to_row(r) for r in (yield st)]
     return out
 
 
 def get_leases(ids: Sequence[int]) -> Plan[list[LeaseRow]]:
     out: list[LeaseRow] = []
-    for chunk in _in_chunks(ids):
-        rows = yield Fetch(f"SELECT id, ttl, expires_at FROM lease WHERE id IN ({sql.marks(len(chunk))})", chunk)
-        out += [LeaseRow(int(r[0]), int(r[1]), float(r[2])) for r in rows]
+    for st in _leases_steps(ids):
+        out += [_lease_row(r) for r in (yield st)]
     return out
 
 
 def write_kv(d: Dialect, puts: Sequence[Row], deletes: Sequence[bytes]) -> Plan[None]:
-    for chunk in _in_chunks(deletes):
-        yield Execute(f"DELETE FROM kv WHERE {d.key} IN ({sql.marks(len(chunk))})", chunk)
-    if puts:
-        yield ExecuteMany(d.upsert_kv, puts)
+    for st in _write_kv_steps(d, puts, deletes):  # noqa: UP028 - a list cannot take the driver's send()
+        yield st
 
 
 def insert_log(d: Dialect, rows: Sequence[tuple[Any, ...]]) -> Plan[None]:
@@ -555,12 +573,7 @@ def finish_batch(
     else the deletes, the upserts, the log rows and the revision row as one pipeline --
     with ``commit``, the transaction's COMMIT too (MySQL: one round trip for all)."""
     if d.finish_batch is None:
-        steps: list[Step] = [
-            Execute(f"DELETE FROM kv WHERE {d.key} IN ({sql.marks(len(chunk))})", chunk)
-            for chunk in _in_chunks(deletes)
-        ]
-        if puts:
-            steps.append(ExecuteMany(d.upsert_kv, puts))
+        steps = _write_kv_steps(d, puts, deletes)
         if log:
             steps.append(ExecuteMany(d.insert_log, log))
         steps.append(Execute("UPDATE meta SET value = ? WHERE name = ?", (revision, "revision")))
@@ -588,7 +601,7 @@ def statement(text: str) -> Plan[None]:
 
 def leases() -> Plan[list[LeaseRow]]:
     rows = yield Fetch("SELECT id, ttl, expires_at FROM lease ORDER BY id")
-    return [LeaseRow(int(r[0]), int(r[1]), float(r[2])) for r in rows]
+    return [_lease_row(r) for r in rows]
 
 
 def lease(d: Dialect, lease_id: int) -> Plan[tuple[LeaseRow | None, list[bytes]]]:
@@ -597,7 +610,7 @@ def lease(d: Dialect, lease_id: int) -> Plan[tuple[LeaseRow | None, list[bytes]]
         return None, []
     r = rows[0]
     keys = yield from lease_keys(d, lease_id)
-    return LeaseRow(int(r[0]), int(r[1]), float(r[2])), keys
+    return _lease_row(r), keys
 
 
 def expired_leases(now: float, limit: int) -> Plan[list[int]]:

@@ -261,7 +261,9 @@ class Hub:
         (``on_gap``) is there to publish those."""
         if changes and self.on_gap is not None and changes[0].rev > self.revision + 1:
             self.parked.append((changes[0].rev, revision, changes, monotonic()))
-            self.on_gap()
+            self.flush_parked()  # (a follower stalled in a read: the bound holds all the same)
+            if self.parked:
+                self.on_gap()
             return
         self._publish(revision, changes)
         if self.parked:
