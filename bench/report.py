@@ -40,6 +40,7 @@ BACKEND_STYLE = {"sqlite-full": "-", "sqlite-normal": "-.", "postgres": "--", "m
 QUICK_NOTE = " — **quick run (tiny sizes): the numbers mean nothing**"
 NA = "\N{EN DASH}"  # an empty cell
 COLORS = {"etcd": "#777777", "kine": "#d62728", "k8s-sql": "#1f77b4"}
+TWO_CORES = "two-cores"  # bench/harness/cli.py's layout label, repeated: the report has no harness import
 SOAK_BEGIN = "<!-- soak:begin"
 SOAK_END = "<!-- soak:end -->"
 SOAK_PNG_PREFIX = "soak-"
@@ -85,11 +86,20 @@ def tput(rec: Rec | None) -> float | None:
 
 
 class Results:
-    def __init__(self, doc: dict[str, Any]) -> None:
+    """A run's records in its own layout (``recs``); ``two_cores`` holds the records of the
+    second pass, with every server given both cores (bench/run's ``two_cores`` workloads),
+    as a Results of its own (None when the run had none)."""
+
+    def __init__(self, doc: dict[str, Any], layout: str = "") -> None:
         self.doc = doc
         self.meta: dict[str, Any] = doc.get("meta", {})
-        self.recs: list[Rec] = doc.get("results", [])
+        every: list[Rec] = doc.get("results", [])
+        self.recs: list[Rec] = [r for r in every if r.get("layout", "") == layout]
         self.failures: list[dict[str, str]] = doc.get("failures", [])
+        self.cpu_budget: list[dict[str, Any]] = doc.get("cpu_budget") or []
+        self.two_cores: Results | None = None
+        if not layout and any(r.get("layout") == TWO_CORES for r in every):
+            self.two_cores = Results(doc, TWO_CORES)
 
     def find(self, server: str, backend: str | None, workload: str, scenario: str = "single", **kw: Any) -> Rec | None:
         for r in self.recs:
@@ -151,6 +161,8 @@ class Target:
     def show(self, v: float) -> str:
         if self.unit == "x":
             return f"{v:.2f}x"
+        if self.unit == " µs":
+            return f"{v:,.0f} µs"
         return f"{v:,.0f}{self.unit}" if abs(v) >= 10 else f"{v:.1f}{self.unit}"
 
 
@@ -189,21 +201,82 @@ def memory_target(res: Results, backend: str) -> Target:
     return Target(name, where, rss, 250.0, False, " MB")
 
 
+def w1_cpu_us(res: Results, server: str, backend: str | None, clients: int, group: str = "server") -> float | None:
+    """µs of CPU per W1 txn over its create and update phases: the server's own process
+    (``group="server"``) or the database server's (``"db"``; none for SQLite and etcd)."""
+    key = f"{group}_cpu_s"
+    phases = [res.find(server, backend, f"w1-{op}", clients=clients) for op in ("create", "update")]
+    if any(r is None or key not in r for r in phases):
+        return None
+    ops = sum(int(r["ops"]) for r in phases if r is not None)
+    return sum(float(r[key]) for r in phases if r is not None) / ops * 1e6 if ops else None
+
+
+def _clients(n: int) -> str:
+    return "1 client" if n == 1 else f"{n} clients"
+
+
+def kine_database_bound(res: Results, backend: str, clients: int) -> bool:
+    """Issue #15's "where kine's database is its bottleneck": with more than one client,
+    kine's database server spends more CPU per txn than kine itself (kine runs a
+    transaction per request; SQLite is in kine's process, so never there)."""
+    if clients <= 1:
+        return False
+    own, db = w1_cpu_us(res, "kine", backend, clients), w1_cpu_us(res, "kine", backend, clients, "db")
+    return own is not None and db is not None and db > own
+
+
 def targets(res: Results) -> list[Target]:
+    """Issue #15's targets, each from this run's records."""
     out: list[Target] = []
-    clients = [c for c in (16, 128) if c in res.values("w1-create", "clients")] or [16, 128]
+    clients = res.values("w1-create", "clients") or [1, 16, 128]
     for backend in res.backends():
-        need = 2.0 if backend in DURABLE else 1.0
-        label = "W1 vs kine" + (" (both durable)" if backend in DURABLE else " (both NORMAL)")
+        durability = " (both durable)" if backend in DURABLE else " (both NORMAL)"
         for c in clients:
             mine, theirs = w1_combined(res, "k8s-sql", backend, c), w1_combined(res, "kine", backend, c)
-            out.append(Target(label, f"{backend}, {c} clients", ratio(mine, theirs), need, True, "x"))
+            bound = kine_database_bound(res, backend, c)
+            note = "kine's database does more of its work than kine" if bound else ""
+            out.append(
+                Target("W1 vs kine" + durability, f"{backend}, {_clients(c)}", ratio(mine, theirs),
+                       2.0 if bound else 1.0, True, "x", note)
+            )  # fmt: skip
     for backend in res.backends():
         for c in clients:
             mine, etcd = w1_combined(res, "k8s-sql", backend, c), w1_combined(res, "etcd", None, c)
-            out.append(Target("W1 vs etcd", f"{backend}, {c} clients", ratio(mine, etcd), 0.5, True, "x"))
-    keys = max(res.values("w2-list", "keys") or [0])
+            out.append(
+                Target("W1 vs etcd, one pinned core", f"{backend}, {_clients(c)}", ratio(mine, etcd), 0.35, True, "x")
+            )
+    two = res.two_cores
+    if two is not None:
+        workers = (res.meta.get("two_cores") or {}).get("k8s_sql_workers", 2)
+        for backend in two.backends():
+            for c in two.values("w1-create", "clients"):
+                mine, etcd = w1_combined(two, "k8s-sql", backend, c), w1_combined(two, "etcd", None, c)
+                out.append(
+                    Target(f"W1 vs etcd, two shared cores (k8s-sql --workers {workers})", f"{backend}, {_clients(c)}",
+                           ratio(mine, etcd), 0.5, True, "x")
+                )  # fmt: skip
     for backend in res.backends():
+        for c in [c for c in clients if c > 1]:
+            mine, theirs = w1_cpu_us(res, "k8s-sql", backend, c), w1_cpu_us(res, "kine", backend, c)
+            out.append(Target("server CPU per W1 txn vs kine's", f"{backend}, {_clients(c)}", ratio(mine, theirs),
+                              1.0, False, "x"))  # fmt: skip
+        if backend == "sqlite-full" and 16 in clients:
+            out.append(Target("server CPU per W1 txn", "sqlite-full, 16 clients",
+                              w1_cpu_us(res, "k8s-sql", backend, 16), 500.0, False, " µs"))  # fmt: skip
+    for backend in res.backends():
+        if backend.startswith("sqlite"):
+            continue  # SQLite's work is in the server's own process
+        for c in clients:
+            mine, theirs = w1_cpu_us(res, "k8s-sql", backend, c, "db"), w1_cpu_us(res, "kine", backend, c, "db")
+            out.append(Target("database CPU per W1 txn vs kine's", f"{backend}, {_clients(c)}", ratio(mine, theirs),
+                              1.0, False, "x"))  # fmt: skip
+    for row in res.cpu_budget:
+        if row.get("operation") == "watch event delivered":
+            out.append(Target("server CPU per watch event delivered", f"{row['backend']} (cpu workload)",
+                              row.get("server_us"), 60.0, False, " µs"))  # fmt: skip
+    keys = max(res.values("w2-list", "keys") or [0])
+    for backend in res.backends() if keys else []:
         if skipped_w2(res, backend, keys):
             continue  # said below the table
         for op, label in (("w2-list", "paged LIST"), ("w2-count", "count-only")):
@@ -553,6 +626,14 @@ def render(results_path: Path, out_md: Path) -> None:
             lines += [f"**{op}**", ""]
             lines += table(common_header(["clients"], "txn/s"), rows)
             lines += [""]
+    lines += w1_cpu_section(res)
+    generated: set[str] = set()  # the names of kept blocks this run measured anew
+    if res.two_cores is not None:
+        lines += two_cores_section(res, res.two_cores)
+        generated.add("two-cores")
+    if res.cpu_budget:
+        lines += cpu_budget_section(res.cpu_budget)
+        generated.add("cpu-budget")
 
     # W2
     lines += ["## W2: paged LIST, count-only, single-key gets", ""]
@@ -684,7 +765,9 @@ def render(results_path: Path, out_md: Path) -> None:
     # Sections measured by runs of their own -- the soak (render_soak), many control planes
     # (render_tenants), the micro-benchmarks' hand-kept tables -- are kept as they are.
     for old in kept_blocks(out_md.read_text()) if out_md.exists() else []:
-        lines += [old, ""]
+        named = _KEPT.match(old)
+        if named is None or named.group(1) not in generated:
+            lines += [old, ""]
 
     if res.failures:
         lines += ["## Failures", ""]
@@ -713,6 +796,121 @@ def render(results_path: Path, out_md: Path) -> None:
         ]
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def w1_cpu_section(res: Results) -> list[str]:
+    """CPU per W1 txn and create p50, k8s-sql beside kine (and etcd), per backend and clients."""
+    clients = res.values("w1-create", "clients")
+    rows = []
+    for backend in res.backends():
+        for c in clients:
+            if res.find("k8s-sql", backend, "w1-create", clients=c) is None:
+                continue
+            k, kine = (
+                res.find("k8s-sql", backend, "w1-create", clients=c),
+                res.find("kine", backend, "w1-create", clients=c),
+            )
+            db = not backend.startswith("sqlite")
+            rows.append(
+                [
+                    backend,
+                    str(c),
+                    fmt(w1_cpu_us(res, "k8s-sql", backend, c), 0),
+                    fmt(w1_cpu_us(res, "kine", backend, c), 0),
+                    fmt(w1_cpu_us(res, "k8s-sql", backend, c, "db"), 0) if db else "in-process",
+                    fmt(w1_cpu_us(res, "kine", backend, c, "db"), 0) if db else "in-process",
+                    fmt(p(k, "p50"), 2),
+                    fmt(p(kine, "p50"), 2),
+                ]
+            )
+    if not rows:
+        return []
+    etcd = [
+        f"{c} clients {fmt(w1_cpu_us(res, 'etcd', None, c), 0)} µs" for c in clients if w1_cpu_us(res, "etcd", None, c)
+    ]
+    out = ["**CPU per txn** (create and update phases together; server: the frontend's process, database: the "
+           "database server's process tree, from /proc over the same window; SQLite's work is in the server's "
+           "own process)", ""]  # fmt: skip
+    out += table(
+        ["backend", "clients", "k8s-sql server µs/txn", "kine server µs/txn", "k8s-sql database µs/txn",
+         "kine database µs/txn", "k8s-sql create p50 ms", "kine create p50 ms"],
+        rows,
+    )  # fmt: skip
+    if etcd:
+        out += ["", "etcd, for scale (its own bbolt, in process): " + ", ".join(etcd) + "."]
+    return [*out, ""]
+
+
+def two_cores_section(res: Results, two: Results) -> list[str]:
+    """W1 in the run's own layout (one pinned core each) beside the second pass's (every
+    server given the same two cores, nothing pinned)."""
+    workers = (res.meta.get("two_cores") or {}).get("k8s_sql_workers", 2)
+    clients = two.values("w1-create", "clients")
+    rows = []
+    for backend in two.backends():
+        for c in clients:
+            rows.append(
+                [backend, str(c)]
+                + [fmt(w1_combined(r, srv, backend, c), 0) for srv in ("k8s-sql", "kine", "etcd") for r in (res, two)]
+            )
+    out = [
+        "## W1 on one pinned core and on two shared cores",
+        "",
+        "The tables above give every server one pinned core. A host gives a server all its cores, and k8s-sql "
+        "uses them with `--workers` (one process per core, one store), so this run also ran W1 with every "
+        f"server given the same two cores and nothing pinned: etcd with its default GOMAXPROCS, kine (one "
+        f"process), k8s-sql with `--workers {workers}`, the databases and the driver sharing the same cores. "
+        "W1 txn/s, creates and updates together:",
+        "",
+    ]
+    out += table(
+        ["backend", "clients", "k8s-sql, 1 pinned core", f"k8s-sql `--workers {workers}`, 2 shared cores",
+         "kine, 1 pinned core", "kine, 2 shared cores", "etcd, 1 pinned core", "etcd, 2 shared cores"],
+        rows,
+    )  # fmt: skip
+    return [*out, ""]
+
+
+CPU_BUDGET_TEXT = """\
+`bench/micro/cpu_budget.py` (bench/run's `cpu` workload): one frontend in its default
+configuration pinned to CPU 0, the client on CPU 1. µs server CPU are the frontend's
+CPU seconds from /proc over the operations completed. SQL statements are the
+frontend's own count (`k8s_sql_sql_statement_duration_seconds`) over the same
+operations: the plans' statements, without BEGIN and COMMIT, and including what runs
+meanwhile in the background (the follower's look at the head, health probes). µs
+database CPU is the database server's process tree over the same operations (the test
+servers run with `fsync=off` / without binary logs: CPU, not the disk; SQLite's work is
+inside the frontend). The layer split is py-spy's samples of the frontend's Python
+frames, each put in the layer of its innermost recognised frame (native code -- grpc
+core, upb -- is charged to the Python frame that called it, so "transport" includes
+grpc.aio's Cython and C core and the client-port relay, and protobuf decoding inside
+grpc's deserializer)."""
+
+
+def cpu_budget_section(rows: list[dict[str, Any]]) -> list[str]:
+    layers = [name for name in ("transport", "protobuf", "api", "watch", "store", "SQL")
+              if any(name in (r.get("layers") or {}) for r in rows)]  # fmt: skip
+    body = []
+    for r in rows:
+        got = r.get("layers") or {}
+        body.append(
+            [
+                str(r["backend"]),
+                str(r["operation"]),
+                fmt(r.get("server_us"), 0),
+                fmt(r.get("ops_per_s"), 0),
+                fmt(r.get("statements"), 2),
+                fmt(r.get("db_us"), 0),
+                *[f"{float(got.get(name, 0)) * 100:.0f}%" for name in layers],
+            ]
+        )
+    out = ["## Server CPU per request, by layer", "", CPU_BUDGET_TEXT, ""]
+    out += table(
+        ["backend", "operation", "µs server CPU / op", "ops/s", "SQL statements / op", "µs database CPU / op",
+         *layers],
+        body,
+    )  # fmt: skip
+    return [*out, ""]
 
 
 # -- sections of their own (kept when the rest is regenerated) -------------------------------

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from .procs import Group, Sampler
 from .servers import BACKENDS, DURABILITY, ETCD_BACKEND, ROOT, SERVERS, Databases, Launcher, ServerProcess
 from .soak import describe as describe_soak, run_soak
 
-WORKLOADS = ("w1", "w2", "w3", "w4", "w5")
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "cpu")
+TWO_CORES = "two-cores"  # the layout label of records measured with every server given both cores
 
 
 @dataclass
@@ -73,6 +75,15 @@ class Sizes:
     soak_list_interval: str = "30s"  # a cluster-wide paged LIST of pods this often
     soak_sample_seconds: float = 5.0  # RSS/CPU sampling period
     soak_window_seconds: float = 60.0  # latency percentiles and apiserver /metrics per window
+    # After the pinned pass, these workloads run again with every server given the same two
+    # cores and nothing pinned: etcd with its default GOMAXPROCS, kine (one process), k8s-sql
+    # with --workers two_cores_workers. Empty: no second layout.
+    two_cores: list[str] = field(default_factory=lambda: ["w1"])
+    two_cores_workers: int = 2
+    # The cpu workload: bench/micro/cpu_budget.py (server CPU per request by operation and
+    # backend, split by layer from a py-spy profile) with this many operations each; 0 skips it.
+    cpu_ops: int = 4000
+    cpu_backends: list[str] = field(default_factory=lambda: ["sqlite", "postgres", "mariadb"])
 
 
 QUICK = Sizes(
@@ -107,15 +118,17 @@ QUICK = Sizes(
     soak_list_interval="5s",
     soak_sample_seconds=1.0,
     soak_window_seconds=10.0,
+    two_cores=[],
+    cpu_ops=0,
 )
 
 
 def _set_size(sizes: Sizes, assignment: str) -> None:
     key, _, value = assignment.partition("=")
     fields = {f.name: f for f in dataclasses.fields(sizes)}
-    if key not in fields or not value:
-        raise SystemExit(f"--set {assignment!r}: expected one of {', '.join(fields)}=VALUE")
-    current = getattr(sizes, key)
+    current = getattr(sizes, key, None)
+    if key not in fields or "=" not in assignment or (not value and not isinstance(current, list)):
+        raise SystemExit(f"--set {assignment!r}: expected one of {', '.join(fields)}=VALUE (a list may be empty)")
     if isinstance(current, list):
         items = [v for v in value.split(",") if v]
         setattr(sizes, key, [int(v) for v in items] if current and isinstance(current[0], int) else items)
@@ -165,6 +178,8 @@ class Run:
         self.raw.mkdir(parents=True, exist_ok=True)
         self.work = Path(args.work_dir or (out_dir / "work"))
         self.pinned = args.pin
+        self.workers = args.k8s_sql_workers
+        self.layout = ""  # "" for the run's own layout; TWO_CORES for the second pass
         self.dbs = Databases({0} if self.pinned else None)
         self.results: list[dict[str, Any]] = []
         self.failures: list[dict[str, str]] = []
@@ -191,13 +206,13 @@ class Run:
 
     def launcher(self) -> Launcher:
         return Launcher(
-            work=self.work,
+            work=self.work / self.layout if self.layout else self.work,
             dbs=self.dbs,
             peers_bin=self.peers_bin,
             kine_bin=self.bench_bin,
             server_cores="0" if self.pinned else None,
-            log_dir=self.out_dir / "logs",
-            k8s_sql_workers=self.args.k8s_sql_workers,
+            log_dir=self.out_dir / "logs" / self.layout if self.layout else self.out_dir / "logs",
+            k8s_sql_workers=self.workers,
         )
 
     def _rel(self, argv: list[str]) -> str:
@@ -272,6 +287,7 @@ class Run:
                 "server": server,
                 "backend": backend,
                 "scenario": scenario,
+                **({"layout": self.layout} if self.layout else {}),
                 "frontends": len(procs),
                 "window": how,
                 "invocation": self.n,
@@ -457,6 +473,61 @@ class Run:
             for p in procs:
                 p.stop()
 
+    def run_two_cores(self) -> None:
+        """The second layout: the workloads of ``two_cores`` again, every process free to
+        use every core (databases and driver included), k8s-sql with ``--workers``. Its
+        records carry ``layout: two-cores``."""
+        again = [w for w in self.sizes.two_cores if w in self.sel.workloads and w in ("w1", "w2", "w3", "w4")]
+        if not again or not self.pinned:
+            return  # an unpinned run is already this layout
+        print(f"== two shared cores: {', '.join(again)} again, k8s-sql --workers {self.sizes.two_cores_workers}")
+        sel = self.sel
+        self.layout, self.pinned, self.workers = TWO_CORES, False, self.sizes.two_cores_workers
+        self.sel = Selection(sel.servers, sel.backends, again)
+        self.dbs = Databases(None)
+        try:
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+            launcher = self.launcher()
+            for server, backend in self.sel.targets():
+                self.run_target(launcher, server, backend)
+        finally:
+            self.dbs.stop()
+            self.sel, self.layout, self.pinned, self.workers = sel, "", self.args.pin, self.args.k8s_sql_workers
+            if self.pinned:
+                os.sched_setaffinity(0, {1})
+
+    def run_cpu(self) -> None:
+        """bench/micro/cpu_budget.py: server CPU per request by operation, per backend,
+        split by layer when py-spy is on PATH. Its rows go into the results as ``cpu_budget``."""
+        if self.sizes.cpu_ops <= 0:
+            print("  cpu: skipped (cpu_ops=0)", flush=True)
+            return
+        wanted = {"sqlite": any(b.startswith("sqlite") for b in self.sel.backends)}
+        wanted |= {b: b in self.sel.backends for b in ("postgres", "mariadb")}
+        backends = [b for b in self.sizes.cpu_backends if wanted.get(b)]
+        if not backends or self.bench_bin is None:
+            return
+        out = self.raw / "cpu-budget.json"
+        argv = [sys.executable, str(ROOT / "bench/micro/cpu_budget.py"), "--backends", ",".join(backends)]
+        argv += ["--ops", str(self.sizes.cpu_ops), "--json", str(out), "--bench-bin", str(self.bench_bin)]
+        if shutil.which("py-spy"):
+            argv.append("--profile")
+        else:
+            print("  cpu: py-spy is not on PATH: no split by layer", flush=True)
+        print(f"== cpu budget: {', '.join(backends)}", flush=True)
+        self.note_command("cpu budget", argv)
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=self.args.workload_timeout * 3)
+            (self.raw / "cpu-budget.log").write_text(res.stdout + res.stderr)
+            if res.returncode != 0 or not out.exists():
+                raise RuntimeError(f"cpu_budget.py failed ({res.returncode}):\n{(res.stdout + res.stderr)[-3000:]}")
+            self.cpu_budget = json.loads(out.read_text())
+            print(res.stdout, flush=True)
+        except Exception as e:
+            self.fail("k8s-sql", ",".join(backends), "cpu", e)
+
+    cpu_budget: list[dict[str, Any]] = []
+
     # -- output --------------------------------------------------------------------------
 
     def document(self) -> dict[str, Any]:
@@ -472,7 +543,7 @@ class Run:
                     "bench-driver, bench/kube/run.sh (kube-apiserver, kwok) and the harness on core 1; "
                     "W3 across two frontends: frontend 0 on core 0 (with the database), frontend 1 on core 1 "
                     "(with the driver)"
-                    if self.pinned
+                    if self.args.pin
                     else "none: every process may use every core"
                 )
                 + (
@@ -480,7 +551,10 @@ class Run:
                     if self.args.k8s_sql_workers > 1
                     else ""
                 ),
-                "pinned": self.pinned,
+                "pinned": self.args.pin,
+                "two_cores": {"workloads": self.sizes.two_cores, "k8s_sql_workers": self.sizes.two_cores_workers}
+                if self.args.pin
+                else None,
                 "k8s_sql_workers": self.args.k8s_sql_workers,
                 "selection": dataclasses.asdict(self.sel),
                 "sizes": dataclasses.asdict(self.sizes),
@@ -488,6 +562,7 @@ class Run:
                 "durability": {f"{s}/{b}": DURABILITY[(s, b)] for s, b in self.sel.targets()},
             },
             "results": self.results,
+            "cpu_budget": self.cpu_budget,
             "failures": self.failures,
             "commands": self.commands,
         }
@@ -520,6 +595,9 @@ class Run:
                 self.run_target(launcher, server, backend)
         finally:
             self.dbs.stop()
+        self.run_two_cores()
+        if "cpu" in self.sel.workloads:
+            self.run_cpu()
         self.save()
         print(f"results: {self.out_dir / 'results.json'}", flush=True)
         return 1 if self.failures else 0
@@ -567,8 +645,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=[],
         metavar="LIST",
         help="comma-separated servers (etcd,kine,k8s-sql), backends (sqlite-full,sqlite-normal,sqlite,postgres,"
-        "mariadb) and workloads (w1..w5); each named dimension is narrowed, the others are kept. "
-        "etcd runs unless only SQL backends are named.",
+        "mariadb) and workloads (w1..w5, cpu: server CPU per request by layer); each named dimension is narrowed, "
+        "the others are kept. etcd runs unless only SQL backends are named. W1 runs again on two shared cores "
+        "unless --set two_cores= (empty)",
     )
     p.add_argument(
         "--soak",
@@ -654,8 +733,6 @@ def main(argv: list[str] | None = None) -> int:
         rc = 2
     finally:
         if not args.work_dir:
-            import shutil
-
             shutil.rmtree(out_dir / "work", ignore_errors=True)
     report = args.report
     if report is None:

@@ -25,14 +25,17 @@ layer that calls it. py-spy's ``--native`` would split those out, but it must pa
 the process for each sample, which cut throughput tenfold here. Run it from the repository root:
 
     python3 bench/micro/cpu_budget.py [--backends sqlite,postgres,mariadb] [--ops 4000] [--profile]
+        [--json OUT.json] [--bench-bin DIR]
 
-docs/benchmarks.md quotes its output.
+``bench/run`` runs it as its ``cpu`` workload (``--json``) and renders the table into
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import shutil
@@ -216,18 +219,26 @@ def measure(  # type: ignore[type-arg]
     return [(backend, *r) for r in rows]
 
 
+def _num(x: float) -> float | None:
+    """JSON has no NaN: a measure that does not apply is null."""
+    return None if x != x else round(x, 3)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="sqlite,postgres,mariadb")
     p.add_argument("--ops", type=int, default=4000)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--json", help="also write the rows to this file (bench/run's cpu workload)")
+    p.add_argument("--bench-bin", help="directory with bench-driver and etcd's benchmark (default: bench/build.sh)")
     args = p.parse_args()
     if args.profile and shutil.which("py-spy") is None:
         sys.exit("--profile needs py-spy on PATH")
     from testing.databases import MariaDBServer, PostgresServer
     from testing.servers import free_port
 
-    bins = _bins()
+    bins = Path(args.bench_bin) if args.bench_bin else _bins()
+    out: list[dict[str, object]] = []
     header = "| backend | operation | µs server CPU / op | ops/s | SQL statements / op | µs database CPU / op |"
     if args.profile:
         header += "".join(f" {layer} |" for layer in LAYERS)
@@ -254,6 +265,19 @@ def main() -> None:
                     if args.profile:
                         line += "".join(f" {layers.get(layer, 0) * 100:.0f}% |" for layer in LAYERS)
                     print(line, flush=True)
+                    out.append(
+                        {
+                            "backend": b,
+                            "operation": name,
+                            "server_us": _num(us),
+                            "ops_per_s": _num(rate),
+                            "statements": _num(st),
+                            "db_us": _num(db),
+                            "layers": {layer: layers[layer] for layer in LAYERS if layer in layers},
+                        }
+                    )
+                    if args.json:
+                        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
             finally:
                 if server is not None:
                     server.stop()
