@@ -826,7 +826,9 @@ def w1_cpu_section(res: Results) -> list[str]:
     if not rows:
         return []
     etcd = [
-        f"{c} clients {fmt(w1_cpu_us(res, 'etcd', None, c), 0)} µs" for c in clients if w1_cpu_us(res, "etcd", None, c)
+        f"{_clients(c)} {fmt(w1_cpu_us(res, 'etcd', None, c), 0)} µs"
+        for c in clients
+        if w1_cpu_us(res, "etcd", None, c)
     ]
     out = ["**CPU per txn** (create and update phases together; server: the frontend's process, database: the "
            "database server's process tree, from /proc over the same window; SQLite's work is in the server's "
