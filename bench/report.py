@@ -632,7 +632,7 @@ def render(results_path: Path, out_md: Path) -> None:
         lines += two_cores_section(res, res.two_cores)
         generated.add("two-cores")
     if res.cpu_budget:
-        lines += cpu_budget_section(res.cpu_budget)
+        lines += cpu_budget_section(res.cpu_budget, meta.get("cpu_budget_from", ""))
         generated.add("cpu-budget")
 
     # W2
@@ -886,10 +886,21 @@ inside the frontend). The layer split is py-spy's samples of the frontend's Pyth
 frames, each put in the layer of its innermost recognised frame (native code -- grpc
 core, upb -- is charged to the Python frame that called it, so "transport" includes
 grpc.aio's Cython and C core and the client-port relay, and protobuf decoding inside
-grpc's deserializer)."""
+grpc's deserializer).
+
+Requests and statements per write batch are from the frontend's
+`k8s_sql_write_batch_requests` (group commit) over the same operations; "-" where the
+operation makes no batches. Statements are counted as the plans issue them, a pipeline
+as one. On MySQL that is a round trip (the BEGIN goes with the first pipeline, the
+COMMIT with the last), so a W1 batch is 2 round trips: the revision lock with the
+keys, then the rows, the revision and COMMIT. On PostgreSQL a pipeline's statements go
+one at a time and BEGIN and COMMIT are round trips of their own, so the same batch is
+5: BEGIN, the lock, the keys, the rows and revision in one statement, COMMIT (fewer
+were measured slower: see What limits the missed targets). SQLite's are calls into the
+library in process."""
 
 
-def cpu_budget_section(rows: list[dict[str, Any]]) -> list[str]:
+def cpu_budget_section(rows: list[dict[str, Any]], source: str = "") -> list[str]:
     # (a layer no sample fell in on any row -- protobuf's Python code, as its decoding is
     # upb's, charged to the caller -- gets no column)
     layers = [name for name in ("transport", "protobuf", "api", "watch", "store", "SQL")
@@ -905,13 +916,17 @@ def cpu_budget_section(rows: list[dict[str, Any]]) -> list[str]:
                 fmt(r.get("ops_per_s"), 0),
                 fmt(r.get("statements"), 2),
                 fmt(r.get("db_us"), 0),
+                fmt(r.get("requests_per_batch"), 2),
+                fmt(r.get("statements_per_batch"), 2),
                 *[f"{float(got.get(name, 0)) * 100:.0f}%" for name in layers],
             ]
         )
     out = ["## Server CPU per request, by layer", "", CPU_BUDGET_TEXT, ""]
+    if source:  # the rows were measured by a run of their own, merged into this one's results
+        out += [f"These rows: {source}.", ""]
     out += table(
         ["backend", "operation", "µs server CPU / op", "ops/s", "SQL statements / op", "µs database CPU / op",
-         *layers],
+         "requests / write batch", "SQL statements / write batch", *layers],
         body,
     )  # fmt: skip
     return [*out, ""]

@@ -192,7 +192,7 @@ class Run:
     # -- tools ---------------------------------------------------------------------------
 
     def build(self) -> None:
-        need_driver = any(w in self.sel.workloads for w in ("w1", "w2", "w3", "w4"))
+        need_driver = any(w in self.sel.workloads for w in ("w1", "w2", "w3", "w4", "cpu"))
         if self.args.peers_bin:
             self.peers_bin = Path(self.args.peers_bin)
         elif "etcd" in self.sel.servers:

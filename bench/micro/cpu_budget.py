@@ -82,18 +82,24 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def statements(endpoint: str) -> float:
-    """SQL statements the frontend has run (its k8s_sql_sql_statement_duration_seconds
-    counts: the plans' statements; BEGIN and COMMIT are not among them)."""
+def counters(endpoint: str) -> tuple[float, float, float]:
+    """From the frontend's /metrics: the SQL statements it has run (its
+    k8s_sql_sql_statement_duration_seconds counts: the plans' statements, a pipeline
+    one; BEGIN and COMMIT are not among them), its write batches and the requests
+    they held (k8s_sql_write_batch_requests' count and sum)."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("k8s_sql_sql_statement_duration_seconds_count{")
-    )
+    sql = batches = requests = 0.0
+    for line in text.splitlines():
+        if line.startswith("k8s_sql_sql_statement_duration_seconds_count{"):
+            sql += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("k8s_sql_write_batch_requests_count"):
+            batches += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("k8s_sql_write_batch_requests_sum"):
+            requests += float(line.rsplit(" ", 1)[1])
+    return sql, batches, requests
 
 
 def _bins() -> Path:
@@ -175,13 +181,16 @@ def measure(  # type: ignore[type-arg]
 
         def timed(name: str, count: int, cmd: list[str]) -> tuple:  # type: ignore[type-arg]
             prof = Profile(fe.pid, work / f"{backend}-{name}.txt") if profile else None
-            s0, d0 = statements(ep), tree_cpu_seconds(db_pid) if db_pid else 0.0
+            (s0, b0, r0), d0 = counters(ep), tree_cpu_seconds(db_pid) if db_pid else 0.0
             c0, t0 = cpu_seconds(fe.pid), time.monotonic()
             _run(cmd)
             c1, t1 = cpu_seconds(fe.pid), time.monotonic()
-            s1, d1 = statements(ep), tree_cpu_seconds(db_pid) if db_pid else 0.0
+            (s1, b1, r1), d1 = counters(ep), tree_cpu_seconds(db_pid) if db_pid else 0.0
             layers = prof.stop() if prof else {}
             layers["statements"] = (s1 - s0) / count
+            # write batches: requests per batch, and the plans' statements per batch
+            layers["per_batch"] = (r1 - r0) / (b1 - b0) if b1 - b0 >= count / 100 else float("nan")
+            layers["sql_per_batch"] = (s1 - s0) / (b1 - b0) if b1 - b0 >= count / 100 else float("nan")
             layers["db_us"] = (d1 - d0) / count * 1e6 if db_pid else float("nan")
             return name, (c1 - c0) / count * 1e6, count / (t1 - t0), layers
 
@@ -212,6 +221,7 @@ def measure(  # type: ignore[type-arg]
         )  # fmt: skip
         per_event = (us - put[1]) / 100  # the put's own cost taken off, over the 100 deliveries
         layers["statements"] = layers["db_us"] = float("nan")  # (the puts' own, mostly)
+        layers["per_batch"] = layers["sql_per_batch"] = float("nan")
         rows.append(("watch event delivered", per_event, float("nan"), layers))
         rows.append(timed("lease keepalive", ops, [bench, *common, "lease-keepalive", f"--total={ops}"]))
     finally:
@@ -273,6 +283,8 @@ def main() -> None:
                             "ops_per_s": _num(rate),
                             "statements": _num(st),
                             "db_us": _num(db),
+                            "requests_per_batch": _num(layers.get("per_batch", float("nan"))),
+                            "statements_per_batch": _num(layers.get("sql_per_batch", float("nan"))),
                             "layers": {layer: layers[layer] for layer in LAYERS if layer in layers},
                         }
                     )
