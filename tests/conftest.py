@@ -210,26 +210,19 @@ def etcd(etcd_factory: Callable[..., ServerProcess]) -> ServerProcess:
     return etcd_factory("--watch-progress-notify-interval", "1s")
 
 
-# The modules that take minutes, longest first (seconds in a CI run of 2026-11-30, all
-# its tests on one worker). Collected first, and scripts/test keeps pytest-xdist from
-# reordering them (--no-loadscope-reorder), so that they are handed out first and the
-# short modules fill in around them, instead of a long one starting last and running
-# alone.
+# The modules that take minutes, longest first. Collected first, so that pytest-xdist
+# (scripts/test) hands them out first and the short modules fill in around them,
+# instead of the longest one starting last and running alone.
 LONG_MODULES = (
-    "test_resource_bounds",  # 479 s
-    "test_kubernetes_e2e",  # 277 s
-    "test_storage_conformance",  # 232 s
-    "test_fuzz",  # 213 s
-    "test_etcdctl",  # 197 s
-    "test_differential",  # 182 s
-    "test_kubernetes_migrate",  # 160 s
-    "test_galera",  # 101 s
-    "test_soak_smoke",  # 93 s
-    "test_bench_smoke",  # 86 s
-    "test_multi_frontend",  # 85 s
-    "test_linearizability",  # 72 s
-    "test_migrate",  # 71 s
-    "test_failover",  # 66 s
+    "test_storage_conformance",
+    "test_kubernetes_e2e",
+    "test_differential",
+    "test_kubernetes_migrate",
+    "test_resource_bounds",
+    "test_linearizability",
+    "test_fuzz",
+    "test_bench_smoke",
+    "test_soak_smoke",
 )
 
 
