@@ -161,8 +161,6 @@ class Target:
     def show(self, v: float) -> str:
         if self.unit == "x":
             return f"{v:.2f}x"
-        if self.unit == " µs":
-            return f"{v:,.0f} µs"
         return f"{v:,.0f}{self.unit}" if abs(v) >= 10 else f"{v:.1f}{self.unit}"
 
 
@@ -804,12 +802,10 @@ def w1_cpu_section(res: Results) -> list[str]:
     rows = []
     for backend in res.backends():
         for c in clients:
-            if res.find("k8s-sql", backend, "w1-create", clients=c) is None:
+            k = res.find("k8s-sql", backend, "w1-create", clients=c)
+            if k is None:
                 continue
-            k, kine = (
-                res.find("k8s-sql", backend, "w1-create", clients=c),
-                res.find("kine", backend, "w1-create", clients=c),
-            )
+            kine = res.find("kine", backend, "w1-create", clients=c)
             db = not backend.startswith("sqlite")
             rows.append(
                 [
@@ -825,11 +821,8 @@ def w1_cpu_section(res: Results) -> list[str]:
             )
     if not rows:
         return []
-    etcd = [
-        f"{_clients(c)} {fmt(w1_cpu_us(res, 'etcd', None, c), 0)} µs"
-        for c in clients
-        if w1_cpu_us(res, "etcd", None, c)
-    ]
+    etcd_us = {c: w1_cpu_us(res, "etcd", None, c) for c in clients}
+    etcd = [f"{_clients(c)} {fmt(us, 0)} µs" for c, us in etcd_us.items() if us]
     out = ["**CPU per txn** (create and update phases together; server: the frontend's process, database: the "
            "database server's process tree, from /proc over the same window; SQLite's work is in the server's "
            "own process)", ""]  # fmt: skip

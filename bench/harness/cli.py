@@ -180,6 +180,7 @@ class Run:
         self.pinned = args.pin
         self.workers = args.k8s_sql_workers
         self.layout = ""  # "" for the run's own layout; TWO_CORES for the second pass
+        self.cpu_budget: list[dict[str, Any]] = []  # the cpu workload's rows (run_cpu)
         self.dbs = Databases({0} if self.pinned else None)
         self.results: list[dict[str, Any]] = []
         self.failures: list[dict[str, str]] = []
@@ -525,8 +526,6 @@ class Run:
             print(res.stdout, flush=True)
         except Exception as e:
             self.fail("k8s-sql", ",".join(backends), "cpu", e)
-
-    cpu_budget: list[dict[str, Any]] = []
 
     # -- output --------------------------------------------------------------------------
 
