@@ -203,6 +203,14 @@ def _progress_interval(seconds: float) -> float:
     "per message), else asyncio's own loop.",
 )
 @click.option(
+    "--transport",
+    default="grpcio",
+    show_default=True,
+    type=click.Choice(["grpcio", "envoy"], case_sensitive=False),
+    help="What speaks HTTP/2 and gRPC to clients: grpcio (grpc.aio), or envoy -- Envoy's HTTP/2 with this "
+    "process's Python inside it (pyvoy; pip install 'k8s-sql[envoy]'), about a quarter of grpc.aio's CPU per call.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -271,6 +279,7 @@ def main(
     sqlite_synchronous: str,
     workers: str,
     event_loop: str,
+    transport: str,
     log_level: str,
     log_format: str,
     log_outputs: str,
@@ -309,6 +318,7 @@ def main(
         sqlite_synchronous=sqlite_synchronous.upper(),
         workers=_workers(workers),
         event_loop=event_loop.lower(),
+        transport=transport.lower(),
         log_level=log_level.lower(),
         log_format=log_format.lower(),
         log_outputs=[o.strip() for o in log_outputs.split(",") if o.strip()],

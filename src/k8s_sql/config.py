@@ -44,6 +44,8 @@ class Config:
     reuse_port: bool = False  # set for --workers: several processes listen on one port
     lease_check_interval: float = 0.5
     event_loop: str = "auto"  # auto (uvloop when installed), uvloop or asyncio
+    # grpcio (grpc.aio) or envoy (Envoy's HTTP/2 through pyvoy: k8s_sql/envoy.py)
+    transport: str = "grpcio"
     # Logging travels with the config so that --workers processes (spawned, so they
     # inherit no logging setup) log exactly as the parent does.
     log_level: str = "info"
@@ -105,6 +107,12 @@ class Config:
             raise ValueError("--event-loop must be auto, uvloop or asyncio")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise ValueError("--event-loop uvloop: uvloop is not installed")
+        if self.transport not in ("grpcio", "envoy"):
+            raise ValueError("--transport must be grpcio or envoy")
+        if self.transport == "envoy":
+            from k8s_sql import envoy
+
+            envoy.check(self)
         if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError("--sqlite-synchronous must be OFF, NORMAL, FULL or EXTRA")
         if self.log_level.lower() not in LOG_LEVELS:

