@@ -47,6 +47,11 @@ _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b
 # Requests a streaming call has read ahead of its handler: the rest waits in Envoy,
 # and HTTP/2 flow control holds the client back (a bound on what one stream holds).
 STREAM_READ_AHEAD = 16
+# A response message larger than this goes to Envoy in pieces of this size (see
+# _Response._chunked); smaller ones in one piece with their prefix.
+SEND_CHUNK = 1 << 20
+# The most of a refused (too large) message read and dropped before its status.
+DRAIN_LIMIT = 16 << 20
 
 
 class CallEnded(Exception):
@@ -139,7 +144,22 @@ class _Response:
             await self._send(
                 {"type": "http.response.start", "status": 200, "headers": _RESPONSE_HEADERS, "trailers": True}
             )
-        await self._send({"type": "http.response.body", "body": frame(data), "more_body": True})
+        if len(data) > SEND_CHUNK:
+            await self._chunked(data, more=True)
+        else:
+            await self._send({"type": "http.response.body", "body": frame(data), "more_body": True})
+
+    async def _chunked(self, data: bytes, more: bool) -> None:
+        """A large message in SEND_CHUNK pieces: each send waits while Envoy's buffer
+        for the client is full, so Envoy holds about one piece, not the whole message
+        (a 63 MB Range otherwise sat in Envoy's heap, which keeps what it once used)."""
+        send = self._send
+        await send({"type": "http.response.body", "body": b"\0" + len(data).to_bytes(4, "big"), "more_body": True})
+        view = memoryview(data)
+        last = len(data) - SEND_CHUNK
+        for i in range(0, len(data), SEND_CHUNK):
+            piece = bytes(view[i : i + SEND_CHUNK])
+            await send({"type": "http.response.body", "body": piece, "more_body": more or i < last})
 
     async def finish(self, code: grpc.StatusCode, message: str) -> None:
         if not self.started:
@@ -158,7 +178,10 @@ class _Response:
         self.started = True
         send = self._send
         await send({"type": "http.response.start", "status": 200, "headers": _RESPONSE_HEADERS, "trailers": True})
-        await send({"type": "http.response.body", "body": frame(data), "more_body": False})
+        if len(data) > SEND_CHUNK:
+            await self._chunked(data, more=False)
+        else:
+            await send({"type": "http.response.body", "body": frame(data), "more_body": False})
         await send({"type": "http.response.trailers", "headers": _OK_TRAILERS, "more_trailers": False})
 
 
@@ -171,6 +194,9 @@ class _Requests:
     __slots__ = ("_buffer", "_decompress", "_more", "_receive", "max_receive")
 
     def __init__(self, receive: Receive, max_receive: int, encoding: bytes) -> None:
+        # Each read is shielded: pyvoy's receive() is a future it completes from
+        # Envoy's thread, and completing one its caller cancelled (a deadline, a
+        # stopping server, a finished stream's reader) logs an asyncio error.
         self._receive = receive
         self._buffer = bytearray()
         self._more = True
@@ -182,7 +208,7 @@ class _Requests:
         while len(self._buffer) < n:
             if not self._more:
                 return False
-            message = await self._receive()
+            message = await asyncio.shield(self._receive())
             kind = message["type"]
             if kind == "http.disconnect":
                 raise CallEnded()
@@ -190,9 +216,29 @@ class _Requests:
             self._more = message.get("more_body", False)
         return True
 
+    async def _skip(self, n: int) -> None:
+        """Read and drop the rest of a refused message, up to DRAIN_LIMIT bytes, so
+        that its status reaches a client still sending it: a response that ends while
+        the request is unread makes Envoy reset the stream, and a gRPC client still
+        writing then sometimes reports the reset (INTERNAL) instead of the status."""
+        left = min(n, DRAIN_LIMIT)
+        while left > 0:
+            if len(self._buffer) >= left:
+                del self._buffer[:left]
+                return
+            left -= len(self._buffer)
+            self._buffer.clear()
+            if not self._more:
+                return
+            message = await asyncio.shield(self._receive())
+            if message["type"] == "http.disconnect":
+                raise CallEnded()
+            self._buffer += message.get("body", b"")
+            self._more = message.get("more_body", False)
+
     async def wait_disconnect(self) -> None:
         """After the body: wait for the client to go away (ASGI's http.disconnect)."""
-        while (await self._receive())["type"] != "http.disconnect":
+        while (await asyncio.shield(self._receive()))["type"] != "http.disconnect":
             pass
 
     async def next(self) -> bytes | None:
@@ -205,6 +251,7 @@ class _Requests:
         flag = self._buffer[0]
         length = int.from_bytes(self._buffer[1:5], "big")
         if length > self.max_receive:
+            await self._skip(5 + length)
             raise _Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"grpc: received message larger than max ({length} vs. {self.max_receive})",
@@ -373,16 +420,19 @@ class GrpcOverAsgi:
             if asyncio.iscoroutine(stream):  # a handler that writes (context.write)
                 await stream
             else:
-                async for message in stream:
-                    await response.message(message)
+                try:
+                    async for message in stream:
+                        await response.message(message)
+                finally:
+                    await stream.aclose()  # its cleanup (a watch detached) now, not at GC
             code = context.code()
             await response.finish(code or grpc.StatusCode.OK, context.details() if code else "")
         except grpc.aio.AbortError:
             await _quietly(response.finish(context.code() or grpc.StatusCode.UNKNOWN, context.details()))
         except _Refused as e:
             await _quietly(response.finish(e.code, e.message))
-        except CallEnded:
-            pass  # nobody to answer
+        except (CallEnded, OSError):
+            pass  # nobody to answer (pyvoy's ClientDisconnectedError is an OSError)
         except asyncio.CancelledError:
             if pump is None or pump.ended is None:
                 raise  # the deadline or the server stopping

@@ -180,9 +180,26 @@ def _connection_manager(config: Config) -> dict[str, Any]:
             "connection_keepalive": {"interval": "7200s", "timeout": "20s"},
             "initial_stream_window_size": 1 << 20,
             "initial_connection_window_size": 1 << 24,
+            # Envoy's flood limits count frames queued for a client; one connection
+            # carrying thousands of watch streams (kube-apiserver's, or 5,000 opened at
+            # once in tests/test_resource_bounds.py) queues more than its defaults
+            # (10,000 and 1,000) while the client is merely busy.
+            "max_outbound_frames": 1 << 20,
+            "max_outbound_control_frames": 1 << 16,
         },
         "server_header_transformation": "PASS_THROUGH",
+        # HTTP/1 endpoints answer with their headers as written (Content-Type), as etcd's.
+        "http_protocol_options": {"header_key_format": {"proper_case_words": {}}},
     }
+
+
+# Envoy runtime settings (see bootstrap): its HTTP/2 library oghttp2, as nghttp2 ends a
+# connection (GOAWAY INTERNAL_ERROR) after a burst of 1,000 client resets, and no
+# "premature reset" limit.
+RUNTIME = {
+    "overload.premature_reset_min_stream_lifetime_seconds": 0,
+    "envoy.reloadable_features.http2_use_oghttp2": True,
+}
 
 
 def bootstrap(config: Config) -> dict[str, Any]:
@@ -235,7 +252,19 @@ def bootstrap(config: Config) -> dict[str, Any]:
                 },
             }
         )
-    return {"static_resources": {"listeners": listeners, "clusters": clusters}}
+    return {
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        # Envoy closes a connection on which most streams are reset within a second of
+        # opening (its "rapid reset" defence); gRPC clients do exactly that to cancel a
+        # watch they no longer need, and kube-apiserver's reflectors churn watches on one
+        # connection. etcd and grpc.aio accept it; what one connection may hold at once
+        # is --max-concurrent-streams.
+        # Envoy's heap (tcmalloc, which serves the Python inside it too) keeps freed
+        # memory; return up to 256 MiB of it to the system every second, as glibc does
+        # for grpc.aio (server.return_large_allocations).
+        "memory_allocator_manager": {"bytes_to_release": 256 << 20, "memory_release_interval": "1s"},
+        "layered_runtime": {"layers": [{"name": "k8s-sql", "static_layer": RUNTIME}]},
+    }
 
 
 def check(config: Config) -> None:
