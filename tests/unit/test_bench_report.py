@@ -112,3 +112,36 @@ def test_generated_sections_replace_their_hand_kept_blocks(tmp_path: Path) -> No
     )
     row = next(line for line in text.splitlines() if line.startswith("| postgres | 16 |") and "in-process" not in line)
     assert row.split(" | ")[2:6] == ["400", "260", "130", "1,050"]  # server and database µs per txn
+
+
+def test_envoy_records_get_their_own_targets_against_the_same_kine_and_etcd(tmp_path: Path) -> None:
+    """k8s-sql measured again with --transport envoy (layout "envoy") is judged against
+    the first pass's kine and etcd, in targets of its own; the grpc.aio targets and
+    tables keep the grpc.aio records."""
+    import json
+
+    doc = _doc()
+    doc["results"] += _w1("k8s-sql", "sqlite-full", 16, 3100.0, 300.0, None, "envoy")
+    doc["results"] += _w1("k8s-sql", "postgres", 16, 2700.0, 270.0, 90.0, "envoy")
+    doc["cpu_budget_envoy"] = [
+        {"backend": "sqlite", "operation": "Put", "server_us": 230.0, "ops_per_s": 3900.0, "statements": 0.5,
+         "db_us": None, "requests_per_batch": 6.0, "statements_per_batch": 3.0, "layers": {"transport": 0.2}},
+    ]  # fmt: skip
+    res = Results(doc)
+    ts = {(t.name, t.where): t for t in targets(res)}
+    grpcio = ts[("W1 vs kine (both durable)", "sqlite-full, 16 clients")]
+    envoy = ts[("W1 vs kine (both durable), k8s-sql --transport envoy", "sqlite-full, 16 clients")]
+    assert round(grpcio.measured or 0, 3) == round(1600 / 1300, 3)
+    assert round(envoy.measured or 0, 3) == round(3100 / 1300, 3)
+    assert ts[("server CPU per W1 txn, k8s-sql --transport envoy", "sqlite-full, 16 clients")].measured == 300.0
+    etcd = ts[("W1 vs etcd, one pinned core, k8s-sql --transport envoy", "postgres, 16 clients")]
+    assert round(etcd.measured or 0, 3) == round(2700 / 6000, 3)
+    assert ("W1 vs kine (both durable), k8s-sql --transport envoy", "postgres, 1 client") in ts  # no data: n/a
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(doc))
+    out = tmp_path / "benchmarks.md"
+    render(results, out)
+    section = out.read_text().split("## W1 with `--transport envoy`")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| sqlite-full | 16 |"))
+    assert row.split(" | ")[2:6] == ["1,600", "3,100", "1,300", "6,000"]
+    assert "| sqlite | Put | 230 | 3,900 |" in section
