@@ -29,7 +29,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ -z "$editable" ] || ! grep 
   # setuptools first, pinned, so that k8s-sql builds with it (--no-build-isolation)
   # rather than with whatever setuptools an isolated build would fetch.
   "$venv/bin/python" -m pip install "${pip_quiet[@]}" -c constraints.txt setuptools
-  "$venv/bin/python" -m pip install "${pip_quiet[@]}" --no-build-isolation -c constraints.txt -e '.[test]'
+  "$venv/bin/python" -m pip install "${pip_quiet[@]}" --no-build-isolation -c constraints.txt -e '.[test,envoy]'
   echo "$want" >"$stamp"
 fi
 

