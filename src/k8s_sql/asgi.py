@@ -133,7 +133,17 @@ class _Response:
     __slots__ = ("_send", "_serialize", "started")
 
     def __init__(self, send: Send, serialize: Callable[[Any], bytes] | None) -> None:
-        self._send = send
+        # Shielded like the reads (_Requests): pyvoy fails a send's future when the
+        # client has gone, and failing one whose caller was cancelled meanwhile (the
+        # stream's reader saw the disconnect first) logs an asyncio error. Only a
+        # future is shielded: a send Envoy took at once returns an awaitable that is
+        # already done, and shielding that would wrap it in a Task (measured: W1 at
+        # 128 clients 15% slower).
+        def shielded(message: Message) -> Awaitable[None]:
+            sent = send(message)
+            return asyncio.shield(sent) if isinstance(sent, asyncio.Future) else sent
+
+        self._send = shielded
         self._serialize = serialize
         self.started = False
 
