@@ -49,6 +49,7 @@ log = logging.getLogger("k8s_sql")
 # --endpoint (or --endpoint-file) is not in /proc/PID/environ for the process's life.
 CONFIG_VARIABLE = "K8S_SQL_ENVOY_CONFIG_FD"
 MAX_H2_STREAMS = 2**31 - 1  # Envoy's largest SETTINGS_MAX_CONCURRENT_STREAMS
+BUFFER_LIMIT = 256 << 10
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 STARTUP_FAILED = 1  # the exit status after a one-line start-up error, as the command's
 
@@ -242,6 +243,9 @@ def bootstrap(config: Config) -> dict[str, Any]:
                 "name": f"client-{i}",
                 "address": {"socket_address": {"address": u.hostname or "0.0.0.0", "port_value": u.port}},
                 "enable_reuse_port": True,
+                # What Envoy buffers per connection before it stops reading from it or
+                # makes the application's send wait (its default is 1 MiB).
+                "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
                 "filter_chains": [chain],
             }
         )
