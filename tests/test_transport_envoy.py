@@ -9,7 +9,7 @@ module within a few minutes: the transport is the same whatever the backend, and
 
 Chosen for what a transport can get wrong: real clients (etcdctl, aetcd), the
 differential run against etcd, every error code and malformed message, clients that
-vanish mid-stream, watchers that never read, TLS and client certificates, keepalive pings, metrics and health
+vanish mid-stream, TLS and client certificates, keepalive pings, metrics and health
 on the client port, --workers on one port, kill -9 with writes in flight, and 5,000
 watch streams churned on one connection.
 """
@@ -52,7 +52,6 @@ from test_observability import (  # noqa: F401
     test_workers_are_gathered_into_one_scrape,
 )
 from test_python_client import _need_aetcd, test_aetcd_on_k8s_sql  # noqa: F401
-from test_resource_bounds import test_watchers_that_do_not_read  # noqa: F401
 from test_restart import test_kill9_during_writes_keeps_every_acknowledged_write  # noqa: F401
 from test_smoke import test_put_get_with_etcdctl, test_watch_outlives_the_closed_request_side  # noqa: F401
 from test_tls import (  # noqa: F401

@@ -56,6 +56,9 @@ class App:
                         sys.stderr.write(f"Error: {e}\n")
                         sys.stderr.flush()
                         os._exit(STARTUP_FAILED)
+                    except asyncio.CancelledError:  # SIGTERM while still waiting for the database
+                        log.info("stopped before the database could be opened")
+                        raise
                     except BaseException:
                         log.exception("the frontend could not start")
                         os._exit(STARTUP_FAILED)
@@ -64,10 +67,11 @@ class App:
                 self._starting = asyncio.ensure_future(starting(config))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                log.info("shutting down")
                 if self._starting is not None and not self._starting.done():
-                    self._starting.cancel()
+                    self._starting.cancel()  # start() closes what it opened
+                    await asyncio.gather(self._starting, return_exceptions=True)
                 elif self.server is not None:
+                    log.info("shutting down")
                     await self.server.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
