@@ -311,6 +311,7 @@ class GrpcOverAsgi:
     def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor], max_receive: int) -> None:
         self._handlers: list[grpc.GenericRpcHandler] = []
         self.interceptors = list(interceptors)
+        self._chain: tuple[list[Any], Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]]] | None = None
         self.max_receive = max_receive
         self._calls: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -335,18 +336,24 @@ class GrpcOverAsgi:
         if calls:
             await asyncio.gather(*calls, return_exceptions=True)
 
-    async def _lookup(self, details: _Details) -> grpc.RpcMethodHandler | None:
-        async def find(d: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            for h in self._handlers:
-                found = h.service(d)
-                if found is not None:
-                    return found
-            return None
+    async def _find(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        for h in self._handlers:
+            found = h.service(details)
+            if found is not None:
+                return found
+        return None
 
-        continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]] = find
-        for interceptor in reversed(self.interceptors):
-            continuation = _chain(interceptor, continuation)
-        return await continuation(details)
+    async def _lookup(self, details: _Details) -> grpc.RpcMethodHandler | None:
+        """The call's handler through the interceptors; the chain of continuations is
+        built once per interceptor list (set by the frontend before it serves), not per
+        call."""
+        built = self._chain
+        if built is None or built[0] is not self.interceptors:
+            continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]] = self._find
+            for interceptor in reversed(self.interceptors):
+                continuation = _chain(interceptor, continuation)
+            built = self._chain = (self.interceptors, continuation)
+        return await built[1](details)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
