@@ -223,10 +223,14 @@ class KeyValueLog(Protocol):
         longest a watcher on one frontend waits for a change written through another,
         unless the database announces commits (follow_commits)."""
 
-    def write(self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()) -> AbstractAsyncContextManager[WriteTx]:
+    def write(
+        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False
+    ) -> AbstractAsyncContextManager[WriteTx]:
         """A write transaction; it commits durably on a clean exit and rolls back otherwise.
         ``keys`` and ``lease_ids`` are read as it begins (the batch's requests name them):
-        single-key reads of them cost nothing more.
+        single-key reads of them cost nothing more. ``alone``: no other write waits for
+        this one, so nothing gains from the event loop staying free while it begins and
+        commits (SQLite then skips its thread hops where they cannot block: see there).
 
         The revision stored in ``meta`` is set to ``tx.revision`` at commit.
         """

@@ -77,7 +77,7 @@ class SQLBackend(abc.ABC):
 
     @abc.abstractmethod
     def write(
-        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()
+        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False
     ) -> AbstractAsyncContextManager[WriteTx]: ...
 
     @abc.abstractmethod

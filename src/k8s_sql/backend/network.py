@@ -84,7 +84,9 @@ class NetworkBackend(SQLBackend):
         return await self.retrying(attempt)
 
     @contextlib.asynccontextmanager
-    async def write(self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()) -> AsyncIterator[WriteTx]:
+    async def write(
+        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False
+    ) -> AsyncIterator[WriteTx]:
         async with self.transaction() as conn:
 
             def run(plan: Plan[T], slow: bool = False) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -27,6 +28,7 @@ from k8s_sql.backend.plans import Plan
 from k8s_sql.backend.writetx import SQLWriteTx
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -86,6 +88,41 @@ def _refusal(e: sqlite3.Error) -> Exception:
     return DatabaseFull(str(e)) if is_full(e) else e
 
 
+SQLITE_BUSY = 5
+# Inline commits (synchronous NORMAL or OFF) run without SQLite's autocheckpoint, which
+# would checkpoint (and fsync) on the event loop once the WAL holds 1,000 pages. A
+# checkpoint on the writer thread follows one that leaves the WAL at CHECKPOINT_BYTES
+# (about those 1,000 pages) or more; the writer connection truncates the WAL to
+# WAL_KEEP_BYTES whenever it starts it over, so its size tells what was written since.
+CHECKPOINT_BYTES = 4 * 2**20
+WAL_KEEP_BYTES = 2**20
+AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _begin_at_once(conn: sqlite3.Connection) -> bool:
+    """``BEGIN IMMEDIATE`` on the calling thread if the write lock is free now; False
+    (nothing begun) if another connection holds it. Taking a free lock is a few
+    microseconds; only waiting for a held one (another process on the same file:
+    ``--workers``) belongs on a thread, where the busy timeout may sleep."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as e:
+        if (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == SQLITE_BUSY:
+            return False
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
+def _log_checkpoint_failure(fut: asyncio.Task[None]) -> None:
+    e = None if fut.cancelled() else fut.exception()
+    if e is not None:
+        log.warning("WAL checkpoint failed: %s", errors.one_line(e))
+
+
 def _rollback(conn: sqlite3.Connection) -> Callable[[], None]:
     def run() -> None:
         # A failed COMMIT (a full disk) may have ended the transaction already.
@@ -112,6 +149,13 @@ class SQLiteBackend(SQLBackend):
         self._write_lock = asyncio.Lock()
         self._reader_conns: list[sqlite3.Connection] = []
         self._inline: sqlite3.Connection | None = None
+        # Without an fsync per commit (NORMAL, OFF), COMMIT is a few write() calls into
+        # the page cache and runs inline when the batch is alone; the checkpoint SQLite
+        # would otherwise run inside such a COMMIT (with its fsyncs) runs on the writer
+        # thread instead (see _checkpoint_soon). Other commits are as they were.
+        self._inline_commit = synchronous.upper() in ("OFF", "NORMAL")
+        self._checkpointing: asyncio.Task[None] | None = None
+        self._wal = f"{path}-wal"
 
     # -- connections --------------------------------------------------------
 
@@ -151,6 +195,32 @@ class SQLiteBackend(SQLBackend):
             return await asyncio.get_running_loop().run_in_executor(self._writer_thread, fn)
         except sqlite3.Error as e:
             raise _refusal(e) from e
+
+    def _checkpoint_soon(self) -> None:
+        """After an inline commit: a PASSIVE checkpoint on the writer thread if the WAL
+        holds CHECKPOINT_BYTES or more and none is queued. It takes the write lock, as
+        the autocheckpoint inside a COMMIT holds it: a checkpoint that writers append to
+        while it copies never finishes the WAL, which is then never started over and
+        only grows (measured: 4 MB per 100 lone 1 KiB Puts, checkpointed from another
+        connection meanwhile). The answers of the batch that triggered it do not wait."""
+        running = self._checkpointing
+        if running is not None and not running.done():
+            return
+        try:
+            if os.path.getsize(self._wal) < CHECKPOINT_BYTES:
+                return
+        except OSError:
+            return  # no WAL file (yet): nothing to copy
+        task = asyncio.get_running_loop().create_task(self._checkpoint())
+        task.add_done_callback(_log_checkpoint_failure)
+        self._checkpointing = task
+
+    async def _checkpoint(self) -> None:
+        conn = self._writer_conn
+        async with self._write_lock:
+            # fetched to the end: a statement left holding its row stays in progress,
+            # and the next COMMIT on the connection fails ("SQL statements in progress")
+            await self._on_writer(lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
 
     @property
     def _writer_conn(self) -> sqlite3.Connection:
@@ -199,7 +269,9 @@ class SQLiteBackend(SQLBackend):
             return await self._on_writer(run)
 
     @contextlib.asynccontextmanager
-    async def write(self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = ()) -> AsyncIterator[WriteTx]:
+    async def write(
+        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False
+    ) -> AsyncIterator[WriteTx]:
         conn = self._writer_conn
 
         async def run(plan: Plan[T], slow: bool = False) -> T:
@@ -215,11 +287,33 @@ class SQLiteBackend(SQLBackend):
             return plans.run_sync(conn, plans.begin_write(self.dialect, keys, lease_ids))
 
         async with self._write_lock:
-            tx = SQLWriteTx.started(self.dialect, run, await self._on_writer(begin), keys, lease_ids)
+            begun = False
+            if alone:  # nothing waits: begin here if the lock is free, without the hop
+                try:
+                    begun = _begin_at_once(conn)
+                    if begun:
+                        start = plans.run_sync(conn, plans.begin_write(self.dialect, keys, lease_ids))
+                except sqlite3.Error as e:
+                    _rollback(conn)()
+                    raise _refusal(e) from e
+            if not begun:
+                start = await self._on_writer(begin)
+            tx = SQLWriteTx.started(self.dialect, run, start, keys, lease_ids)
             try:
                 yield tx
                 await tx.finish()
-                await self._on_writer(lambda: conn.execute("COMMIT"))
+                if alone and self._inline_commit:
+                    try:
+                        conn.execute("PRAGMA wal_autocheckpoint = 0")
+                        try:
+                            conn.execute("COMMIT")
+                        finally:
+                            conn.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
+                    except sqlite3.Error as e:
+                        raise _refusal(e) from e
+                    self._checkpoint_soon()
+                else:
+                    await self._on_writer(lambda: conn.execute("COMMIT"))
             except BaseException:
                 await self._on_writer(_rollback(conn))
                 raise
@@ -254,6 +348,8 @@ class SQLiteBackend(SQLBackend):
                 conn.close()
                 raise
             conn.execute("COMMIT")
+            if self._inline_commit:
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")  # see CHECKPOINT_BYTES
             return conn
 
         self._writer = await self._on_writer(setup)
@@ -265,6 +361,9 @@ class SQLiteBackend(SQLBackend):
                     conn.close()
 
         await asyncio.get_running_loop().run_in_executor(self._reader_threads, close_all)
+        if self._checkpointing is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpointing
         if self._writer is not None:
             writer = self._writer
             await self._on_writer(writer.close)

@@ -287,7 +287,8 @@ class GroupCommit:
         live = [q for q in batch if not q.future.done()]
         keys = list(dict.fromkeys(k for q in live for k in q.keys))
         lease_ids = list(dict.fromkeys(i for q in live for i in q.leases))
-        async with self.backend.write(keys, lease_ids) as tx:  # with the revision lock, their rows
+        alone = len(live) == 1 and self._queue.empty()
+        async with self.backend.write(keys, lease_ids, alone) as tx:  # with the revision lock, their rows
             alarm = self.alarm
             if alarm is not None:
                 if tx.corrupt or alarm.raised:
