@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from k8s_sql.backend import open_backend
-from k8s_sql.backend.sqlite import SQLiteBackend
+from k8s_sql.backend.sqlite import SQLiteBackend, WalIndex
 from k8s_sql.pb import rpc_pb2 as pb
 from k8s_sql.store.store import Store
 
@@ -100,3 +100,28 @@ async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(tmp_path: 
         other.close()
         await store.stop()
         await backend.close()
+
+
+def test_the_wal_index_tells_the_frames_not_yet_copied(tmp_path: Path) -> None:
+    """WalIndex reads SQLite's own count: frames appear with commits, a checkpoint copies
+    them, and a database without a WAL-index has nothing to read."""
+    path = str(tmp_path / "wal.db")
+    assert WalIndex(path).pending() is None
+    db = sqlite3.connect(path, isolation_level=None)
+    index = WalIndex(path)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute("CREATE TABLE t (v BLOB)")
+        before = index.pending()
+        assert before is not None
+        for _ in range(20):
+            db.execute("INSERT INTO t VALUES (?)", (os.urandom(8192),))  # 3 pages each at least
+        written = index.pending()
+        assert written is not None and written >= before + 60, (before, written)
+        busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert (busy, frames - copied, index.pending()) == (0, 0, 0)
+        assert frames == written
+    finally:
+        index.close()
+        db.close()

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -90,12 +92,8 @@ def _refusal(e: sqlite3.Error) -> Exception:
 
 SQLITE_BUSY = 5
 # Inline commits (synchronous NORMAL or OFF) run without SQLite's autocheckpoint, which
-# would checkpoint (and fsync) on the event loop once the WAL holds 1,000 pages. A
-# checkpoint on the writer thread follows one that leaves the WAL at CHECKPOINT_BYTES
-# (about those 1,000 pages) or more; the writer connection truncates the WAL to
-# WAL_KEEP_BYTES whenever it starts it over, so its size tells what was written since.
-CHECKPOINT_BYTES = 4 * 2**20
-WAL_KEEP_BYTES = 2**20
+# would checkpoint (and fsync) on the event loop once the WAL holds this many pages; a
+# checkpoint on the writer thread follows one that leaves as many not yet copied.
 AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
 BUSY_TIMEOUT_MS = 30_000
 
@@ -115,6 +113,42 @@ def _begin_at_once(conn: sqlite3.Connection) -> bool:
         raise
     finally:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
+class WalIndex:
+    """How many WAL frames are not yet copied into the database file, read from the
+    WAL-index that every connection maps (the ``-shm`` file; sqlite.org/walformat.html:
+    the header's ``mxFrame`` at byte 16, ``nBackfill`` at byte 96, native byte order),
+    through a read-only mapping of our own: no system call and no statement per look.
+    The file's size cannot tell it (SQLite reuses the WAL from its start without
+    shrinking it), and truncating the WAL at each restart (``journal_size_limit``) so
+    that it could tell looked costly: W1 at 16 clients with Envoy, NORMAL, 321 -> 360 µs of
+    server CPU per txn, and in a second round 353 -> 372 against 350 without it."""
+
+    MX_FRAME = 16
+    N_BACKFILL = 96
+
+    def __init__(self, db_path: str) -> None:
+        self.path = f"{db_path}-shm"
+        self._map: mmap.mmap | None = None
+
+    def pending(self) -> int | None:
+        """Frames written and not checkpointed; None when there is no WAL-index to read."""
+        m = self._map
+        if m is None:
+            try:
+                with open(self.path, "rb") as f:
+                    m = self._map = mmap.mmap(f.fileno(), self.N_BACKFILL + 4, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                return None
+        (frames,) = struct.unpack_from("=I", m, self.MX_FRAME)
+        (copied,) = struct.unpack_from("=I", m, self.N_BACKFILL)
+        return frames - copied
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
 
 def _log_checkpoint_failure(fut: asyncio.Task[None]) -> None:
@@ -155,7 +189,7 @@ class SQLiteBackend(SQLBackend):
         # thread instead (see _checkpoint_soon). Other commits are as they were.
         self._inline_commit = synchronous.upper() in ("OFF", "NORMAL")
         self._checkpointing: asyncio.Task[None] | None = None
-        self._wal = f"{path}-wal"
+        self._wal_index = WalIndex(path)
 
     # -- connections --------------------------------------------------------
 
@@ -198,7 +232,7 @@ class SQLiteBackend(SQLBackend):
 
     def _checkpoint_soon(self) -> None:
         """After an inline commit: a PASSIVE checkpoint on the writer thread if the WAL
-        holds CHECKPOINT_BYTES or more and none is queued. It takes the write lock, as
+        holds AUTOCHECKPOINT_PAGES not yet copied and none is queued. It takes the write lock, as
         the autocheckpoint inside a COMMIT holds it: a checkpoint that writers append to
         while it copies never finishes the WAL, which is then never started over and
         only grows (measured: 4 MB per 100 lone 1 KiB Puts, checkpointed from another
@@ -206,11 +240,9 @@ class SQLiteBackend(SQLBackend):
         running = self._checkpointing
         if running is not None and not running.done():
             return
-        try:
-            if os.path.getsize(self._wal) < CHECKPOINT_BYTES:
-                return
-        except OSError:
-            return  # no WAL file (yet): nothing to copy
+        pending = self._wal_index.pending()
+        if pending is None or pending < AUTOCHECKPOINT_PAGES:
+            return
         task = asyncio.get_running_loop().create_task(self._checkpoint())
         task.add_done_callback(_log_checkpoint_failure)
         self._checkpointing = task
@@ -302,7 +334,7 @@ class SQLiteBackend(SQLBackend):
             try:
                 yield tx
                 await tx.finish()
-                if alone and self._inline_commit:
+                if alone and self._inline_commit and self._wal_index.pending() is not None:
                     try:
                         conn.execute("PRAGMA wal_autocheckpoint = 0")
                         try:
@@ -348,8 +380,6 @@ class SQLiteBackend(SQLBackend):
                 conn.close()
                 raise
             conn.execute("COMMIT")
-            if self._inline_commit:
-                conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")  # see CHECKPOINT_BYTES
             return conn
 
         self._writer = await self._on_writer(setup)
@@ -368,6 +398,7 @@ class SQLiteBackend(SQLBackend):
             writer = self._writer
             await self._on_writer(writer.close)
             self._writer = None
+        self._wal_index.close()
         self._reader_threads.shutdown(wait=True)
         self._writer_thread.shutdown(wait=True)
 
