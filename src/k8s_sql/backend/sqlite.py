@@ -198,8 +198,8 @@ class SQLiteBackend(SQLBackend):
         return {"open": len(self._reader_conns) + (self._writer is not None), "max": self.readers + 1}
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA busy_timeout = 30000")
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute("PRAGMA foreign_keys = OFF")
         return conn
@@ -314,21 +314,23 @@ class SQLiteBackend(SQLBackend):
             except sqlite3.Error as e:
                 raise _refusal(e) from e
 
-        def begin() -> plans.WriteStart:
-            conn.execute("BEGIN IMMEDIATE")
+        def started() -> plans.WriteStart:  # what the batch needs, read with the lock
             return plans.run_sync(conn, plans.begin_write(self.dialect, keys, lease_ids))
 
+        def begin() -> plans.WriteStart:
+            conn.execute("BEGIN IMMEDIATE")
+            return started()
+
         async with self._write_lock:
-            begun = False
+            start: plans.WriteStart | None = None
             if alone:  # nothing waits: begin here if the lock is free, without the hop
                 try:
-                    begun = _begin_at_once(conn)
-                    if begun:
-                        start = plans.run_sync(conn, plans.begin_write(self.dialect, keys, lease_ids))
+                    if _begin_at_once(conn):
+                        start = started()
                 except sqlite3.Error as e:
                     _rollback(conn)()
                     raise _refusal(e) from e
-            if not begun:
+            if start is None:
                 start = await self._on_writer(begin)
             tx = SQLWriteTx.started(self.dialect, run, start, keys, lease_ids)
             try:
