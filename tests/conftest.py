@@ -210,28 +210,21 @@ def etcd(etcd_factory: Callable[..., ServerProcess]) -> ServerProcess:
     return etcd_factory("--watch-progress-notify-interval", "1s")
 
 
-# The modules that take minutes, longest first. Collected first, so that pytest-xdist
-# (scripts/test) hands them out first and the short modules fill in around them,
-# instead of the longest one starting last and running alone.
-LONG_MODULES = (
-    "test_storage_conformance",
-    "test_kubernetes_e2e",
-    "test_differential",
-    "test_kubernetes_migrate",
-    "test_resource_bounds",
-    "test_linearizability",
-    "test_fuzz",
-    "test_bench_smoke",
-    "test_soak_smoke",
-)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help="write each test's seconds to tests/durations.json, which orders the work of "
+        "pytest-xdist's workers (tests/scheduling.py)",
+    )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
-        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Finer units, longest first (tests/scheduling.py), under ``--dist loadscope``."""
+    from scheduling import LongestFirst
 
-    items.sort(key=rank)  # stable: the order within each module is kept
+    return LongestFirst(config, log) if config.getvalue("dist") == "loadscope" else None
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -262,6 +255,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In strict mode a skipped test is a failure: CI must not pass by skipping."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if session.config.getoption("store_durations") and not hasattr(session.config, "workerinput"):
+        from scheduling import store_durations
+
+        reporter.write_line(f"durations of {store_durations(reporter)} tests written to tests/durations.json")
     skipped = reporter.stats.get("skipped", []) if reporter is not None else []
     if STRICT and skipped and exitstatus == 0:
         reporter.write_line(f"strict mode: {len(skipped)} test(s) skipped; failing the run", red=True)

@@ -103,15 +103,24 @@ def test_galera_is_detected_and_reads_wait(galera: GaleraCluster) -> None:
     asyncio.run(go())
 
 
+# grpc-core's words for a connection attempt that outlived its timeout on the client side
+CONNECT_TIMEOUT = "connection attempt timed out before receiving SETTINGS frame"
+
+
 def test_writers_on_every_node_without_faults(galera: GaleraCluster, k8s_sql_factory, tmp_path: Path) -> None:
     """Concurrent writers through all three nodes: no error at all, a linearizable history."""
     frontends = _frontends(galera, k8s_sql_factory, galera.new_database())
     history, _, line = _run(frontends, None, [], int(time.time()) % 100000, tmp_path, seconds=SECONDS * 2 / 3)
-    errors = summarize_errors(history)
     # No error answered by a server. A client's own deadline passing (DEADLINE_EXCEEDED)
     # is latency, not an answer: under CI's load a retried certification conflict
-    # occasionally outlasted one (1 op in about 3,800).
-    answered = {e: n for e, n in errors.items() if not e.islower() and e != "DEADLINE_EXCEEDED"}
+    # occasionally outlasted one (1 op in about 3,800). So is a connection the client
+    # gave up on before the server's first frame came: the harness's 100 ms reconnect
+    # backoff is also gRPC's connect timeout (CI, with both cores busy, saw it once).
+    late = [op for op in history.ops if op.status != "ok" and CONNECT_TIMEOUT in op.error]
+    errors = summarize_errors(history)
+    errors["UNAVAILABLE"] -= len(late)
+    errors["DEADLINE_EXCEEDED"] += len(late)
+    answered = {e: n for e, n in errors.items() if n and not e.islower() and e != "DEADLINE_EXCEEDED"}
     details = sorted({op.error[:300] for op in history.ops if op.status != "ok" and op.error.startswith("UNAVAILABLE")})
     logs = "\n".join(f.log()[-3000:] for f in frontends)
     assert not answered, f"errors without a fault: {line}\n{details}\nfrontend logs:\n{logs}"
