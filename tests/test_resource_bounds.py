@@ -34,6 +34,9 @@ from k8s_sql.pb import rpc_pb2 as pb, rpc_pb2_grpc
 SCALE = float(os.environ.get("K8S_SQL_RESOURCE_SCALE", "1"))
 MB = 1_000_000
 MiB = 1 << 20
+# Seconds for freed memory to reach the system. grpc.aio's glibc heap gives it back at
+# once; tcmalloc, the heap of --transport envoy, took about 26 s (see the huge Ranges).
+RETURN_WITHIN = 60
 
 
 def scaled(n: float) -> int:
@@ -326,7 +329,9 @@ async def test_concurrent_watch_streams_fail_none(
     before = rss(k8s_sql)
     async with RssPeak(k8s_sql) as peak:
         ok, errors = await churn_watch_streams(k8s_sql.endpoint, STREAMS, seconds)
-    after = rss(k8s_sql)
+    done = time.monotonic()  # freed memory may reach the system late (RETURN_WITHIN)
+    while (after := rss(k8s_sql)) - before >= 80 * MB and time.monotonic() - done < RETURN_WITHIN:
+        await asyncio.sleep(0.1)
     report(request, streams_ok=ok0 + ok, stream_errors=sum(errors0.values()) + sum(errors.values()))
     report(request, rss_before=before, rss_after=after, rss_peak=peak.peak)
     assert not errors0 and not errors, (errors0 + errors).most_common(5)
@@ -432,8 +437,12 @@ async def test_huge_ranges_give_memory_back(k8s_sql: ServerProcess, request: pyt
         # may come after the client holds the response: CI, with other servers busy on
         # both cores, twice measured 71 and 381 MB a moment after the last round. Wait
         # for the memory to come back (a leak never does), and report how long it took.
+        # On --transport envoy the heap is tcmalloc's, which keeps freed pages for as
+        # long as its recent peak says they may be needed again: measured 94-106 MB
+        # above idle 15 s after the rounds, back below idle by 26 s (its /memory admin
+        # page: the difference was all "pageheap_free", then "pageheap_unmapped").
         done = time.monotonic()
-        while (after := rss(k8s_sql)) - min(idle, before) >= 20 * MB and time.monotonic() - done < 15:
+        while (after := rss(k8s_sql)) - min(idle, before) >= 20 * MB and time.monotonic() - done < RETURN_WITHIN:
             await asyncio.sleep(0.1)
         returned_after = time.monotonic() - done
     finally:
@@ -442,8 +451,9 @@ async def test_huge_ranges_give_memory_back(k8s_sql: ServerProcess, request: pyt
     report(
         request, rss_idle=idle, rss_before=before, rss_after=after, rss_peak=peak.peak, seconds_to_return=returned_after
     )
-    assert after - before < 20 * MB, f"RSS {(after - before) / MB:.1f} MB above the first round's 15 s after the rounds"
-    assert after - idle < 40 * MB, f"RSS {(after - idle) / MB:.1f} MB above the idle server 15 s after the rounds"
+    late = f"{RETURN_WITHIN} s after the rounds"
+    assert after - before < 20 * MB, f"RSS {(after - before) / MB:.1f} MB above the first round's {late}"
+    assert after - idle < 40 * MB, f"RSS {(after - idle) / MB:.1f} MB above the idle server {late}"
     assert peak.peak - idle < 1200 * MB
 
 
