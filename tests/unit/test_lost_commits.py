@@ -91,3 +91,47 @@ def test_a_read_whose_snapshot_predates_a_commit_is_not_a_loss(tmp_path: Path) -
             await store.backend.close()
 
     asyncio.run(run())
+
+
+def test_a_frontend_that_learns_of_the_alarm_adds_the_revisions_it_served(tmp_path: Path) -> None:
+    """Two frontends; the one that served the newest revisions learns of the alarm from
+    the other (its rows, not a look of its own at the database): it records its newest
+    revision, so a disarm asked of either never hands that revision out again."""
+
+    async def run() -> None:
+        a = await _store(tmp_path)
+        b_backend = open_backend(f"sqlite://{tmp_path}/state.db")
+        await b_backend.open()
+        b = Store(b_backend)  # not started: it learns of the alarm only from the rows
+        try:
+            revs = [(await a.put(pb.PutRequest(key=b"k%d" % i, value=b"v"))).header.revision for i in range(5)]
+            served_by_b = revs[-1] + 3  # b served three more revisions that a never saw
+            b.revisions.observe(served_by_b)
+            _lose(tmp_path, revs[1])
+            a.corruption.confirm_seconds = 0
+            with pytest.raises(errors.Corrupt):
+                await a.put(pb.PutRequest(key=b"new", value=b"v"))
+
+            async def recorded(store: Store) -> None:
+                for _ in range(200):
+                    if not store.corruption._unwritten:
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError("the alarm's rows were not written")
+
+            await recorded(a)
+            assert (await a.backend.meta(["alarm_corrupt_revision"]))["alarm_corrupt_revision"] == revs[-1]
+            await b.corruption.refresh()
+            assert b.corruption.raised
+            await recorded(b)
+            assert (await a.backend.meta(["alarm_corrupt_revision"]))["alarm_corrupt_revision"] == served_by_b
+
+            assert await a.corruption.disarm(0)
+            after = (await a.put(pb.PutRequest(key=b"new", value=b"v"))).header.revision
+            assert after == served_by_b + 1
+        finally:
+            await a.stop()
+            await a.backend.close()
+            await b_backend.close()
+
+    asyncio.run(run())

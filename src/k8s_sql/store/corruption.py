@@ -19,9 +19,10 @@ lost commits, and then, as etcd does for a corrupt member, the frontend
   (DATA_LOSS), and the write batch rolls back instead of reusing a revision;
 - raises the CORRUPT alarm in the database (``meta`` rows ``alarm_corrupt``: the
   member that raised it; ``alarm_corrupt_revision``: the newest revision any
-  frontend had seen), so every frontend on the database refuses too, including one
-  restarted since (it forgot what it had seen) -- each re-reads the rows every second
-  and the write batch reads them under the revision lock;
+  frontend had seen -- one that learns of the alarm from the rows raises it to its
+  own newest if that is higher), so every frontend on the database refuses too,
+  including one restarted since (it forgot what it had seen) -- each re-reads the
+  rows every second and the write batch reads them under the revision lock;
 - cancels every watch (``cancel_reason``: corrupt cluster) and refuses new ones, so
   kube-apiservers stop trusting their caches and relist;
 - logs one error line and exports ``k8s_sql_alarm_active{alarm="CORRUPT"}``; readyz's
@@ -157,6 +158,9 @@ class CorruptAlarm(BackgroundLoop):
         self._unwritten = True
         if not was:
             self._changed(True)
+        self._record_soon()
+
+    def _record_soon(self) -> None:
         task = asyncio.get_running_loop().create_task(self._record())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -191,6 +195,14 @@ class CorruptAlarm(BackgroundLoop):
         raised_by, revision = held.get(ALARM_ROW, 0), held.get(REVISION_ROW, 0)
         was = self.raised
         self.raised_by, self.revision = raised_by, revision
+        if raised_by and self.revisions.current > revision:
+            # Raised by a frontend that saw less than this one served: add ours, or a
+            # disarm (wherever it is asked) would hand our newest revisions out again.
+            # CI met it: the frontend that served the last of 50 lost writes learned of
+            # the alarm from the other one, whose disarm then reused that revision.
+            self.revision = self.revisions.current
+            self._unwritten = True
+            self._record_soon()
         if raised_by and not was:
             log.error(
                 "the CORRUPT alarm is raised (member %x: the database lost revisions up to %d): every request "
