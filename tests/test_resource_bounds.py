@@ -53,6 +53,16 @@ def rss(server: ServerProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
+async def rss_below(server: ServerProcess, limit: float) -> tuple[int, float]:
+    """Wait up to RETURN_WITHIN seconds for the server's RSS to fall below ``limit``
+    (freed memory may reach the system late; a leak never does): the RSS it ended at,
+    and the seconds waited."""
+    start = time.monotonic()
+    while (now := rss(server)) >= limit and time.monotonic() - start < RETURN_WITHIN:
+        await asyncio.sleep(0.1)
+    return now, time.monotonic() - start
+
+
 class RssPeak:
     """Samples a server's RSS every 50 ms while a workload runs; ``peak`` is the highest."""
 
@@ -329,9 +339,7 @@ async def test_concurrent_watch_streams_fail_none(
     before = rss(k8s_sql)
     async with RssPeak(k8s_sql) as peak:
         ok, errors = await churn_watch_streams(k8s_sql.endpoint, STREAMS, seconds)
-    done = time.monotonic()  # freed memory may reach the system late (RETURN_WITHIN)
-    while (after := rss(k8s_sql)) - before >= 80 * MB and time.monotonic() - done < RETURN_WITHIN:
-        await asyncio.sleep(0.1)
+    after, _ = await rss_below(k8s_sql, before + 80 * MB)
     report(request, streams_ok=ok0 + ok, stream_errors=sum(errors0.values()) + sum(errors.values()))
     report(request, rss_before=before, rss_after=after, rss_peak=peak.peak)
     assert not errors0 and not errors, (errors0 + errors).most_common(5)
@@ -441,10 +449,7 @@ async def test_huge_ranges_give_memory_back(k8s_sql: ServerProcess, request: pyt
         # long as its recent peak says they may be needed again: measured 94-106 MB
         # above idle 15 s after the rounds, back below idle by 26 s (its /memory admin
         # page: the difference was all "pageheap_free", then "pageheap_unmapped").
-        done = time.monotonic()
-        while (after := rss(k8s_sql)) - min(idle, before) >= 20 * MB and time.monotonic() - done < RETURN_WITHIN:
-            await asyncio.sleep(0.1)
-        returned_after = time.monotonic() - done
+        after, returned_after = await rss_below(k8s_sql, min(idle, before) + 20 * MB)
     finally:
         for c in chans:
             await c.close()
