@@ -962,11 +962,12 @@ Requests and statements per write batch are from the frontend's
 operation makes no batches. Statements are counted as the plans issue them, a pipeline
 as one. On MySQL that is a round trip (the BEGIN goes with the first pipeline, the
 COMMIT with the last), so a W1 batch is 2 round trips: the revision lock with the
-keys, then the rows, the revision and COMMIT. On PostgreSQL a pipeline's statements go
-one at a time and BEGIN and COMMIT are round trips of their own, so the same batch is
-5: BEGIN, the lock, the keys, the rows and revision in one statement, COMMIT (fewer
-were measured slower: see What limits the missed targets). SQLite's are calls into the
-library in process."""
+keys, then the rows, the revision and COMMIT. On PostgreSQL a batch of single-key
+requests (every W1 batch) runs without a transaction around it and is 2 round trips:
+the keys read in one statement, then one call that takes the revision lock, checks the
+read still holds and writes the rows and the revision (docs/architecture.md); other
+batches hold the lock from the start and are 5: BEGIN, the lock, the keys, the rows
+and revision in one call, COMMIT. SQLite's are calls into the library in process."""
 
 
 def cpu_budget_section(rows: list[dict[str, Any]], source: str = "") -> list[str]:

@@ -177,7 +177,7 @@ def test_prometheus_sees_two_frontends(k8s_sql_factory, postgres_server, tmp_pat
         for expr in (
             'sum(etcd_disk_backend_commit_duration_seconds_count{job="k8s-sql"})',
             'sum(k8s_sql_write_batch_requests_sum{job="k8s-sql"})',
-            'sum(k8s_sql_sql_statement_duration_seconds_count{statement="begin_write",error=""})',
+            'sum(k8s_sql_sql_statement_duration_seconds_count{statement=~"begin_write|begin_unlocked",error=""})',
             'sum(grpc_server_handling_seconds_count{grpc_method="Put"})',
         ):
             assert prom.query(expr)[""] >= WRITES / 256, expr  # at least a batch's worth each

@@ -4,12 +4,14 @@ start, keeping its data; a database from a newer k8s-sql is refused."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from k8s_sql.backend import migrations, open_backend
+from k8s_sql.backend import migrations, open_backend, sql
 from k8s_sql.backend.base import KeyRange, LogRow, Row
+from k8s_sql.backend.postgres import PostgresBackend
 
 
 def _dsn(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -50,9 +52,11 @@ def test_old_database_is_migrated_forward(
 ) -> None:
     dsn = _dsn(kind, request, tmp_path)
 
-    # A k8s-sql that knew only the baseline layout created the database and wrote to it.
+    # A k8s-sql that knew only the baseline layout created the database and wrote to it
+    # (on PostgreSQL without the batch function of migration 5).
     with monkeypatch.context() as m:
         m.setattr(migrations, "MIGRATIONS", ())
+        m.setattr(PostgresBackend, "dialect", dataclasses.replace(sql.POSTGRES, finish_batch=None, read_for_write=None))
         rev = asyncio.run(_write_one(dsn, b"/registry/old"))
         version, _ = asyncio.run(_state(dsn))
         assert version == migrations.BASELINE_VERSION

@@ -199,6 +199,11 @@ BATCH_REQUESTS = Histogram(
     "Write requests committed together in one database transaction (group commit).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+UNLOCKED_BATCHES_RETRIED = Counter(
+    "k8s_sql_write_batch_relocked_total",
+    "Write batches read without the revision lock that ran again with it (PostgreSQL): another "
+    "frontend committed between the read and the write, or a request needed the lock after all.",
+)
 QUEUE_WAIT_SECONDS = Histogram(
     "k8s_sql_write_queue_wait_seconds",
     "Time a write request waited in the queue before its batch's transaction began.",

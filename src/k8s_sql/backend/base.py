@@ -125,6 +125,13 @@ class SnapshotLost(BackendUnavailable):
     takes the transaction again, and answers UNAVAILABLE if it keeps happening."""
 
 
+class NeedsLock(Exception):
+    """An unlocked write batch (``write(..., unlocked=True)``) cannot finish without the
+    revision lock: one of its requests needs a statement inside the transaction (a
+    range, a lease change, a savepoint), an alarm is raised, or another batch committed
+    since its read. It wrote nothing; the store runs the batch again, locked."""
+
+
 class DatabaseFull(Exception):
     """The database refused to store more: its disk or file is full (SQLite's
     SQLITE_FULL, PostgreSQL's disk_full 53100, InnoDB's "table is full" 1114 and
@@ -224,7 +231,7 @@ class KeyValueLog(Protocol):
         unless the database announces commits (follow_commits)."""
 
     def write(
-        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False
+        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False, unlocked: bool = False
     ) -> AbstractAsyncContextManager[WriteTx]:
         """A write transaction; it commits durably on a clean exit and rolls back otherwise.
         ``keys`` and ``lease_ids`` are read as it begins (the batch's requests name them):
@@ -233,7 +240,16 @@ class KeyValueLog(Protocol):
         commits (SQLite then skips its thread hops where they cannot block: see there).
 
         The revision stored in ``meta`` is set to ``tx.revision`` at commit.
+
+        ``unlocked``: where the backend can (:attr:`unlocked_writes`), read the state
+        without the revision lock and write it all at the end in one statement that
+        first takes the lock and checks that nothing the read saw has changed; the
+        batch may then raise :class:`NeedsLock` and must be run again without it.
         """
+
+    @property
+    def unlocked_writes(self) -> bool:
+        """Whether ``write(..., unlocked=True)`` does anything but the locked write."""
 
     async def current(self) -> tuple[int, int]:
         """``(revision, compact_revision)``."""

@@ -49,6 +49,10 @@ class SQLBackend(abc.ABC):
     conflict_retries = CONFLICT_RETRIES  # see retrying()
     follow_interval: float = 0.025
 
+    @property
+    def unlocked_writes(self) -> bool:
+        return False  # see KeyValueLog.write
+
     @functools.cached_property
     def _page_counts(self) -> OrderedDict[tuple[bytes, bytes | None, int], int]:
         """(next page's key, range end, revision) -> the count of keys from that key
@@ -77,7 +81,7 @@ class SQLBackend(abc.ABC):
 
     @abc.abstractmethod
     def write(
-        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False
+        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False, unlocked: bool = False
     ) -> AbstractAsyncContextManager[WriteTx]: ...
 
     @abc.abstractmethod

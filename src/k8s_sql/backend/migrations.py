@@ -71,6 +71,51 @@ MIGRATIONS: tuple[Migration, ...] = (
             ),
         },
     ),
+    Migration(
+        5,
+        # A write batch read its keys in one statement without a transaction and writes
+        # them here, in one more: two round trips where BEGIN, the revision lock, the
+        # read, the write and COMMIT took five (see network.py). The function takes the
+        # revision lock first; each statement after it sees every commit made before it
+        # got the lock, so what the batch read is checked against the newest state.
+        # ``expect`` NULL: the caller already holds the lock (the locked path). Fails
+        # with SQLSTATE K8S01 when the read is stale (base.NeedsLock).
+        "write a batch in one call, checked against what it read, on PostgreSQL",
+        {
+            "postgres": (
+                "CREATE OR REPLACE FUNCTION k8s_sql_finish_batch("
+                "expect BIGINT[], live_leases BIGINT[], gone BYTEA[], "
+                "k BYTEA[], k_create BIGINT[], k_mod BIGINT[], k_version BIGINT[], k_lease BIGINT[], k_value BYTEA[], "
+                "l_rev BIGINT[], l_sub INTEGER[], l_key BYTEA[], l_kind SMALLINT[], l_create BIGINT[], "
+                "l_version BIGINT[], l_lease BIGINT[], l_value BYTEA[], l_prev_create BIGINT[], l_prev_mod BIGINT[], "
+                "l_prev_version BIGINT[], l_prev_lease BIGINT[], l_prev_value BYTEA[], new_revision BIGINT"
+                ") RETURNS void LANGUAGE plpgsql AS $$\n"
+                "BEGIN\n"
+                "IF expect IS NOT NULL THEN\n"
+                "  PERFORM 1 FROM meta WHERE name IN "
+                "('revision', 'compact_revision', 'alarm_nospace', 'alarm_corrupt') FOR UPDATE;\n"
+                "  IF ARRAY(SELECT coalesce((SELECT value FROM meta WHERE name = n), 0) FROM unnest("
+                "ARRAY['revision', 'compact_revision', 'alarm_nospace', 'alarm_corrupt']) WITH ORDINALITY AS t(n, i) "
+                "ORDER BY i) IS DISTINCT FROM expect\n"
+                "     OR (SELECT count(*) FROM lease WHERE id = ANY(live_leases)) <> cardinality(live_leases) THEN\n"
+                "    RAISE EXCEPTION 'k8s-sql: another write committed after this batch read its keys' "
+                "USING ERRCODE = 'K8S01';\n"
+                "  END IF;\n"
+                "END IF;\n"
+                "DELETE FROM kv WHERE key = ANY(gone);\n"
+                "INSERT INTO kv (key, create_rev, mod_rev, version, lease, value) "
+                "SELECT * FROM unnest(k, k_create, k_mod, k_version, k_lease, k_value) "
+                "ON CONFLICT (key) DO UPDATE SET create_rev = excluded.create_rev, mod_rev = excluded.mod_rev, "
+                "version = excluded.version, lease = excluded.lease, value = excluded.value;\n"
+                "INSERT INTO log (rev, sub, key, kind, create_rev, version, lease, value, "
+                "prev_create_rev, prev_mod_rev, prev_version, prev_lease, prev_value) "
+                "SELECT * FROM unnest(l_rev, l_sub, l_key, l_kind, l_create, l_version, l_lease, l_value, "
+                "l_prev_create, l_prev_mod, l_prev_version, l_prev_lease, l_prev_value);\n"
+                "UPDATE meta SET value = new_revision WHERE name = 'revision';\n"
+                "END$$",
+            ),
+        },
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASELINE_VERSION

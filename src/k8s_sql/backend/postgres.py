@@ -18,7 +18,7 @@ import asyncpg
 
 from k8s_sql import errors
 from k8s_sql.backend import migrations, plans, sql, transient
-from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
+from k8s_sql.backend.base import BackendUnavailable, DatabaseFull, NeedsLock
 from k8s_sql.backend.network import NetworkBackend
 from k8s_sql.backend.plans import Conn, Record
 from k8s_sql.dsn import scrub, secrets
@@ -62,6 +62,7 @@ SCHEMA = [
 ]
 
 COMMIT_CHANNEL = "k8s_sql_commit"  # see migration 4
+STALE_READ = "K8S01"  # k8s_sql_finish_batch's: an unlocked batch's read is stale (migration 5)
 RELISTEN_SECONDS = 1.0
 PROBE = "probe"  # the payload of the announcement that checks announcements arrive
 PROBE_SECONDS = 2.0
@@ -147,6 +148,10 @@ class PgConn(Conn):
             status = await self.conn.execute(self._q(query), *params)
         except asyncpg.DiskFullError as e:
             raise DatabaseFull(str(e)) from e
+        except asyncpg.PostgresError as e:
+            if e.sqlstate == STALE_READ:
+                raise NeedsLock(str(e)) from e
+            raise
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0
 

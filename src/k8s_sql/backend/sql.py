@@ -59,6 +59,9 @@ class Dialect:
     # One statement writing a batch's buffered rows and its revision, where the
     # dialect has one (PostgreSQL); otherwise a statement each (plans.finish_batch).
     finish_batch: str | None = None
+    # One statement reading what a write batch starts from, without the revision lock,
+    # for a finish_batch that checks it (plans.begin_unlocked; PostgreSQL).
+    read_for_write: str | None = None
     # The driver sends a plans.Pipeline in one round trip (MySQL's multi-statements):
     # a write batch's COMMIT then goes with its last writes (plans.finish_batch).
     pipelines: bool = False
@@ -98,25 +101,34 @@ class Dialect:
         return f"INSERT INTO log ({self.log_columns}) VALUES ({marks(13)})"
 
 
-# PostgreSQL: a write batch's rows and its new revision in one statement (see
-# plans.finish_batch): the key deletes, the kv upserts and the log rows as arrays, one
-# parameter per column, in data-modifying CTEs, then the revision row. The keys deleted
+# PostgreSQL: a write batch's rows and its new revision in one call of the function
+# migration 5 creates (see plans.finish_batch): the meta values and live leases its read
+# saw (NULL when the batch holds the revision lock), the key deletes, the kv upserts and
+# the log rows as arrays, one parameter per column, then the revision. The keys deleted
 # and the keys put are disjoint (the batch keeps one final state per key), so no row is
-# touched twice by the one statement.
+# touched twice.
 _PG_FINISH_BATCH = (
-    "WITH removed AS (DELETE FROM kv WHERE key = ANY(?::bytea[])), "
-    "stored AS (INSERT INTO kv (" + KV_COLUMNS + ") "
-    "SELECT * FROM unnest(?::bytea[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[]) "
-    "ON CONFLICT (key) DO UPDATE SET create_rev = excluded.create_rev, mod_rev = excluded.mod_rev, "
-    "version = excluded.version, lease = excluded.lease, value = excluded.value), "
-    "logged AS (INSERT INTO log (" + LOG_COLUMNS + ") "
-    "SELECT * FROM unnest(?::bigint[], ?::integer[], ?::bytea[], ?::smallint[], ?::bigint[], ?::bigint[], "
-    "?::bigint[], ?::bytea[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[])) "
-    "UPDATE meta SET value = ? WHERE name = 'revision'"
+    "SELECT k8s_sql_finish_batch(?::bigint[], ?::bigint[], ?::bytea[], "
+    "?::bytea[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[], "
+    "?::bigint[], ?::integer[], ?::bytea[], ?::smallint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[], "
+    "?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[], ?::bigint)"
+)
+# What an unlocked PostgreSQL batch reads, in one statement and so one snapshot: the
+# meta rows begin_write locks (as arrays, in one row), the live leases named, and a row
+# per key found (none: the one row with NULL kv columns).
+META_LOCKED = ("revision", "compact_revision", "alarm_nospace", "alarm_corrupt")
+_PG_READ_FOR_WRITE = (
+    "SELECT m.names, m.vals, l.ids, l.ttls, l.expiries, k.key, k.create_rev, k.mod_rev, k.version, k.lease, k.value "
+    "FROM (SELECT array_agg(name) AS names, array_agg(value) AS vals FROM meta WHERE name IN ("
+    + ", ".join(f"'{n}'" for n in META_LOCKED)
+    + ")) m CROSS JOIN (SELECT array_agg(id) AS ids, array_agg(ttl) AS ttls, array_agg(expires_at) AS expiries "
+    "FROM lease WHERE id = ANY(?::bigint[])) l LEFT JOIN kv k ON k.key = ANY(?::bytea[])"
 )
 
 SQLITE = Dialect(name="sqlite", empty_blob="x''", for_update="")
-POSTGRES = Dialect(name="postgres", empty_blob="''::bytea", finish_batch=_PG_FINISH_BATCH)
+POSTGRES = Dialect(
+    name="postgres", empty_blob="''::bytea", finish_batch=_PG_FINISH_BATCH, read_for_write=_PG_READ_FOR_WRITE
+)
 # InnoDB would count through the clustered primary key, reading every value; the
 # keys-only index (schema version 3) is a twentieth of the size.
 MYSQL = Dialect(

@@ -17,6 +17,11 @@ class cuts that to a handful per *batch*:
   Requests fail before changing anything in every case etcd itself does not panic
   on, so the replay is a rare path.
 
+On PostgreSQL a batch of single-key requests runs unlocked (network.py's
+``_write_unlocked``): everything it may need is read up front, without the lock, any
+other statement raises NeedsLock, and :meth:`finish` hands the read's ``meta`` values
+and live leases to a ``finish_batch`` that checks them under the lock before writing.
+
 Statements are plans (plans.py) handed to the backend's :class:`Runner`, with a
 ``slow`` flag on those whose cost grows with the data (a range without a limit, a
 count, a historical read, a lease's keys): SQLite runs the others inline on the
@@ -47,15 +52,28 @@ class Runner(Protocol):
 class SQLWriteTx(WriteTx):
     @classmethod
     def started(
-        cls, d: Dialect, run: Runner, start: plans.WriteStart, keys: Iterable[bytes] = (), lease_ids: Iterable[int] = ()
+        cls,
+        d: Dialect,
+        run: Runner,
+        start: plans.WriteStart,
+        keys: Iterable[bytes] = (),
+        lease_ids: Iterable[int] = (),
+        unlocked: Runner | None = None,
     ) -> SQLWriteTx:
         """The transaction :func:`plans.begin_write` began, knowing the state of the
-        ``keys`` and ``lease_ids`` it read with the lock (what :meth:`prefetch` reads)."""
+        ``keys`` and ``lease_ids`` it read with the lock (what :meth:`prefetch` reads).
+
+        ``unlocked``: :func:`plans.begin_unlocked` read them, without the lock, and
+        ``run`` raises NeedsLock; the batch is written at the end by ``unlocked``, in
+        one statement that checks the read still holds."""
         tx = cls(d, run, start.revision, start.compact_revision, start.nospace, start.corrupt)
         for k in keys:
             tx._rows[k] = start.rows.get(k)
         for i in lease_ids:
             tx._leases[i] = start.leases.get(i)
+        if unlocked is not None:
+            tx._unlocked = unlocked
+            tx._read_meta = start.meta
         return tx
 
     def __init__(
@@ -74,6 +92,8 @@ class SQLWriteTx(WriteTx):
         self._leases: dict[int, LeaseRow | None] = {}
         self._pending_kv: dict[bytes, Row | None] = {}  # to write (None: delete)
         self._pending_log: list[tuple[Any, ...]] = []
+        self._unlocked: Runner | None = None  # see started()
+        self._read_meta: tuple[int, ...] = ()
 
     # -- batch and request boundaries ------------------------------------------------
 
@@ -131,7 +151,12 @@ class SQLWriteTx(WriteTx):
         deletes = [k for k, r in self._pending_kv.items() if r is None]
         rows, self._pending_log = self._pending_log, []
         self._pending_kv.clear()
-        await self._run(plans.finish_batch(self.d, puts, deletes, rows, self.revision, commit=self.d.pipelines))
+        if self._unlocked is None:
+            await self._run(plans.finish_batch(self.d, puts, deletes, rows, self.revision, commit=self.d.pipelines))
+            return
+        live = [i for i, lease in self._leases.items() if lease is not None]
+        plan = plans.finish_batch(self.d, puts, deletes, rows, self.revision, False, self._read_meta, live)
+        await self._unlocked(plan)
 
     # -- WriteTx -------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from time import perf_counter
 from typing import Any
 
 from k8s_sql import errors, metrics
-from k8s_sql.backend.base import BackendUnavailable, DatabaseFull, KeyValueLog, LogRow
+from k8s_sql.backend.base import BackendUnavailable, DatabaseFull, KeyValueLog, LogRow, NeedsLock
 from k8s_sql.store.corruption import CATCH_UP_DELAYS, CorruptAlarm, LostCommits
 from k8s_sql.store.revisions import Revisions
 from k8s_sql.store.txn import Request
@@ -48,6 +48,9 @@ class _Queued:
     keys: list[bytes]  # single keys the request will read: the batch reads them up front
     leases: list[int]
     adds_data: bool  # refused while the NOSPACE alarm is raised (etcd's applierV3Capped)
+    # Reads and writes only the single keys and leases named above, so it can run in an
+    # unlocked batch (KeyValueLog.write): puts, single-key deletes, txns of such.
+    single_keys: bool = False
     queued_at: float = field(default_factory=perf_counter)
 
 
@@ -134,12 +137,14 @@ class GroupCommit:
         keys: list[bytes] | None = None,
         leases: list[int] | None = None,
         adds_data: bool = False,
+        single_keys: bool = False,
     ) -> Any:
-        """Apply ``apply`` in a coming batch; its result once the batch committed."""
+        """Apply ``apply`` in a coming batch; its result once the batch committed.
+        ``single_keys``: it reads and writes nothing but ``keys`` and ``leases``."""
         if self.alarm is not None:
             self.alarm.check()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Queued(apply, fut, keys or [], leases or [], adds_data))
+        self._queue.put_nowait(_Queued(apply, fut, keys or [], leases or [], adds_data, single_keys=single_keys))
         if self._want and self._queue.qsize() >= self._want:
             self._enough.set()
         return await fut
@@ -221,6 +226,12 @@ class GroupCommit:
         async def attempt() -> tuple[int, int, list[LogRow], list[tuple[bool, Any]], Tally]:
             refused: dict[int, errors.EtcdError] = {}
             try:
+                if self.backend.unlocked_writes and all(q.single_keys for q in batch if not q.future.done()):
+                    try:
+                        return await self._run_batch(batch, False, refused, unlocked=True)
+                    except NeedsLock as e:
+                        metrics.UNLOCKED_BATCHES_RETRIED.inc()
+                        log.debug("unlocked write batch runs again, locked: %s", errors.one_line(e))
                 return await self._run_batch(batch, False, refused)
             except _Replay:
                 pass
@@ -273,14 +284,17 @@ class GroupCommit:
             self.on_database_full()
 
     async def _run_batch(
-        self, batch: list[_Queued], savepoints: bool, refused: dict[int, errors.EtcdError]
+        self, batch: list[_Queued], savepoints: bool, refused: dict[int, errors.EtcdError], unlocked: bool = False
     ) -> tuple[int, int, list[LogRow], list[tuple[bool, Any]], Tally]:
         """Apply the batch in one database transaction. Without savepoints, a request
         that fails after changing something raises :class:`_Replay` (the transaction
         is rolled back), and a statement the database refuses fails the transaction;
         with them, each request's statements run inside its own savepoint, so a failed
         request -- an etcd error or a database refusal -- is undone on its own and the
-        rest of the batch commits as if it had been sent alone."""
+        rest of the batch commits as if it had been sent alone.
+
+        ``unlocked``: read first and write at the end, checked (KeyValueLog.write); it
+        raises NeedsLock, having written nothing, when it cannot."""
         results: list[tuple[bool, Any]] = []
         committed: list[LogRow] = []
         tally = Tally()
@@ -288,62 +302,71 @@ class GroupCommit:
         keys = list(dict.fromkeys(k for q in live for k in q.keys))
         lease_ids = list(dict.fromkeys(i for q in live for i in q.leases))
         alone = len(live) == 1 and self._queue.empty()
-        async with self.backend.write(keys, lease_ids, alone) as tx:  # with the revision lock, their rows
-            alarm = self.alarm
-            if alarm is not None:
-                if tx.corrupt or alarm.raised:
-                    raise LostCommits(tx.revision, 0)
-                # Under the revision lock the row holds the newest commit: nothing seen
-                # before may be newer (the revision about to be handed out was never served).
-                alarm.verify(tx.revision, self.revisions.current)
-            tx.savepoints = savepoints
-            for index, q in enumerate(batch):
-                if q.future.done():  # the caller went away before we started
-                    results.append((False, None))
-                    continue
-                if index in refused:  # its failure ended an earlier attempt's transaction
-                    results.append((False, refused[index]))
-                    continue
-                req = Request(tx, tx.revision)
-                if savepoints:
-                    await tx.savepoint()
-                else:
-                    tx.begin_request()
-                try:
-                    if tx.nospace and q.adds_data:
-                        raise errors.NoSpace()  # etcd's applierV3Capped
-                    value = await q.apply(req)
+        seen = self.revisions.current  # all committed before an unlocked batch reads
+        before = self.revisions.committing
+        try:
+            async with self.backend.write(keys, lease_ids, alone, unlocked) as tx:  # with the revision lock, their rows
+                alarm = self.alarm
+                if alarm is not None:
+                    if tx.corrupt or alarm.raised:
+                        raise LostCommits(tx.revision, 0)
+                    # Under the revision lock the row holds the newest commit: nothing seen
+                    # before may be newer (the revision about to be handed out was never
+                    # served). An unlocked read holds every commit made before it began.
+                    alarm.verify(tx.revision, seen if unlocked else self.revisions.current)
+                tx.savepoints = savepoints
+                for index, q in enumerate(batch):
+                    if q.future.done():  # the caller went away before we started
+                        results.append((False, None))
+                        continue
+                    if index in refused:  # its failure ended an earlier attempt's transaction
+                        results.append((False, refused[index]))
+                        continue
+                    req = Request(tx, tx.revision)
                     if savepoints:
-                        await tx.flush()  # the request's statements, inside its savepoint
-                except errors.EtcdError as e:
-                    if savepoints:
-                        await tx.rollback_to_savepoint()
-                    elif tx.dirty:
-                        raise _Replay from e
-                    results.append((False, e))
-                    continue
-                except Exception as e:
-                    if not savepoints or not self._may_be_one_request(e):
-                        raise
-                    answer = self._refused(e)
+                        await tx.savepoint()
+                    else:
+                        tx.begin_request()
                     try:
-                        await tx.rollback_to_savepoint()
-                    except Exception:
-                        raise _Excluded(index, answer) from e
-                    results.append((False, answer))
-                    continue
-                if savepoints:
-                    await tx.release_savepoint()
-                if req.changes:
-                    tx.revision = req.new_rev
-                    committed.extend(req.changes)
-                results.append((True, value))
-                tally.add(req)
-            revision, compact = tx.revision, tx.compact_revision
-            if committed:
-                self.revisions.committing = revision
-            # etcd's backend commit: leaving the block writes what the transaction
-            # buffered (writetx.py) and commits.
-            committing = perf_counter()
-        metrics.COMMIT_SECONDS.observe(perf_counter() - committing)
+                        if tx.nospace and q.adds_data:
+                            raise errors.NoSpace()  # etcd's applierV3Capped
+                        value = await q.apply(req)
+                        if savepoints:
+                            await tx.flush()  # the request's statements, inside its savepoint
+                    except errors.EtcdError as e:
+                        if savepoints:
+                            await tx.rollback_to_savepoint()
+                        elif tx.dirty:
+                            raise _Replay from e
+                        results.append((False, e))
+                        continue
+                    except Exception as e:
+                        if not savepoints or not self._may_be_one_request(e):
+                            raise
+                        answer = self._refused(e)
+                        try:
+                            await tx.rollback_to_savepoint()
+                        except Exception:
+                            raise _Excluded(index, answer) from e
+                        results.append((False, answer))
+                        continue
+                    if savepoints:
+                        await tx.release_savepoint()
+                    if req.changes:
+                        tx.revision = req.new_rev
+                        committed.extend(req.changes)
+                    results.append((True, value))
+                    tally.add(req)
+                revision, compact = tx.revision, tx.compact_revision
+                if committed:
+                    self.revisions.committing = revision
+                # etcd's backend commit: leaving the block writes what the transaction
+                # buffered (writetx.py) and commits.
+                began = perf_counter()
+        except NeedsLock:
+            # Not committed, and the revision it meant to use may be another frontend's:
+            # the follower must not take that one for this frontend's own.
+            self.revisions.committing = before
+            raise
+        metrics.COMMIT_SECONDS.observe(perf_counter() - began)
         return revision, compact, committed, results, tally

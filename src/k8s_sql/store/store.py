@@ -184,17 +184,27 @@ class Store:
 
     async def put(self, r: pb.PutRequest) -> pb.PutResponse:
         return await self.commits.submit(
-            functools.partial(txn.put_request, r=r), [r.key], [r.lease] if r.lease else None, adds_data=True
+            functools.partial(txn.put_request, r=r),
+            [r.key],
+            [r.lease] if r.lease else None,
+            adds_data=True,
+            single_keys=True,
         )
 
     async def delete_range(self, r: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        return await self.commits.submit(functools.partial(txn.delete_range, r=r), None if r.range_end else [r.key])
+        return await self.commits.submit(
+            functools.partial(txn.delete_range, r=r),
+            None if r.range_end else [r.key],
+            single_keys=not r.range_end,
+        )
 
     async def txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
         keys: list[bytes] = []
         leases: list[int] = []
-        txn_hints(r, keys, leases)
-        return await self.commits.submit(functools.partial(txn.txn, r=r), keys, leases, adds_data=txn_cost(r) > 0)
+        single = txn_hints(r, keys, leases)
+        return await self.commits.submit(
+            functools.partial(txn.txn, r=r), keys, leases, adds_data=txn_cost(r) > 0, single_keys=single
+        )
 
     async def compact(self, r: pb.CompactionRequest) -> pb.CompactionResponse:
         resp = await self.commits.submit(functools.partial(txn.compact, revision=r.revision))

@@ -62,9 +62,14 @@ class Request:
         self.tx.log(change)
 
 
-def txn_hints(r: pb.TxnRequest, keys: list[bytes], leases: list[int]) -> None:
+def txn_hints(r: pb.TxnRequest, keys: list[bytes], leases: list[int]) -> bool:
+    """Add the single keys and the leases the txn names to ``keys`` and ``leases``;
+    whether they are all it reads and writes (no compare or operation on a range)."""
+    single = True
     for c in r.compare:
-        if not c.range_end:
+        if c.range_end:
+            single = False
+        else:
             keys.append(c.key)
     for op in (*r.success, *r.failure):
         kind = op.WhichOneof("request")
@@ -73,13 +78,18 @@ def txn_hints(r: pb.TxnRequest, keys: list[bytes], leases: list[int]) -> None:
             if op.request_put.lease:
                 leases.append(op.request_put.lease)
         elif kind == "request_range":
-            if not op.request_range.range_end:
+            if op.request_range.range_end:
+                single = False
+            else:
                 keys.append(op.request_range.key)
         elif kind == "request_delete_range":
-            if not op.request_delete_range.range_end:
+            if op.request_delete_range.range_end:
+                single = False
+            else:
                 keys.append(op.request_delete_range.key)
         elif kind == "request_txn":
-            txn_hints(op.request_txn, keys, leases)
+            single = txn_hints(op.request_txn, keys, leases) and single
+    return single
 
 
 # -- request semantics (etcd's applierV3) -----------------------------------------------
