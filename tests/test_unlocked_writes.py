@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from k8s_sql import metrics
-from k8s_sql.backend import open_backend
+from k8s_sql.backend import open_backend, plans
 from k8s_sql.backend.base import KeyRange, LeaseRow, LogRow, NeedsLock, Row
 from k8s_sql.backend.network import NetworkBackend
 from k8s_sql.pb import rpc_pb2 as pb
@@ -151,7 +151,7 @@ async def test_two_frontends_compare_and_swap_one_counter(postgres_server) -> No
     for s in stores:
         await s.backend.open()  # type: ignore[attr-defined]
         await s.start()
-    relocked = metrics.UNLOCKED_BATCHES_RETRIED._only.value
+    reruns = {started: metrics.UNLOCKED_BATCHES_RETRIED.labels(started).value for started in ("known", "read")}
     key = b"/registry/counter"
     try:
         await stores[0].put(pb.PutRequest(key=key, value=b"0"))
@@ -175,8 +175,68 @@ async def test_two_frontends_compare_and_swap_one_counter(postgres_server) -> No
         assert sorted(successes) == list(range(successes and min(successes), max(successes) + 1))
         changes, _ = await stores[0].backend.changes(1, final.mod_revision, None, 1000)
         assert [int(c.row.value) for c in changes] == list(range(len(changes)))  # one put per revision, in order
-        assert metrics.UNLOCKED_BATCHES_RETRIED._only.value > relocked
+        after = {started: metrics.UNLOCKED_BATCHES_RETRIED.labels(started).value for started in ("known", "read")}
+        assert after["known"] > reruns["known"] and after["read"] > reruns["read"], (reruns, after)
     finally:
         for s in stores:
             await s.stop()
             await s.backend.close()  # type: ignore[attr-defined]
+
+
+async def test_a_batch_after_this_frontends_own_commit_does_not_read(frontends, monkeypatch) -> None:
+    a, b = frontends
+    first = await _put(a, b"k", b"v1")
+    assert a.known.revision == first  # what the commit left
+
+    def no_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("read the keys")
+
+    monkeypatch.setattr(plans, "begin_unlocked", no_read)
+    async with a.write([b"k", b"new"], unlocked=True, newest=first) as tx:
+        prev = await tx.get(b"k")
+        assert prev is not None and prev.value == b"v1"
+        assert await tx.get(b"new") is None  # never seen: assumed absent
+        tx.revision += 1
+        for key, before in ((b"k", prev), (b"new", None)):
+            row = Row(key, before.create_rev if before else tx.revision, tx.revision, 2 if before else 1, 0, b"v2")
+            await tx.put(row)
+            tx.log(LogRow(tx.revision, key == b"new", 0, row, before))
+    revision, row = await _state(b, b"k")
+    assert revision == first + 1 and row is not None and (row.value, row.version) == (b"v2", 2)
+    assert (await _state(b, b"new"))[1] is not None
+
+    # Another frontend writes: the known rows are stale, and the check says so.
+    await _put(b, b"k", b"theirs")
+    with pytest.raises(NeedsLock) as e:
+        async with a.write([b"k"], unlocked=True, newest=first + 1) as tx:
+            prev = await tx.get(b"k")
+            tx.revision += 1
+            row = Row(b"k", prev.create_rev, tx.revision, prev.version + 1, 0, b"stale")  # type: ignore[union-attr]
+            await tx.put(row)
+            tx.log(LogRow(tx.revision, 0, 0, row, prev))
+    assert e.value.started_known
+    assert (await _state(a, b"k"))[1].value == b"theirs"  # type: ignore[union-attr]
+    assert a.known.revision == -1  # forgotten
+
+
+async def test_a_key_assumed_absent_that_exists_is_caught(frontends) -> None:
+    a, _ = frontends
+    first = await _put(a, b"k", b"v1")
+    a.known.forget()  # as if evicted: k is assumed absent
+    a.known.committed(-1, (first, 0, 0, 0), {})
+    with pytest.raises(NeedsLock) as e:
+        async with a.write([b"k"], unlocked=True, newest=first) as tx:
+            assert await tx.get(b"k") is None
+            tx.revision += 1
+            row = Row(b"k", tx.revision, tx.revision, 1, 0, b"recreated")
+            await tx.put(row)
+            tx.log(LogRow(tx.revision, 0, 0, row, None))
+    assert e.value.started_known
+    revision, row = await _state(a, b"k")
+    assert revision == first and row is not None and (row.value, row.version) == (b"v1", 1)
+
+    # A batch that would write nothing has nothing to check its answers with: it reads.
+    a.known.committed(-1, (first, 0, 0, 0), {})
+    with pytest.raises(NeedsLock, match="writes nothing"):
+        async with a.write([b"k"], unlocked=True, newest=first) as tx:
+            assert await tx.get(b"k") is None  # a failed compare would answer from this

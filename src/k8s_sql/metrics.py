@@ -200,10 +200,15 @@ BATCH_REQUESTS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 UNLOCKED_BATCHES_RETRIED = Counter(
-    "k8s_sql_write_batch_relocked_total",
-    "Write batches read without the revision lock that ran again with it (PostgreSQL): another "
-    "frontend committed between the read and the write, or a request needed the lock after all.",
+    "k8s_sql_write_batch_rerun_total",
+    "Write batches begun without the revision lock (PostgreSQL) that ran again, by how they had begun: "
+    "known (from this frontend's last commit, without reading; run again with a read) or read (run again "
+    "with the lock). Another frontend wrote in between, a key assumed absent existed, or a request "
+    "needed the lock after all.",
+    ["started"],
 )
+for _started in ("known", "read"):
+    UNLOCKED_BATCHES_RETRIED.labels(_started)
 QUEUE_WAIT_SECONDS = Histogram(
     "k8s_sql_write_queue_wait_seconds",
     "Time a write request waited in the queue before its batch's transaction began.",

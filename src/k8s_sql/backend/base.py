@@ -131,6 +131,8 @@ class NeedsLock(Exception):
     range, a lease change, a savepoint), an alarm is raised, or another batch committed
     since its read. It wrote nothing; the store runs the batch again, locked."""
 
+    started_known = False  # the batch started from known rows without reading (backend/known.py)
+
 
 class DatabaseFull(Exception):
     """The database refused to store more: its disk or file is full (SQLite's
@@ -231,7 +233,12 @@ class KeyValueLog(Protocol):
         unless the database announces commits (follow_commits)."""
 
     def write(
-        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False, unlocked: bool = False
+        self,
+        keys: Sequence[bytes] = (),
+        lease_ids: Sequence[int] = (),
+        alone: bool = False,
+        unlocked: bool = False,
+        newest: int | None = None,
     ) -> AbstractAsyncContextManager[WriteTx]:
         """A write transaction; it commits durably on a clean exit and rolls back otherwise.
         ``keys`` and ``lease_ids`` are read as it begins (the batch's requests name them):
@@ -245,6 +252,9 @@ class KeyValueLog(Protocol):
         without the revision lock and write it all at the end in one statement that
         first takes the lock and checks that nothing the read saw has changed; the
         batch may then raise :class:`NeedsLock` and must be run again without it.
+        ``newest``: the newest revision the store has seen; a backend that knows the
+        state of ``keys`` as of that revision may start from it without reading, one
+        round trip fewer (a NeedsLock then says ``started_known``).
         """
 
     @property

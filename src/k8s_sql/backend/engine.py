@@ -81,7 +81,12 @@ class SQLBackend(abc.ABC):
 
     @abc.abstractmethod
     def write(
-        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False, unlocked: bool = False
+        self,
+        keys: Sequence[bytes] = (),
+        lease_ids: Sequence[int] = (),
+        alone: bool = False,
+        unlocked: bool = False,
+        newest: int | None = None,
     ) -> AbstractAsyncContextManager[WriteTx]: ...
 
     @abc.abstractmethod

@@ -78,13 +78,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         # read, the write and COMMIT took five (see network.py). The function takes the
         # revision lock first; each statement after it sees every commit made before it
         # got the lock, so what the batch read is checked against the newest state.
-        # ``expect`` NULL: the caller already holds the lock (the locked path). Fails
+        # ``expect`` NULL: the caller already holds the lock (the locked path). A batch
+        # that did not read (backend/known.py) names the keys it assumed absent. Fails
         # with SQLSTATE K8S01 when the read is stale (base.NeedsLock).
         "write a batch in one call, checked against what it read, on PostgreSQL",
         {
             "postgres": (
                 "CREATE OR REPLACE FUNCTION k8s_sql_finish_batch("
-                "expect BIGINT[], live_leases BIGINT[], gone BYTEA[], "
+                "expect BIGINT[], live_leases BIGINT[], absent BYTEA[], gone BYTEA[], "
                 "k BYTEA[], k_create BIGINT[], k_mod BIGINT[], k_version BIGINT[], k_lease BIGINT[], k_value BYTEA[], "
                 "l_rev BIGINT[], l_sub INTEGER[], l_key BYTEA[], l_kind SMALLINT[], l_create BIGINT[], "
                 "l_version BIGINT[], l_lease BIGINT[], l_value BYTEA[], l_prev_create BIGINT[], l_prev_mod BIGINT[], "
@@ -97,7 +98,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 "  IF ARRAY(SELECT coalesce((SELECT value FROM meta WHERE name = n), 0) FROM unnest("
                 "ARRAY['revision', 'compact_revision', 'alarm_nospace', 'alarm_corrupt']) WITH ORDINALITY AS t(n, i) "
                 "ORDER BY i) IS DISTINCT FROM expect\n"
-                "     OR (SELECT count(*) FROM lease WHERE id = ANY(live_leases)) <> cardinality(live_leases) THEN\n"
+                "     OR (SELECT count(*) FROM lease WHERE id = ANY(live_leases)) <> cardinality(live_leases)\n"
+                "     OR EXISTS (SELECT 1 FROM kv WHERE key = ANY(absent)) THEN\n"
                 "    RAISE EXCEPTION 'k8s-sql: another write committed after this batch read its keys' "
                 "USING ERRCODE = 'K8S01';\n"
                 "  END IF;\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from k8s_sql import errors
 from k8s_sql.backend import plans, snapshot
 from k8s_sql.backend.base import BackendUnavailable, NeedsLock, WriteTx
 from k8s_sql.backend.engine import PlanFactory, SQLBackend
+from k8s_sql.backend.known import KnownRows
 from k8s_sql.backend.plans import Conn, Plan
 from k8s_sql.backend.writetx import SQLWriteTx
 
@@ -87,14 +89,39 @@ class NetworkBackend(SQLBackend):
     def unlocked_writes(self) -> bool:
         return self.dialect.read_for_write is not None
 
+    @functools.cached_property
+    def known(self) -> KnownRows:
+        """What this frontend's commits left (known.py), for unlocked batches to start from."""
+        return KnownRows()
+
     @contextlib.asynccontextmanager
     async def write(
-        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False, unlocked: bool = False
+        self,
+        keys: Sequence[bytes] = (),
+        lease_ids: Sequence[int] = (),
+        alone: bool = False,
+        unlocked: bool = False,
+        newest: int | None = None,
     ) -> AsyncIterator[WriteTx]:
-        if unlocked and self.unlocked_writes:
-            async with self._write_unlocked(keys, lease_ids) as tx:
+        if not self.unlocked_writes:
+            async with self._write_locked(keys, lease_ids) as tx:
                 yield tx
             return
+        try:
+            if unlocked:
+                cached = None if newest is None or lease_ids else self.known.start(keys, newest)
+                async with self._write_unlocked(keys, lease_ids, cached) as tx:
+                    yield tx
+            else:
+                async with self._write_locked(keys, lease_ids) as tx:
+                    yield tx
+        except BaseException:
+            self.known.forget()
+            raise
+        self.known.committed(tx.began_at(), tx.meta_after(), tx.rows_known())
+
+    @contextlib.asynccontextmanager
+    async def _write_locked(self, keys: Sequence[bytes], lease_ids: Sequence[int]) -> AsyncIterator[SQLWriteTx]:
         async with self.transaction() as conn:
 
             def run(plan: Plan[T], slow: bool = False) -> Any:
@@ -106,7 +133,9 @@ class NetworkBackend(SQLBackend):
             await tx.finish()
 
     @contextlib.asynccontextmanager
-    async def _write_unlocked(self, keys: Sequence[bytes], lease_ids: Sequence[int]) -> AsyncIterator[WriteTx]:
+    async def _write_unlocked(
+        self, keys: Sequence[bytes], lease_ids: Sequence[int], known: tuple[plans.WriteStart, list[bytes]] | None
+    ) -> AsyncIterator[SQLWriteTx]:
         """A write batch in two statements and no transaction around them: the read
         (:func:`plans.begin_unlocked`, one snapshot) and the write, which takes the
         revision lock, checks that the ``meta`` rows the read saw are unchanged and its
@@ -118,12 +147,32 @@ class NetworkBackend(SQLBackend):
         raises NeedsLock before anything was written.
 
         Two round trips where the locked path takes five (BEGIN, lock, read, write,
-        COMMIT); measured in docs/benchmarks.md's W1 at one client."""
-        async with self.autocommit_conn() as conn:
+        COMMIT); measured in docs/benchmarks.md's W1 at one client. With ``known``
+        (known.py's state the batch starts from, and the keys it assumes absent) there
+        is no read: one round trip, checked the same way and for those keys' absence.
+        """
 
-            def needs_lock(plan: Plan[T], slow: bool = False) -> Any:
-                plan.close()
-                raise NeedsLock("a statement inside the batch")
+        def needs_lock(plan: Plan[T], slow: bool = False) -> Any:
+            plan.close()
+            raise NeedsLock("a statement inside the batch")
+
+        try:
+            if known is not None:
+                start, absent = known
+
+                async def write_later(plan: Plan[T], slow: bool = False) -> T:
+                    async with self.autocommit_conn() as conn:
+                        return await plans.run_async(conn, plan)
+
+                tx = SQLWriteTx.started(self.dialect, needs_lock, start, keys, unlocked=write_later, absent=absent)
+                yield tx
+                await tx.finish()
+                return
+        except NeedsLock as e:
+            e.started_known = True
+            raise
+
+        async with self.autocommit_conn() as conn:
 
             def run(plan: Plan[T], slow: bool = False) -> Any:
                 return plans.run_async(conn, plan)

@@ -587,6 +587,7 @@ def finish_batch(
     commit: bool = False,
     expect: Sequence[int] | None = None,
     live_leases: Sequence[int] = (),
+    absent: Sequence[bytes] = (),
 ) -> Plan[None]:
     """A write batch's buffered rows and its new revision: one statement where the
     dialect has one (PostgreSQL: two or three round trips fewer per batch; W1 at one
@@ -596,7 +597,8 @@ def finish_batch(
 
     ``expect``: the batch read without the revision lock (:func:`begin_unlocked`); the
     statement takes the lock and fails with NeedsLock unless the ``sql.META_LOCKED``
-    values are still these and the ``live_leases`` still exist."""
+    values are still these, the ``live_leases`` still exist and the ``absent`` keys do
+    not (a batch that started from backend/known.py's rows instead of reading)."""
     if d.finish_batch is None:
         assert expect is None, "unlocked batches need a finish_batch statement"
         steps = _write_kv_steps(d, puts, deletes)
@@ -610,7 +612,8 @@ def finish_batch(
     kv_columns = [list(c) for c in zip(*puts, strict=True)] if puts else [[] for _ in range(6)]
     log_columns = [list(c) for c in zip(*log, strict=True)] if log else [[] for _ in range(13)]
     checked = None if expect is None else list(expect)
-    yield Execute(d.finish_batch, [checked, list(live_leases), list(deletes), *kv_columns, *log_columns, revision])
+    params = [checked, list(live_leases), list(absent), list(deletes), *kv_columns, *log_columns, revision]
+    yield Execute(d.finish_batch, params)
 
 
 def set_meta(name: str, value: int) -> Plan[None]:

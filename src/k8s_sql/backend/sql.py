@@ -103,12 +103,12 @@ class Dialect:
 
 # PostgreSQL: a write batch's rows and its new revision in one call of the function
 # migration 5 creates (see plans.finish_batch): the meta values and live leases its read
-# saw (NULL when the batch holds the revision lock), the key deletes, the kv upserts and
+# saw (NULL when the batch holds the revision lock), the keys it assumed absent, the key deletes, the kv upserts and
 # the log rows as arrays, one parameter per column, then the revision. The keys deleted
 # and the keys put are disjoint (the batch keeps one final state per key), so no row is
 # touched twice.
 _PG_FINISH_BATCH = (
-    "SELECT k8s_sql_finish_batch(?::bigint[], ?::bigint[], ?::bytea[], "
+    "SELECT k8s_sql_finish_batch(?::bigint[], ?::bigint[], ?::bytea[], ?::bytea[], "
     "?::bytea[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[], "
     "?::bigint[], ?::integer[], ?::bytea[], ?::smallint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[], "
     "?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bytea[], ?::bigint)"

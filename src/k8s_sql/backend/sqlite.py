@@ -302,7 +302,12 @@ class SQLiteBackend(SQLBackend):
 
     @contextlib.asynccontextmanager
     async def write(
-        self, keys: Sequence[bytes] = (), lease_ids: Sequence[int] = (), alone: bool = False, unlocked: bool = False
+        self,
+        keys: Sequence[bytes] = (),
+        lease_ids: Sequence[int] = (),
+        alone: bool = False,
+        unlocked: bool = False,
+        newest: int | None = None,
     ) -> AsyncIterator[WriteTx]:
         conn = self._writer_conn
 

@@ -30,11 +30,11 @@ event loop (microseconds each) and the slow ones on its writer thread.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from k8s_sql.backend import plans, sql
-from k8s_sql.backend.base import KeyRange, LeaseRow, LogRow, Row, WriteTx
+from k8s_sql.backend.base import KeyRange, LeaseRow, LogRow, NeedsLock, Row, WriteTx
 from k8s_sql.backend.plans import Plan
 from k8s_sql.backend.sql import Dialect
 
@@ -59,21 +59,25 @@ class SQLWriteTx(WriteTx):
         keys: Iterable[bytes] = (),
         lease_ids: Iterable[int] = (),
         unlocked: Runner | None = None,
+        absent: Sequence[bytes] | None = None,
     ) -> SQLWriteTx:
         """The transaction :func:`plans.begin_write` began, knowing the state of the
         ``keys`` and ``lease_ids`` it read with the lock (what :meth:`prefetch` reads).
 
         ``unlocked``: :func:`plans.begin_unlocked` read them, without the lock, and
         ``run`` raises NeedsLock; the batch is written at the end by ``unlocked``, in
-        one statement that checks the read still holds."""
+        one statement that checks the read still holds. ``absent``: nothing was read
+        (backend/known.py); these keys are assumed absent, and the statement checks that
+        too. Such a batch must write something to be checked: one that would not raises
+        NeedsLock."""
         tx = cls(d, run, start.revision, start.compact_revision, start.nospace, start.corrupt)
         for k in keys:
             tx._rows[k] = start.rows.get(k)
         for i in lease_ids:
             tx._leases[i] = start.leases.get(i)
-        if unlocked is not None:
-            tx._unlocked = unlocked
-            tx._read_meta = start.meta
+        tx.read_meta = start.meta
+        tx._unlocked = unlocked
+        tx._absent = absent
         return tx
 
     def __init__(
@@ -93,7 +97,8 @@ class SQLWriteTx(WriteTx):
         self._pending_kv: dict[bytes, Row | None] = {}  # to write (None: delete)
         self._pending_log: list[tuple[Any, ...]] = []
         self._unlocked: Runner | None = None  # see started()
-        self._read_meta: tuple[int, ...] = ()
+        self._absent: Sequence[bytes] | None = None
+        self.read_meta: tuple[int, ...] = ()  # sql.META_LOCKED's values as the batch began
 
     # -- batch and request boundaries ------------------------------------------------
 
@@ -145,6 +150,8 @@ class SQLWriteTx(WriteTx):
     async def finish(self) -> None:
         """Everything the commit needs: the buffered changes and the new revision."""
         if self.revision == self._stored_revision:  # a batch of failed compares changes nothing
+            if self._absent is not None:
+                raise NeedsLock("a batch that did not read writes nothing to check its answers with")
             await self.flush()
             return
         puts = [r for r in self._pending_kv.values() if r is not None]
@@ -155,8 +162,20 @@ class SQLWriteTx(WriteTx):
             await self._run(plans.finish_batch(self.d, puts, deletes, rows, self.revision, commit=self.d.pipelines))
             return
         live = [i for i, lease in self._leases.items() if lease is not None]
-        plan = plans.finish_batch(self.d, puts, deletes, rows, self.revision, False, self._read_meta, live)
+        expect = self.read_meta
+        plan = plans.finish_batch(self.d, puts, deletes, rows, self.revision, False, expect, live, self._absent or ())
         await self._unlocked(plan)
+
+    def began_at(self) -> int:
+        return self._stored_revision
+
+    def rows_known(self) -> Mapping[bytes, Row | None]:
+        """The state of every single key the batch read or wrote, as of its commit."""
+        return self._rows
+
+    def meta_after(self) -> tuple[int, ...]:
+        """sql.META_LOCKED's values as of its commit."""
+        return (self.revision, self.compact_revision, *self.read_meta[2:])
 
     # -- WriteTx -------------------------------------------------------------------------
 

@@ -1,0 +1,62 @@
+"""backend/known.py: the rows a frontend's own commits left, bounded, and trusted only
+as of the revision they are for."""
+
+from __future__ import annotations
+
+from k8s_sql.backend.base import Row
+from k8s_sql.backend.known import MAX_ROW_BYTES, ROW_OVERHEAD, KnownRows
+
+META = (5, 2, 0, 0)  # revision, compaction point, no alarms
+
+
+def _row(key: bytes, rev: int, value: bytes = b"v") -> Row:
+    return Row(key, rev, rev, 1, 0, value)
+
+
+def test_a_batch_starts_from_the_rows_as_of_the_newest_revision_only() -> None:
+    known = KnownRows()
+    assert known.start([b"a"], -1) is None  # nothing known yet
+    known.committed(-1, META, {b"a": _row(b"a", 5), b"gone": None})
+    start, absent = known.start([b"a", b"gone", b"new"], 5) or (None, None)
+    assert start is not None and absent == [b"new"]  # never seen: assumed absent, checked by the write
+    assert (start.revision, start.compact_revision, start.meta) == (5, 2, META)
+    assert start.rows == {b"a": _row(b"a", 5)}  # b"gone" known absent
+    assert known.start([b"a"], 6) is None  # the frontend saw a newer revision: stale
+    known.committed(5, (6, 2, 0, 0), {b"new": _row(b"new", 6)})  # continues from 5
+    start, absent = known.start([b"a", b"new"], 6) or (None, None)
+    assert start is not None and absent == [] and set(start.rows) == {b"a", b"new"}
+
+
+def test_a_batch_that_began_elsewhere_replaces_everything() -> None:
+    known = KnownRows()
+    known.committed(-1, META, {b"a": _row(b"a", 5)})
+    known.committed(9, (10, 2, 0, 0), {b"b": _row(b"b", 10)})  # another frontend wrote 6-9
+    start, absent = known.start([b"a", b"b"], 10) or (None, None)
+    assert start is not None and absent == [b"a"] and set(start.rows) == {b"b"}
+
+
+def test_alarms_and_forgetting_stop_it() -> None:
+    known = KnownRows()
+    known.committed(-1, (5, 2, 7, 0), {b"a": _row(b"a", 5)})  # NOSPACE raised by member 7
+    assert known.start([b"a"], 5) is None
+    known.committed(5, META, {})
+    assert known.start([b"a"], 5) is not None
+    known.forget()
+    assert known.start([b"a"], 5) is None and len(known) == 0 and known.size == 0
+
+
+def test_memory_is_bounded_and_big_rows_are_read_not_assumed() -> None:
+    known = KnownRows(max_bytes=100_000)
+    value = b"x" * 1000
+    for i in range(1000):
+        known.committed(known.revision, (i + 1, 0, 0, 0), {b"k%04d" % i: _row(b"k%04d" % i, i + 1, value)})
+        assert known.size <= 100_000
+    per_row = 5 + ROW_OVERHEAD + len(value)
+    assert len(known) == 100_000 // per_row  # the least recently used went first
+    start, absent = known.start([b"k0999", b"k0000"], 1000) or (None, None)
+    assert start is not None and list(start.rows) == [b"k0999"] and absent == [b"k0000"]
+
+    known.committed(1000, (1001, 0, 0, 0), {b"big": _row(b"big", 1001, b"x" * (MAX_ROW_BYTES + 1))})
+    assert known.size <= 100_000
+    assert known.start([b"big"], 1001) is None  # exists, not kept: the batch reads it
+    assert known.start([b"k0999"], 1001) is not None
