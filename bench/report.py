@@ -963,11 +963,13 @@ operation makes no batches. Statements are counted as the plans issue them, a pi
 as one. On MySQL that is a round trip (the BEGIN goes with the first pipeline, the
 COMMIT with the last), so a W1 batch is 2 round trips: the revision lock with the
 keys, then the rows, the revision and COMMIT. On PostgreSQL a batch of single-key
-requests (every W1 batch) runs without a transaction around it and is 2 round trips:
-the keys read in one statement, then one call that takes the revision lock, checks the
-read still holds and writes the rows and the revision (docs/architecture.md); other
-batches hold the lock from the start and are 5: BEGIN, the lock, the keys, the rows
-and revision in one call, COMMIT. SQLite's are calls into the library in process."""
+requests (every W1 batch) runs without a transaction around it: one call that takes
+the revision lock, checks that what the batch started from still holds and writes the
+rows and the revision -- 1 round trip when the batch starts from what this frontend's
+last commit left (every W1 batch of one frontend), 2 with a read of its keys before
+(docs/architecture.md); other batches hold the lock from the start and are 5: BEGIN,
+the lock, the keys, the rows and revision in one call, COMMIT. SQLite's are calls into
+the library in process."""
 
 
 def cpu_budget_section(rows: list[dict[str, Any]], source: str = "") -> list[str]:

@@ -240,3 +240,22 @@ async def test_a_key_assumed_absent_that_exists_is_caught(frontends) -> None:
     with pytest.raises(NeedsLock, match="writes nothing"):
         async with a.write([b"k"], unlocked=True, newest=first) as tx:
             assert await tx.get(b"k") is None  # a failed compare would answer from this
+
+
+async def test_a_database_behind_this_frontends_commits_forgets_them(frontends, postgres_server) -> None:
+    """A failover to a standby that lost this frontend's last commits: the rows those
+    commits left are not the database's, even if the revision later comes back to the
+    same number."""
+    import asyncpg
+
+    a, _ = frontends
+    await _put(a, b"k", b"v1")
+    second = await _put(a, b"k", b"v2")
+    assert a.known.revision == second
+    conn = await asyncpg.connect(a.dsn)  # type: ignore[attr-defined]
+    try:  # as the standby holds it: the second commit never arrived
+        await conn.execute("UPDATE meta SET value = $1 WHERE name = 'revision'", second - 1)
+    finally:
+        await conn.close()
+    assert (await a.current())[0] == second - 1
+    assert a.known.revision == -1 and len(a.known) == 0

@@ -94,6 +94,17 @@ class NetworkBackend(SQLBackend):
         """What this frontend's commits left (known.py), for unlocked batches to start from."""
         return KnownRows()
 
+    async def current(self) -> tuple[int, int]:
+        revision, compacted = await super().current()
+        if revision < self.known.revision:
+            # The database lost commits this frontend made (a failover to a standby that
+            # had not received them): what they left is not the database's state, even
+            # if other frontends bring the revision back to the same number before the
+            # CORRUPT alarm (store/corruption.py) stops them. The follower looks every
+            # follow_interval.
+            self.known.forget()
+        return revision, compacted
+
     @contextlib.asynccontextmanager
     async def write(
         self,
