@@ -209,6 +209,14 @@ UNLOCKED_BATCHES_RETRIED = Counter(
 )
 for _started in ("known", "read"):
     UNLOCKED_BATCHES_RETRIED.labels(_started)
+RANGE_COUNTS = Counter(
+    "k8s_sql_range_counts_total",
+    "Count-only ranges answered (and the keys gauge's counts), by where the count came from: memo (a "
+    "count remembered at an earlier revision, moved through the commits since) or database (counted there).",
+    ["source"],
+)
+for _source in ("memo", "database"):
+    RANGE_COUNTS.labels(_source)
 QUEUE_WAIT_SECONDS = Histogram(
     "k8s_sql_write_queue_wait_seconds",
     "Time a write request waited in the queue before its batch's transaction began.",

@@ -48,6 +48,7 @@ from k8s_sql.pb import rpc_pb2, rpc_pb2_grpc
 from k8s_sql.store.replica import ReadReplica
 from k8s_sql.store.space import Space
 from k8s_sql.store.store import Store
+from k8s_sql.watch.counts import RangeCounts
 from k8s_sql.watch.follower import Follower
 from k8s_sql.watch.hub import Hub
 from k8s_sql.web import WebServer, application, workers_application
@@ -245,6 +246,7 @@ async def start(config: Config, transport: GrpcOverAsgi | None = None) -> Server
     gate = ReadinessGate()
     store = Store(backend, max_txn_ops=config.max_txn_ops)
     hub = Hub(store, store.revisions)
+    store.counts = RangeCounts(hub)
     # Servicers are registered before the database is known; the gate keeps calls from
     # them until identity and membership below are the real ones.
     ctx = Context(

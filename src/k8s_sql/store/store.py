@@ -16,6 +16,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Protocol
 
 from k8s_sql import errors, metrics
 from k8s_sql.backend import snapshot
@@ -32,6 +33,17 @@ from k8s_sql.store.space import txn_cost
 from k8s_sql.store.txn import MAX_LEASE_TTL, txn_hints
 
 log = logging.getLogger(__name__)
+
+
+class RangeCounts(Protocol):
+    """Counts of key ranges remembered at a revision and carried to later ones without
+    counting again (watch/counts.py, which follows every commit)."""
+
+    def knows(self, kr: KeyRange) -> bool: ...
+
+    def count(self, kr: KeyRange, revision: int) -> int | None: ...
+
+    def remember(self, kr: KeyRange, revision: int, n: int) -> None: ...
 
 
 class Store:
@@ -54,6 +66,7 @@ class Store:
         self.commits = GroupCommit(backend, self.revisions, max_batch)
         self.corruption = CorruptAlarm(backend, self.revisions)
         self.replica: ReadReplica | None = None  # --read-endpoint (store/replica.py)
+        self.counts: RangeCounts | None = None  # set by whoever follows every commit (server.py)
         self.commits.alarm = self.corruption
         self.compactor = Compactor(backend, self.revisions)
         self._tasks: list[asyncio.Task[None]] = []
@@ -134,6 +147,10 @@ class Store:
             if replica is not None:
                 metrics.RANGES.inc()
                 return ranges.build_response(r, replica.rows, replica.count, replica.revision)
+        if r.count_only and r.revision <= 0 and (n := await self._remembered_count(kr)) is not None:
+            metrics.RANGES.inc()
+            metrics.RANGE_COUNTS.labels("memo").inc()
+            return ranges.build_response(r, (), *n)
         for pause in (*CATCH_UP_DELAYS, None):
             try:
                 res = await self.backend.range(
@@ -154,8 +171,23 @@ class Store:
                     raise errors.DatabaseUnavailable() from None
                 await asyncio.sleep(pause)
         self.revisions.observe(res.revision, res.compact_revision)
+        if self.counts is not None and kr.end is not None:
+            self.counts.remember(kr, r.revision if r.revision > 0 else res.revision, res.count)
+        if r.count_only:
+            metrics.RANGE_COUNTS.labels("database").inc()
         metrics.RANGES.inc()
         return ranges.build_response(r, res.rows, res.count, res.revision)
+
+    async def _remembered_count(self, kr: KeyRange) -> tuple[int, int] | None:
+        """``(count, revision)`` of ``kr`` now from the count memo, without counting:
+        the revision is the database's own (one small statement), so the answer is as
+        linearizable as a count read there. None when nothing is remembered of ``kr``
+        or the memo cannot reach that revision."""
+        if self.counts is None or kr.end is None or not self.counts.knows(kr):
+            return None
+        revision, _ = await self.current()
+        n = self.counts.count(kr, revision)
+        return None if n is None else (n, revision)
 
     async def current(self) -> tuple[int, int]:
         """The database's ``(revision, compact_revision)`` now (other frontends' commits included)."""
@@ -174,7 +206,14 @@ class Store:
 
     async def count_keys(self) -> int:
         """How many keys exist now (etcd_debugging_mvcc_keys_total)."""
-        res = await self.backend.range(KeyRange.from_etcd(b"\0", b"\0"), 0, 0, True, True)
+        kr = KeyRange.from_etcd(b"\0", b"\0")
+        if (known := await self._remembered_count(kr)) is not None:
+            metrics.RANGE_COUNTS.labels("memo").inc()
+            return known[0]
+        res = await self.backend.range(kr, 0, 0, True, True)
+        metrics.RANGE_COUNTS.labels("database").inc()
+        if self.counts is not None:
+            self.counts.remember(kr, res.revision, res.count)
         return res.count
 
     async def follow_commits(self, on_commit: Callable[[int], None]) -> None:
