@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testing.servers import start_logged, stop_process, wait_until
+from testing.servers import free_port, start_logged, stop_process, wait_until
 
 
 def find_binary(binary: str) -> str | None:
@@ -455,14 +455,12 @@ class GaleraCluster:
 
 
 def _free_ports(n: int) -> tuple[int, ...]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return tuple(int(s.getsockname()[1]) for s in socks)
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` different ports free now (servers.free_port)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return tuple(ports)
 
 
 @dataclass

@@ -8,6 +8,7 @@ reported at once with its log instead of after the timeout.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,8 +21,40 @@ from pathlib import Path
 LOG_TAIL = 20000  # characters of a server's log shown when it does not start
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for the local ports of outgoing connections."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999  # Linux's default
+    return range(lo, hi + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on now, for a server about to start.
+
+    Not one ``bind(0)`` hands out: that comes from the ephemeral range, where every
+    outgoing connection (to a database, to another server, a client's) takes its local
+    port, and one did take it before the server could bind it (CI: "address already in
+    use"). So a port below that range, drawn at random from this pytest-xdist worker's
+    own share of it, and checked free by binding it."""
+    ephemeral = _ephemeral_ports()
+    low, high = 10_000, ephemeral.start
+    if high - low < 1_000:  # (an ephemeral range reaching down low: draw above it)
+        low, high = ephemeral.stop, 65_536
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % workers
+    share = (high - low) // workers
+    start = low + worker * share
+    for _ in range(200 if share > 0 else 0):
+        port = random.randrange(start, start + share)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (a machine whose ports are all taken: let the kernel choose)
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

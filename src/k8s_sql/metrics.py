@@ -201,10 +201,10 @@ BATCH_REQUESTS = Histogram(
 )
 UNLOCKED_BATCHES_RETRIED = Counter(
     "k8s_sql_write_batch_rerun_total",
-    "Write batches begun without the revision lock (PostgreSQL) that ran again, by how they had begun: "
-    "known (from this frontend's last commit, without reading; run again with a read) or read (run again "
-    "with the lock). Another frontend wrote in between, a key assumed absent existed, or a request "
-    "needed the lock after all.",
+    "Write batches begun without the revision lock that ran again, by how they had begun: known (from "
+    "this frontend's last commit, without reading; PostgreSQL and MySQL; run again with a read, or on "
+    "MySQL with the lock) or read (PostgreSQL; run again with the lock). Another frontend wrote in "
+    "between, a key assumed absent existed, or a request needed the lock after all.",
     ["started"],
 )
 for _started in ("known", "read"):

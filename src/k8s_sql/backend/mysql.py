@@ -24,7 +24,7 @@ import asyncmy
 import asyncmy.errors
 
 from k8s_sql.backend import migrations, plans, sql, transient
-from k8s_sql.backend.base import BackendUnavailable, DatabaseFull
+from k8s_sql.backend.base import BackendUnavailable, DatabaseFull, NeedsLock
 from k8s_sql.backend.network import NetworkBackend
 from k8s_sql.backend.plans import Conn, Record
 from k8s_sql.dsn import redact, scrub, secrets
@@ -74,6 +74,7 @@ SCHEMA = [
 ]
 
 ER_DUP_KEYNAME = 1061
+ER_SUBQUERY_NO_1_ROW = 1242  # sql.stale_guard's: a batch begun from known rows is stale
 ER_CON_COUNT_ERROR = 1040  # too many connections: passes as others disconnect
 
 # Client error codes for a server that is down, restarting or unreachable; and 1047,
@@ -239,6 +240,8 @@ class MyConn(Conn):
         except asyncmy.errors.MySQLError as e:
             if _full(e):
                 raise DatabaseFull(str(e)) from e
+            if e.args and e.args[0] == ER_SUBQUERY_NO_1_ROW:
+                raise NeedsLock("another write committed since the rows this batch started from") from e
             raise
         if steps and steps[-1] is plans.COMMIT:
             self.committed = True
@@ -555,6 +558,15 @@ class MySQLBackend(NetworkBackend):
 
     def autocommit_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         return self._conn(None)
+
+    @property
+    def unlocked_writes(self) -> bool:
+        # Batches begun from known rows, in one pipeline (sql.stale_guard); not on Galera,
+        # which runs no multi-statement pipelines (see _conn).
+        return not self.galera
+
+    def unlocked_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        return self.transaction()  # the guard, the writes and the COMMIT carry its BEGIN
 
     async def size(self) -> tuple[int, int]:
         """The store's tablespace files, as the quota counts them (etcd counts its bolt

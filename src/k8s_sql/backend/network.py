@@ -89,6 +89,11 @@ class NetworkBackend(SQLBackend):
     def unlocked_writes(self) -> bool:
         return self.dialect.read_for_write is not None
 
+    def unlocked_conn(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        """Where a batch begun from known rows writes: one statement needs no transaction
+        around it (PostgreSQL's function); MySQL's pipeline carries its own."""
+        return self.autocommit_conn()
+
     @functools.cached_property
     def known(self) -> KnownRows:
         """What this frontend's commits left (known.py), for unlocked batches to start from."""
@@ -119,11 +124,11 @@ class NetworkBackend(SQLBackend):
                 yield tx
             return
         try:
-            if unlocked:
-                cached = None if newest is None or lease_ids else self.known.start(keys, newest)
+            cached = None if not unlocked or newest is None or lease_ids else self.known.start(keys, newest)
+            if cached is not None or (unlocked and self.dialect.read_for_write is not None):
                 async with self._write_unlocked(keys, lease_ids, cached) as tx:
                     yield tx
-            else:
+            else:  # (MySQL reads with the lock: two round trips either way)
                 async with self._write_locked(keys, lease_ids) as tx:
                     yield tx
         except BaseException:
@@ -160,7 +165,9 @@ class NetworkBackend(SQLBackend):
         Two round trips where the locked path takes five (BEGIN, lock, read, write,
         COMMIT); measured in docs/benchmarks.md's W1 at one client. With ``known``
         (known.py's state the batch starts from, and the keys it assumes absent) there
-        is no read: one round trip, checked the same way and for those keys' absence.
+        is no read: one round trip, checked the same way and for those keys' absence --
+        on MySQL, the only kind it has, by a guard statement in the pipeline that carries
+        the lock, the writes and the COMMIT (sql.stale_guard, :meth:`unlocked_conn`).
         """
 
         def needs_lock(plan: Plan[T], slow: bool = False) -> Any:
@@ -172,7 +179,7 @@ class NetworkBackend(SQLBackend):
                 start, absent = known
 
                 async def write_later(plan: Plan[T], slow: bool = False) -> T:
-                    async with self.autocommit_conn() as conn:
+                    async with self.unlocked_conn() as conn:
                         return await plans.run_async(conn, plan)
 
                 tx = SQLWriteTx.started(self.dialect, needs_lock, start, keys, unlocked=write_later, absent=absent)

@@ -288,9 +288,7 @@ def begin_write(d: Dialect, keys: Sequence[bytes] = (), lease_ids: Sequence[int]
     never writes past an alarm raised before it began), and then ``keys`` and
     ``lease_ids`` -- one pipeline: on MySQL, with the transaction's start, one round
     trip where there were four."""
-    steps: list[Step] = [
-        Fetch(f"SELECT name, value FROM meta WHERE name IN ({', '.join(map(repr, sql.META_LOCKED))}){d.for_update}")
-    ]
+    steps: list[Step] = [Fetch(sql.lock_meta(d))]
     steps += _rows_steps(d, keys)
     n_kv = len(steps) - 1
     steps += _leases_steps(lease_ids)
@@ -598,10 +596,16 @@ def finish_batch(
     ``expect``: the batch read without the revision lock (:func:`begin_unlocked`); the
     statement takes the lock and fails with NeedsLock unless the ``sql.META_LOCKED``
     values are still these, the ``live_leases`` still exist and the ``absent`` keys do
-    not (a batch that started from backend/known.py's rows instead of reading)."""
+    not (a batch that started from backend/known.py's rows instead of reading). On MySQL,
+    which has only the latter kind, a guard statement does the check (sql.stale_guard)."""
     if d.finish_batch is None:
-        assert expect is None, "unlocked batches need a finish_batch statement"
-        steps = _write_kv_steps(d, puts, deletes)
+        steps: list[Step] = []
+        if expect is not None:
+            # MySQL: a batch begun from known rows, in one pipeline with its BEGIN and
+            # COMMIT -- the lock, the guard, then the writes (one round trip).
+            assert d.pipelines and commit and not live_leases, "a batch that did not read, on MySQL"
+            steps += [Fetch(sql.lock_meta(d)), Fetch(sql.stale_guard(d, len(absent)), (*expect, *absent))]
+        steps += _write_kv_steps(d, puts, deletes)
         if log:
             steps.append(ExecuteMany(d.insert_log, log))
         steps.append(Execute("UPDATE meta SET value = ? WHERE name = ?", (revision, "revision")))

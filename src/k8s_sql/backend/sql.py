@@ -125,6 +125,29 @@ _PG_READ_FOR_WRITE = (
     "FROM lease WHERE id = ANY(?::bigint[])) l LEFT JOIN kv k ON k.key = ANY(?::bytea[])"
 )
 
+
+def lock_meta(d: Dialect) -> str:
+    """The revision lock: the rows of sql.META_LOCKED, locked until commit."""
+    return f"SELECT name, value FROM meta WHERE name IN ({', '.join(map(repr, META_LOCKED))}){d.for_update}"
+
+
+def stale_guard(d: Dialect, absent: int) -> str:
+    """A statement that fails when a write batch that did not read (backend/known.py)
+    started from a stale state -- the sql.META_LOCKED values are not the ``?``s given,
+    or one of the ``absent`` keys given after them exists -- and otherwise returns NULL.
+    For a dialect without a function to do it (PostgreSQL's k8s_sql_finish_batch):
+    MySQL has no way to raise an error from plain SQL, so the guard makes one, a scalar
+    subquery that yields two rows when the state is stale ("Subquery returns more than
+    1 row", 1242; ER_SUBQUERY_NO_1_ROW), which stops the rest of a multi-statement
+    pipeline -- the writes and the COMMIT after it -- on MySQL and MariaDB alike. Run
+    after the revision lock, so it reads the newest commit."""
+    meta = " OR ".join(f"COALESCE(MAX(CASE WHEN name = '{n}' THEN value END), 0) <> ?" for n in META_LOCKED)
+    stale = f"(SELECT {meta} FROM meta WHERE name IN ({', '.join(map(repr, META_LOCKED))}))"
+    if absent:
+        stale += f" OR EXISTS (SELECT 1 FROM kv WHERE {d.key} IN ({marks(absent)}))"
+    return f"SELECT (SELECT n FROM (SELECT 1 AS n UNION ALL SELECT 2) AS twice WHERE {stale}) AS stale"
+
+
 SQLITE = Dialect(name="sqlite", empty_blob="x''", for_update="")
 POSTGRES = Dialect(
     name="postgres", empty_blob="''::bytea", finish_batch=_PG_FINISH_BATCH, read_for_write=_PG_READ_FOR_WRITE

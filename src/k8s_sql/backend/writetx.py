@@ -163,7 +163,9 @@ class SQLWriteTx(WriteTx):
             return
         live = [i for i, lease in self._leases.items() if lease is not None]
         expect = self.read_meta
-        plan = plans.finish_batch(self.d, puts, deletes, rows, self.revision, False, expect, live, self._absent or ())
+        plan = plans.finish_batch(
+            self.d, puts, deletes, rows, self.revision, self.d.pipelines, expect, live, self._absent or ()
+        )
         await self._unlocked(plan)
 
     def began_at(self) -> int:
