@@ -100,13 +100,17 @@ class NetworkBackend(SQLBackend):
         return KnownRows()
 
     async def current(self) -> tuple[int, int]:
+        committed = self.known.revision  # before asking: the answer must include it
         revision, compacted = await super().current()
-        if revision < self.known.revision:
+        if revision < committed:
             # The database lost commits this frontend made (a failover to a standby that
             # had not received them): what they left is not the database's state, even
             # if other frontends bring the revision back to the same number before the
             # CORRUPT alarm (store/corruption.py) stops them. The follower looks every
-            # follow_interval.
+            # follow_interval. (Compared with what was known before the question was
+            # sent: a commit made while it was on its way may be newer than the answer,
+            # and forgetting for that, as at first, cost a remote database's batches a
+            # read every few follower looks.)
             self.known.forget()
         return revision, compacted
 
