@@ -611,7 +611,7 @@ def render(results_path: Path, out_md: Path) -> None:
         "## Reproduce",
         "",
         "```sh",
-        "pip install -e '.[bench]'      # matplotlib for the plots",
+        "pip install -e '.[bench]'      # matplotlib for the plots, py-spy for the cpu workload's split by layer",
         f"{meta.get('command', 'bench/run')}",
         f"bench/report.py {src} --out docs/benchmarks.md   # re-render from saved results",
         "```",
@@ -654,7 +654,7 @@ def render(results_path: Path, out_md: Path) -> None:
         lines += cpu_budget_section(res.cpu_budget, meta.get("cpu_budget_from", ""))
         generated.add("cpu-budget")
     if res.envoy is not None:
-        lines += envoy_section(res, res.envoy, meta.get("envoy_from", ""))
+        lines += envoy_section(res, res.envoy, meta.get("envoy_from", ""), meta.get("cpu_budget_from", ""))
 
     # W2
     lines += ["## W2: paged LIST, count-only, single-key gets", ""]
@@ -900,8 +900,9 @@ CPU per txn (for k8s-sql on Envoy, Envoy's threads are in the same process and
 counted)."""
 
 
-def envoy_section(res: Results, env: Results, source: str = "") -> list[str]:
-    """k8s-sql on --transport envoy beside k8s-sql on grpc.aio, kine and etcd."""
+def envoy_section(res: Results, env: Results, source: str = "", cpu_source: str = "") -> list[str]:
+    """k8s-sql on --transport envoy beside k8s-sql on grpc.aio, kine and etcd (``cpu_source``:
+    where its cpu workload's rows come from when a run of their own measured them)."""
     clients = env.values("w1-create", "clients")
     rows = []
     for backend in env.backends():
@@ -938,6 +939,8 @@ def envoy_section(res: Results, env: Results, source: str = "") -> list[str]:
     if env.cpu_budget:
         out += ["The cpu workload with `--transport envoy` (columns as in the per-layer table; py-spy samples "
                 "Python frames only, so Envoy's own CPU is in the µs but in no layer):", ""]  # fmt: skip
+        if cpu_source:
+            out += [f"These rows: {cpu_source}.", ""]
         out += [*cpu_budget_table(env.cpu_budget), ""]
     return out
 
@@ -961,8 +964,12 @@ Requests and statements per write batch are from the frontend's
 `k8s_sql_write_batch_requests` (group commit) over the same operations; "-" where the
 operation makes no batches. Statements are counted as the plans issue them, a pipeline
 as one. On MySQL that is a round trip (the BEGIN goes with the first pipeline, the
-COMMIT with the last), so a W1 batch is 2 round trips: the revision lock with the
-keys, then the rows, the revision and COMMIT. On PostgreSQL a batch of single-key
+COMMIT with the last). A W1 batch that starts from what this frontend's last commit
+left (every W1 batch of one frontend) is 1 round trip: BEGIN, the revision lock, a
+guard that fails the pipeline if the revision moved or a key assumed absent exists
+(the batch then runs again the locked way), the rows, the revision and COMMIT; other
+batches, and every batch on Galera, are 2: the revision lock with the keys, then the
+rows, the revision and COMMIT. On PostgreSQL a batch of single-key
 requests (every W1 batch) runs without a transaction around it: one call that takes
 the revision lock, checks that what the batch started from still holds and writes the
 rows and the revision -- 1 round trip when the batch starts from what this frontend's

@@ -554,7 +554,7 @@ class Run:
         if shutil.which("py-spy"):
             argv.append("--profile")
         else:
-            print("  cpu: py-spy is not on PATH: no split by layer", flush=True)
+            print("  cpu: py-spy is not on PATH: no split by layer (pip install -e '.[bench]')", flush=True)
         print(f"== cpu budget: {', '.join(backends)}", flush=True)
         self.note_command("cpu budget", argv)
         try:
