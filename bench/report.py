@@ -1100,7 +1100,9 @@ def tenants_section(docs: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
         lines += [f"- {k}: {n:,}" for k, n in sorted(errs.items())]
     rpcs = [r for r in recs if r.get("rpcs_per_write")]
     if rpcs:
-        lines += ["", "etcd RPCs per completed write (k8s-sql's `grpc_server_handled_total`, both frontends):", ""]
+        lines += ["", "etcd RPCs per completed write (k8s-sql's `grpc_server_handled_total`, both frontends), "
+                  "and its write batches (`k8s_sql_write_batch_requests_count`, "
+                  "`k8s_sql_write_batch_rerun_total`):", ""]  # fmt: skip
         for r in rpcs:
             per = ", ".join(f"{m} {v:g}" for m, v in r["rpcs_per_write"].items())
             lines.append(f"- {r['backend']}, {fmt(r['offered_per_second'], 0)}/s: {per}")

@@ -259,6 +259,13 @@ async def test_a_key_assumed_absent_that_exists_is_caught(frontends) -> None:
     revision, row = await _state(a, b"k")
     assert revision == first and row is not None and (row.value, row.version) == (b"v1", 1)
 
+    # After a refusal the next batch does not start from known rows (known.py's backoff
+    # for frontends writing in turn), even if they are as of the newest revision: it reads.
+    a.known.committed(-1, (first, 0, 0, 0), {})
+    async with a.write([b"k"], unlocked=True, newest=first) as tx:
+        got = await tx.get(b"k")
+        assert got is not None and got.value == b"v1"
+
     # A batch that would write nothing has nothing to check its answers with: it reads.
     a.known.committed(-1, (first, 0, 0, 0), {})
     with pytest.raises(NeedsLock, match="writes nothing"):

@@ -115,9 +115,18 @@ class Apiservers:
                 p.wait()
 
 
+# Write-batch counters read beside the RPCs, under these names: how many batches the
+# writes took, and how many ran again because another frontend wrote in between.
+BATCH_COUNTERS = {
+    "k8s_sql_write_batch_requests_count": "write batches",
+    'k8s_sql_write_batch_rerun_total{started="known"}': "batches run again after starting from known rows",
+    'k8s_sql_write_batch_rerun_total{started="read"}': "batches run again after a read",
+}
+
+
 def rpc_counts(endpoints: list[str]) -> dict[str, float]:
-    """``grpc_server_handled_total`` summed over k8s-sql frontends, by method ({} for kine,
-    which serves no /metrics on its client port)."""
+    """``grpc_server_handled_total`` summed over k8s-sql frontends, by method, and the
+    BATCH_COUNTERS ({} for kine, which serves no /metrics on its client port)."""
     out: dict[str, float] = {}
     for ep in endpoints:
         try:
@@ -130,6 +139,8 @@ def rpc_counts(endpoints: list[str]) -> dict[str, float]:
                 labels, value = line.rsplit(" ", 1)
                 method = labels.split('grpc_method="', 1)[1].split('"', 1)[0]
                 out[method] = out.get(method, 0.0) + float(value)
+            elif (name := BATCH_COUNTERS.get(line.rsplit(" ", 1)[0])) is not None:
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 

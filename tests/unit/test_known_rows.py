@@ -4,7 +4,7 @@ as of the revision they are for."""
 from __future__ import annotations
 
 from k8s_sql.backend.base import Row
-from k8s_sql.backend.known import MAX_ROW_BYTES, ROW_OVERHEAD, KnownRows
+from k8s_sql.backend.known import MAX_ROW_BYTES, MAX_SKIP, ROW_OVERHEAD, KnownRows
 
 META = (5, 2, 0, 0)  # revision, compaction point, no alarms
 
@@ -43,6 +43,40 @@ def test_alarms_and_forgetting_stop_it() -> None:
     assert known.start([b"a"], 5) is not None
     known.forget()
     assert known.start([b"a"], 5) is None and len(known) == 0 and known.size == 0
+
+
+def test_refusals_in_a_row_back_off_and_a_commit_ends_it() -> None:
+    """Another frontend writing in between refuses batches begun from known rows; the
+    next ones read instead, twice as many after each refusal in a row, up to MAX_SKIP."""
+    known = KnownRows()
+    rev = 5
+
+    def attempts(batches: int) -> int:
+        nonlocal rev
+        tried = 0
+        for _ in range(batches):
+            known.committed(rev, (rev, 2, 0, 0), {})  # as each batch leaves it (forgotten after a refusal)
+            if known.start([b"a"], rev) is not None:
+                tried += 1
+                known.refused()  # the other frontend had moved the revision
+            rev += 1
+        return tried
+
+    known.committed(-1, META, {})
+    assert attempts(1 + 1 + 1 + 2 + 1 + 4) == 3  # tried, skipped 1, tried, skipped 2, tried, skipped 4
+    assert attempts(10_000) <= 10_000 // MAX_SKIP + 2  # then one batch in MAX_SKIP + 1
+    for _ in range(MAX_SKIP):  # the writer is alone again: once the skip runs out ...
+        known.committed(rev, (rev, 2, 0, 0), {})
+        if known.start([b"a"], rev) is not None:
+            break
+        rev += 1
+    else:
+        raise AssertionError("never tried again")
+    known.accepted()  # ... a batch begun from known rows commits, and every batch tries
+    for _ in range(10):
+        known.committed(rev, (rev + 1, 2, 0, 0), {})
+        rev += 1
+        assert known.start([b"a"], rev) is not None
 
 
 def test_memory_is_bounded_and_big_rows_are_read_not_assumed() -> None:

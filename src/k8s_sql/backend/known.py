@@ -9,6 +9,13 @@ the revision is still the one these rows are as of -- every change to ``kv`` mov
 so nothing else changed them -- and the assumed-absent keys are absent. A refused batch
 runs again with a read.
 
+Several frontends writing at once (the many-control-planes layout) start most batches
+from a revision another frontend has since moved: each such batch is refused and runs
+again, so it costs a round trip more than reading would have. After a refusal the next
+batches therefore do not start from known rows -- 1, then 2, 4, ... up to
+:data:`MAX_SKIP` batches after each refusal in a row -- and the first that does and
+commits ends the backoff. One frontend alone is never refused, and never skips.
+
 Invariant: ``rows`` hold the state of their keys at ``revision`` (an absent key: None;
 a key that exists but was too big to keep: :data:`UNKEPT`). It holds while each batch
 starts from ``revision``; a batch that started anywhere else (another frontend wrote
@@ -30,6 +37,9 @@ from k8s_sql.backend.plans import WriteStart
 # then its updates). 8 MiB hold about 5,500 1 KiB objects, overhead included.
 MAX_BYTES: Final = 8 << 20
 MAX_ROW_BYTES: Final = 256 << 10  # a bigger row is remembered as UNKEPT: read, not assumed
+# Batches that read instead after refusals in a row: with two frontends interleaving
+# every commit, at most one batch in 64 pays for a refused attempt.
+MAX_SKIP: Final = 64
 # Bytes per entry besides the key's and the value's payload: the Row tuple, its ints,
 # the two bytes objects' headers, the OrderedDict's slot and links. Measured with
 # tracemalloc: 300 on 20,000 entries inserted at once, 429 on a full table churned by
@@ -52,6 +62,8 @@ class KnownRows:
         self.meta: tuple[int, ...] = ()  # sql.META_LOCKED's values at ``revision``
         self._rows: OrderedDict[bytes, Row | _Unkept | None] = OrderedDict()  # least recently used first
         self._bytes = 0
+        self._skip = 0  # batches still to start without known rows (the backoff above)
+        self._backoff = 0  # the skip after the last refusal; 0: the last attempt committed
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -65,6 +77,9 @@ class KnownRows:
         """The state a batch naming ``keys`` starts from, and the keys it assumes absent,
         if the rows known are as of ``newest`` (the newest revision the frontend has seen),
         no alarm was raised then, and no key is UNKEPT; else None."""
+        if self._skip:
+            self._skip -= 1
+            return None
         if newest != self.revision or len(self.meta) < 4 or self.meta[2] or self.meta[3]:
             return None
         rows: dict[bytes, Row] = {}
@@ -90,6 +105,17 @@ class KnownRows:
         for k, row in rows.items():
             self._keep(k, row)
         self.revision, self.meta = meta[0], meta
+
+    def refused(self) -> None:
+        """A batch begun from these rows was refused: the database had moved on (another
+        frontend wrote). Skip the next batches' attempts, twice as many as last time."""
+        self._backoff = min(max(1, 2 * self._backoff), MAX_SKIP)
+        self._skip = self._backoff
+        self.forget()
+
+    def accepted(self) -> None:
+        """A batch begun from these rows committed: no more skipping."""
+        self._backoff = 0
 
     def forget(self) -> None:
         self._rows.clear()

@@ -135,9 +135,17 @@ class NetworkBackend(SQLBackend):
             else:  # (MySQL reads with the lock: two round trips either way)
                 async with self._write_locked(keys, lease_ids) as tx:
                     yield tx
+        except NeedsLock as e:
+            if e.started_known:
+                self.known.refused()
+            else:
+                self.known.forget()
+            raise
         except BaseException:
             self.known.forget()
             raise
+        if cached is not None:
+            self.known.accepted()
         self.known.committed(tx.began_at(), tx.meta_after(), tx.rows_known())
 
     @contextlib.asynccontextmanager
