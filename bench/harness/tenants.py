@@ -135,12 +135,12 @@ def rpc_counts(endpoints: list[str]) -> dict[str, float]:
         except OSError:
             continue
         for line in text.splitlines():
-            if line.startswith("grpc_server_handled_total{"):
-                labels, value = line.rsplit(" ", 1)
+            labels, _, value = line.rpartition(" ")
+            if labels.startswith("grpc_server_handled_total{"):
                 method = labels.split('grpc_method="', 1)[1].split('"', 1)[0]
                 out[method] = out.get(method, 0.0) + float(value)
-            elif (name := BATCH_COUNTERS.get(line.rsplit(" ", 1)[0])) is not None:
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            elif (name := BATCH_COUNTERS.get(labels)) is not None:
+                out[name] = out.get(name, 0.0) + float(value)
     return out
 
 

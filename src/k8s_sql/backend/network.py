@@ -135,14 +135,11 @@ class NetworkBackend(SQLBackend):
             else:  # (MySQL reads with the lock: two round trips either way)
                 async with self._write_locked(keys, lease_ids) as tx:
                     yield tx
-        except NeedsLock as e:
-            if e.started_known:
-                self.known.refused()
+        except BaseException as e:
+            if isinstance(e, NeedsLock) and e.started_known:
+                self.known.refused()  # forgets too, and backs off
             else:
                 self.known.forget()
-            raise
-        except BaseException:
-            self.known.forget()
             raise
         if cached is not None:
             self.known.accepted()
