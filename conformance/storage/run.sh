@@ -21,7 +21,9 @@
 #   APISERVER_VERSION        k8s.io/apiserver version (default v0.37.2)
 #   K8S_SQL_STORAGE_PKGS     packages under pkg/storage/ (default "etcd3 cacher")
 #   K8S_SQL_STORAGE_RUN      go test -run filter (default: all tests)
-#   K8S_SQL_STORAGE_SKIP     go test -skip filter (default: none)
+#   K8S_SQL_STORAGE_SKIP     go test -skip filter, added to the tests listed in
+#                            excluded.txt (upstream flakes that never reach a server);
+#                            a filter with '/' (subtests) replaces that list
 #   K8S_SQL_STORAGE_TIMEOUT  go test -timeout (default 60m)
 #   K8S_SQL_STORAGE_CACHE    work dir parent (default ~/.cache/k8s-sql/storage-conformance)
 #   K8S_SQL_STORAGE_RESULTS  results dir (default $K8S_SQL_STORAGE_CACHE/$APISERVER_VERSION/results)
@@ -116,7 +118,24 @@ $build_only && exit 0
 start=$SECONDS
 args=(-json -count=1 -p 1 -timeout "${K8S_SQL_STORAGE_TIMEOUT:-60m}")
 [[ -n "${K8S_SQL_STORAGE_RUN:-}" ]] && args+=(-run "$K8S_SQL_STORAGE_RUN")
-[[ -n "${K8S_SQL_STORAGE_SKIP:-}" ]] && args+=(-skip "$K8S_SQL_STORAGE_SKIP")
+# excluded.txt: upstream-flaky tests that never start a server (each with its
+# reason there); they test nothing of k8s-sql, and a panic in one ends its
+# whole package.
+skip=()
+while read -r name reason; do
+  [[ -z "$name" || "$name" == \#* ]] && continue
+  [[ -n "$reason" ]] || die "excluded.txt: $name has no reason"
+  skip+=("^$name\$")
+  log "excluded (upstream flake, never reaches a server): $name"
+done <"$here/excluded.txt"
+# go test splits a -skip pattern at '/' into levels, so a filter naming subtests
+# cannot be joined with the list and replaces it.
+if [[ "${K8S_SQL_STORAGE_SKIP:-}" == */* ]]; then
+  skip=("$K8S_SQL_STORAGE_SKIP")
+elif [[ -n "${K8S_SQL_STORAGE_SKIP:-}" ]]; then
+  skip+=("$K8S_SQL_STORAGE_SKIP")
+fi
+((${#skip[@]})) && args+=(-skip "$(IFS='|'; echo "${skip[*]}")")
 log "go test ${args[*]} ${targets[*]}"
 go test "${args[@]}" "${targets[@]}" >"$results/test.json" 2>"$results/stderr.log"
 go_rc=$?
